@@ -1,0 +1,324 @@
+"""TBSM: Time-based Sequence Model (Ishkhanov et al., arXiv 2008.11922), one readable file.
+
+A sample is one user's last `history` events plus a candidate event (the last of `history + 1`).
+Every event goes through the same DLRM event tower (bottom MLP on a dense scalar, embeddings of
+user, item and category, pairwise dot interactions, top MLP, L2 normalisation); the history is then
+summarised with respect to the candidate by a time-series layer (TSL attention, multi-head
+attention or an LSTM) and a head MLP gives the click logit.
+
+Conventions that differ from the reference on purpose:
+- item and category tables reserve row 0 for padding (a zero vector, never trained) and row 1 for
+  out-of-vocabulary ids; real ids start at row 2. Padded history slots are masked out of the
+  attention, so a short history behaves like a shorter sequence rather than a run of fake items.
+- the default dense feature is time: log-scaled seconds between each event and the request time
+  (the candidate's timestamp), computed here from raw Unix timestamps so a phone passes only those.
+  `dense_feature="position"` gives the reference's constant t/21.
+- `forward` returns logits; `score` applies the sigmoid.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+PADDING_ROW = 0
+OOV_ROW = 1
+RESERVED_ROWS = 2
+_SECONDS_PER_MINUTE = 60.0
+# log1p of a year in minutes is ~13; dividing by 10 keeps the feature near [0, 1.3].
+_TIME_FEATURE_SCALE = 10.0
+
+
+@dataclass
+class TBSMConfig:
+    num_users: int
+    num_items: int  # item table rows, padding and OOV rows included
+    num_categories: int  # category table rows, padding and OOV rows included
+    emb_dim: int = 16
+    history: int = 20
+    model_type: str = "tsl"  # tsl | mha | rnn
+    tsl_inner: str = "def"  # def: q = A^T A w | ind: q = A w | dot: q = w
+    tsl_mechanism: str = "mlp"  # mlp: y = MLP(a) | mul: y = a
+    tsl_num_heads: int = 1
+    tsl_seq: bool = False  # head j of k sees only the last round(history * j / k) steps
+    bottom_mlp: tuple[int, ...] = (16,)
+    top_mlp: tuple[int, ...] = (15, 15)
+    tsl_mlp: tuple[int, ...] = (15, 15)
+    head_mlp: tuple[int, ...] = (60, 1)
+    mha_dim: int = 120
+    rnn_layers: int = 5
+    dense_feature: str = "time"  # time | position
+    use_behavior: bool = False  # add a behaviour embedding to each history event's item embedding
+
+    def __post_init__(self) -> None:
+        checks = {
+            "model_type": (self.model_type, ("tsl", "mha", "rnn")),
+            "tsl_inner": (self.tsl_inner, ("def", "ind", "dot")),
+            "tsl_mechanism": (self.tsl_mechanism, ("mlp", "mul")),
+            "dense_feature": (self.dense_feature, ("time", "position")),
+        }
+        for name, (value, allowed) in checks.items():
+            if value not in allowed:
+                raise ValueError(f"TBSMConfig.{name}={value!r}: expected one of {allowed}")
+        if self.tsl_num_heads > 1 and self.tsl_inner == "dot":
+            raise ValueError("TBSMConfig: several TSL heads need tsl_inner 'def' or 'ind'")
+        if self.bottom_mlp[-1] != self.emb_dim:
+            raise ValueError("TBSMConfig.bottom_mlp must end with emb_dim to interact with embeddings")
+        self.bottom_mlp, self.top_mlp = tuple(self.bottom_mlp), tuple(self.top_mlp)
+        self.tsl_mlp, self.head_mlp = tuple(self.tsl_mlp), tuple(self.head_mlp)
+
+    @property
+    def z_dim(self) -> int:
+        return self.top_mlp[-1]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TBSMConfig:
+        return cls(**d)
+
+
+def taobao_bench_config(**overrides) -> TBSMConfig:
+    """The reference's Taobao benchmark configuration and table sizes."""
+    base = dict(num_users=987_994, num_items=4_162_024, num_categories=9_439, dense_feature="position")
+    return TBSMConfig(**{**base, **overrides})
+
+
+def mlp(sizes: tuple[int, ...], *, final_activation: bool) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+        layers.append(nn.Linear(n_in, n_out))
+        if i < len(sizes) - 2 or final_activation:
+            layers.append(nn.ReLU())
+    return nn.Sequential(*layers)
+
+
+def _uniform_table(rows: int, dim: int, *, padding: bool) -> nn.Embedding:
+    table = nn.Embedding(rows, dim, sparse=True, padding_idx=PADDING_ROW if padding else None)
+    bound = math.sqrt(1.0 / rows)
+    nn.init.uniform_(table.weight, -bound, bound)
+    if padding:
+        with torch.no_grad():
+            table.weight[PADDING_ROW].zero_()
+    return table
+
+
+def time_feature(timestamps: torch.Tensor, request_time: torch.Tensor) -> torch.Tensor:
+    """log-scaled minutes from each event to the request; integer subtraction keeps full precision."""
+    seconds = (request_time.unsqueeze(-1) - timestamps).clamp(min=0).to(torch.float32)
+    return torch.log1p(seconds / _SECONDS_PER_MINUTE) / _TIME_FEATURE_SCALE
+
+
+class EventTower(nn.Module):
+    """DLRM applied to every event at once: (dense, user, item, category) -> unit vector z."""
+
+    def __init__(self, cfg: TBSMConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.bottom = mlp((1, *cfg.bottom_mlp), final_activation=True)
+        self.user_emb = _uniform_table(cfg.num_users, cfg.emb_dim, padding=False)
+        self.item_emb = _uniform_table(cfg.num_items, cfg.emb_dim, padding=True)
+        self.cat_emb = _uniform_table(cfg.num_categories, cfg.emb_dim, padding=True)
+        self.behavior_emb = (
+            _uniform_table(5, cfg.emb_dim, padding=True) if cfg.use_behavior else None
+        )
+        self.top = mlp((cfg.emb_dim + 6, *cfg.top_mlp), final_activation=True)
+
+    def forward_embedded(
+        self, dense: torch.Tensor, user_vec: torch.Tensor, item_vec: torch.Tensor, cat_vec: torch.Tensor
+    ) -> torch.Tensor:
+        """dense (..., T) or (T,), user_vec (..., D), item/cat vectors (..., T, D) -> z (..., T, Z).
+
+        The 6 pairwise dot products of [x, user, item, category] (strictly lower triangle, row by
+        row, as in DLRM) are written out: broadcasting the user vector and a position-only `x`
+        avoids materialising (events, 4, D) stacks, which dominate the step time on CPU.
+        """
+        x = self.bottom(dense.unsqueeze(-1))
+        u = user_vec.unsqueeze(-2)
+        interactions = torch.stack(
+            [
+                (x * u).sum(-1).expand(item_vec.shape[:-1]),
+                (x * item_vec).sum(-1),
+                (u * item_vec).sum(-1),
+                (x * cat_vec).sum(-1),
+                (u * cat_vec).sum(-1),
+                (item_vec * cat_vec).sum(-1),
+            ],
+            dim=-1,
+        )
+        z = self.top(torch.cat([x.expand(*item_vec.shape[:-1], x.shape[-1]), interactions], dim=-1))
+        return F.normalize(z, dim=-1)
+
+
+class TSLHead(nn.Module):
+    """One TSL attention head followed by its own head MLP."""
+
+    def __init__(self, cfg: TBSMConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        z, t = cfg.z_dim, cfg.history
+        self.A = nn.Parameter(torch.empty(z, z)) if cfg.tsl_inner != "dot" else None
+        if self.A is not None:
+            nn.init.uniform_(self.A, -math.sqrt(1.0 / z), math.sqrt(1.0 / z))
+        self.attention = (
+            nn.Sequential(mlp((t, *cfg.tsl_mlp, t), final_activation=False), nn.Sigmoid())
+            if cfg.tsl_mechanism == "mlp"
+            else None
+        )
+        self.head = mlp((2 * z, *cfg.head_mlp), final_activation=False)
+
+    def query(self, w: torch.Tensor) -> torch.Tensor:
+        if self.cfg.tsl_inner == "dot":
+            return w
+        aw = torch.matmul(w, self.A.t())
+        return torch.matmul(aw, self.A) if self.cfg.tsl_inner == "def" else aw
+
+    def forward(self, history: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """history (B, T, Z) with padded steps zeroed, w (B, Z) -> logit (B,)."""
+        # Broadcast products rather than bmm: a bmm of B tiny (T x Z) matrices is slower on CPU.
+        scores = (history * self.query(w).unsqueeze(-2)).sum(-1)
+        weights = self.attention(scores) if self.attention is not None else scores
+        context = (weights.unsqueeze(-1) * history).sum(-2)
+        return self.head(torch.cat([context, w], dim=-1)).squeeze(-1)
+
+
+class MHAHead(nn.Module):
+    """Multi-head attention of the candidate over the history (trained modules, unlike the reference)."""
+
+    def __init__(self, cfg: TBSMConfig) -> None:
+        super().__init__()
+        z, d = cfg.z_dim, cfg.mha_dim
+        if d % cfg.tsl_num_heads:
+            raise ValueError(f"mha_dim {d} is not divisible by tsl_num_heads {cfg.tsl_num_heads}")
+        self.heads = cfg.tsl_num_heads
+        self.q = nn.Linear(z, d, bias=False)
+        self.k = nn.Linear(z, d, bias=False)
+        self.v = nn.Linear(z, d, bias=False)
+        self.head = mlp((d + z, *cfg.head_mlp), final_activation=False)
+
+    def forward(self, history: torch.Tensor, w: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        b, t, _ = history.shape
+        split = lambda x: x.view(b, -1, self.heads, x.shape[-1] // self.heads).transpose(1, 2)  # noqa: E731
+        q, k, v = split(self.q(w).unsqueeze(1)), split(self.k(history)), split(self.v(history))
+        logits = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+        # Padded keys get a large negative logit; their values are zero, so an all-padding
+        # history yields a zero context instead of NaN.
+        logits = logits + (mask.to(logits.dtype).unsqueeze(1).unsqueeze(1) - 1.0) * 1e9
+        context = torch.matmul(torch.softmax(logits, dim=-1), v).transpose(1, 2).reshape(b, -1)
+        return self.head(torch.cat([context, w], dim=-1)).squeeze(-1)
+
+
+class RNNHead(nn.Module):
+    def __init__(self, cfg: TBSMConfig) -> None:
+        super().__init__()
+        z = cfg.z_dim
+        self.lstm = nn.LSTM(z, z, num_layers=cfg.rnn_layers, batch_first=True)
+        self.head = mlp((2 * z, *cfg.head_mlp), final_activation=False)
+
+    def forward(self, history: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        out, _ = self.lstm(history)
+        return self.head(torch.cat([out[:, -1], w], dim=-1)).squeeze(-1)
+
+
+class TBSM(nn.Module):
+    def __init__(self, cfg: TBSMConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.tower = EventTower(cfg)
+        if cfg.model_type == "tsl":
+            self.heads = nn.ModuleList(TSLHead(cfg) for _ in range(cfg.tsl_num_heads))
+            k = cfg.tsl_num_heads
+            self.combine = mlp((k, k + 4, 1), final_activation=False) if k > 1 else None
+            steps = [round(cfg.history * (j + 1) / k) if cfg.tsl_seq else cfg.history for j in range(k)]
+            first_visible = torch.tensor([cfg.history - s for s in steps])
+            self.register_buffer(
+                "head_visibility",
+                (torch.arange(cfg.history).unsqueeze(0) >= first_visible.unsqueeze(1)).float(),
+                persistent=False,
+            )
+        elif cfg.model_type == "mha":
+            self.mha = MHAHead(cfg)
+        else:
+            self.rnn = RNNHead(cfg)
+        position = torch.arange(cfg.history + 1, dtype=torch.float32) / (cfg.history + 1)
+        self.register_buffer("position_feature", position, persistent=False)
+
+    def dense_features(self, timestamps: torch.Tensor, request_time: torch.Tensor) -> torch.Tensor:
+        if self.cfg.dense_feature == "position":
+            return self.position_feature[: timestamps.shape[-1]]  # (T,): broadcast over the batch
+        return time_feature(timestamps, request_time)
+
+    def forward(
+        self,
+        user_rows: torch.Tensor,
+        item_rows: torch.Tensor,
+        cat_rows: torch.Tensor,
+        behaviors: torch.Tensor,
+        timestamps: torch.Tensor,
+    ) -> torch.Tensor:
+        """Click logits for a batch of samples.
+
+        user_rows (B,); item_rows, cat_rows, behaviors, timestamps (B, history + 1), left-padded,
+        the candidate last. The request time is the candidate's timestamp.
+        """
+        tower = self.tower
+        return self.forward_vectors(
+            tower.user_emb(user_rows), tower.item_emb(item_rows), tower.cat_emb(cat_rows), behaviors, timestamps,
+            item_rows != PADDING_ROW,
+        )
+
+    def forward_vectors(
+        self,
+        user_vec: torch.Tensor,
+        item_vec: torch.Tensor,
+        cat_vec: torch.Tensor,
+        behaviors: torch.Tensor,
+        timestamps: torch.Tensor,
+        real_event: torch.Tensor,
+        behavior_vec: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """`forward` after the id-table lookups (the trainer gathers rows itself, once per unique id)."""
+        if self.tower.behavior_emb is not None:
+            if behavior_vec is None:
+                behavior_vec = self.tower.behavior_emb(behaviors)
+            # A candidate's behaviour is unknown at request time: only history events get one.
+            history_only = torch.ones_like(behaviors, dtype=item_vec.dtype)
+            history_only[:, -1] = 0
+            item_vec = item_vec + behavior_vec * history_only.unsqueeze(-1)
+        dense = self.dense_features(timestamps, timestamps[:, -1])
+        z = self.tower.forward_embedded(dense, user_vec, item_vec, cat_vec)
+        return self.attend(z[:, :-1], z[:, -1], real_event[:, :-1])
+
+    def attend(self, history: torch.Tensor, w: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """history z (B, T, Z), candidate z (B, Z), mask (B, T) true for real events -> logits (B,)."""
+        history = history * mask.unsqueeze(-1).to(history.dtype)
+        if self.cfg.model_type == "mha":
+            return self.mha(history, w, mask)
+        if self.cfg.model_type == "rnn":
+            return self.rnn(history, w)
+        if self.combine is None:
+            return self.heads[0](history, w)
+        head_logits = [
+            head(history * visible.unsqueeze(-1), w) for head, visible in zip(self.heads, self.head_visibility)
+        ]
+        return self.combine(torch.sigmoid(torch.stack(head_logits, dim=-1))).squeeze(-1)
+
+    def score(self, *inputs: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self(*inputs))
+
+    def embedding_tables(self) -> dict[str, nn.Embedding]:
+        tables = {"user": self.tower.user_emb, "item": self.tower.item_emb, "category": self.tower.cat_emb}
+        return tables
+
+    def parameter_table(self) -> dict[str, int]:
+        """Parameter counts: the three id tables and everything else."""
+        counts = {name: t.weight.numel() for name, t in self.embedding_tables().items()}
+        table_ids = {id(t.weight) for t in self.embedding_tables().values()}
+        counts["other"] = sum(p.numel() for p in self.parameters() if id(p) not in table_ids)
+        counts["total"] = sum(counts.values())
+        return counts

@@ -1,0 +1,334 @@
+"""From an event log to training samples: dense id maps, per-user event arrays, split protocols.
+
+A sample is (user row, index of the candidate event in the user-sorted event arrays, negative item
+row or -1). The history is the up to `history` events of that user before the candidate, left-padded;
+a negative sample keeps the candidate's timestamp (the request time) and swaps in an item the user
+never touched. Everything is numpy: no per-event Python objects.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from model.tbsm import OOV_ROW, PADDING_ROW, RESERVED_ROWS
+from sdk_builder.events import EventLog
+
+PROTOCOLS = ("holdout", "reference")
+
+
+@dataclass(frozen=True)
+class IdMap:
+    """Sorted global ids; the row of ids[i] is i + first_row."""
+
+    ids: np.ndarray
+    first_row: int
+
+    @property
+    def rows(self) -> int:
+        return len(self.ids) + self.first_row
+
+    def lookup(self, global_ids: np.ndarray, unknown: int = OOV_ROW) -> np.ndarray:
+        global_ids = np.asarray(global_ids, dtype=np.int64)
+        pos = np.searchsorted(self.ids, global_ids)
+        pos_clipped = np.minimum(pos, len(self.ids) - 1) if len(self.ids) else pos
+        found = (pos < len(self.ids)) & (self.ids[pos_clipped] == global_ids) if len(self.ids) else pos < 0
+        return np.where(found, pos + self.first_row, unknown).astype(np.int64)
+
+    def global_id(self, rows: np.ndarray) -> np.ndarray:
+        return self.ids[np.asarray(rows) - self.first_row]
+
+
+@dataclass
+class SampleSet:
+    user: np.ndarray  # int64 user rows
+    candidate: np.ndarray  # int64 index into the event arrays
+    negative_item: np.ndarray  # int64 item row, -1 for a positive
+
+    def __len__(self) -> int:
+        return len(self.user)
+
+    @property
+    def label(self) -> np.ndarray:
+        return (self.negative_item < 0).astype(np.float32)
+
+    def take(self, index: np.ndarray) -> SampleSet:
+        return SampleSet(self.user[index], self.candidate[index], self.negative_item[index])
+
+    @staticmethod
+    def concat(parts: list[SampleSet]) -> SampleSet:
+        return SampleSet(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("user", "candidate", "negative_item")))
+
+
+@dataclass
+class Batch:
+    user_rows: torch.Tensor
+    item_rows: torch.Tensor
+    cat_rows: torch.Tensor
+    behaviors: torch.Tensor
+    timestamps: torch.Tensor
+    labels: torch.Tensor
+
+    def inputs(self) -> tuple[torch.Tensor, ...]:
+        return self.user_rows, self.item_rows, self.cat_rows, self.behaviors, self.timestamps
+
+
+@dataclass
+class PreparedData:
+    users: IdMap
+    items: IdMap
+    categories: IdMap
+    user_start: np.ndarray  # (U + 1,) offsets of each user's events
+    item_rows: np.ndarray
+    cat_rows: np.ndarray
+    behaviors: np.ndarray
+    timestamps: np.ndarray
+    item_category: np.ndarray  # category row of every item row (last seen)
+    splits: dict[str, SampleSet] = field(default_factory=dict)
+    info: dict = field(default_factory=dict)
+
+    @property
+    def num_events(self) -> int:
+        return len(self.item_rows)
+
+    def table_sizes(self) -> dict[str, int]:
+        return {"num_users": len(self.users.ids), "num_items": self.items.rows, "num_categories": self.categories.rows}
+
+    def user_events(self, user_row: int) -> slice:
+        return slice(int(self.user_start[user_row]), int(self.user_start[user_row + 1]))
+
+    def fingerprint(self) -> str:
+        h = hashlib.sha256()
+        for arr in (self.users.ids, self.items.ids, self.categories.ids, self.user_start, self.item_rows,
+                    self.cat_rows, self.behaviors, self.timestamps):
+            h.update(np.ascontiguousarray(arr).tobytes())
+        for name in sorted(self.splits):
+            s = self.splits[name]
+            h.update(name.encode())
+            for arr in (s.user, s.candidate, s.negative_item):
+                h.update(arr.tobytes())
+        return h.hexdigest()
+
+    def collate(self, samples: SampleSet, history: int) -> Batch:
+        """Vectorised gather of (B, history + 1) windows, left-padded, candidate last."""
+        offsets = np.arange(-history, 1, dtype=np.int64)
+        idx = samples.candidate[:, None] + offsets
+        valid = idx >= self.user_start[samples.user][:, None]
+        idx = np.where(valid, idx, 0)
+        items = np.where(valid, self.item_rows[idx], PADDING_ROW)
+        cats = np.where(valid, self.cat_rows[idx], PADDING_ROW)
+        behaviors = np.where(valid, self.behaviors[idx], 0).astype(np.int64)
+        timestamps = np.where(valid, self.timestamps[idx], 0)
+        negative = samples.negative_item >= 0
+        items[:, -1] = np.where(negative, samples.negative_item, items[:, -1])
+        cats[:, -1] = np.where(negative, self.item_category[np.maximum(samples.negative_item, 0)], cats[:, -1])
+        return Batch(
+            torch.from_numpy(samples.user),
+            torch.from_numpy(items),
+            torch.from_numpy(cats),
+            torch.from_numpy(behaviors),
+            torch.from_numpy(timestamps),
+            torch.from_numpy(samples.label),
+        )
+
+    def save(self, path: Path) -> None:
+        arrays = {
+            "user_ids": self.users.ids, "item_ids": self.items.ids, "category_ids": self.categories.ids,
+            "user_start": self.user_start, "item_rows": self.item_rows, "cat_rows": self.cat_rows,
+            "behaviors": self.behaviors, "timestamps": self.timestamps, "item_category": self.item_category,
+        }
+        for name, s in self.splits.items():
+            arrays.update({f"{name}.user": s.user, f"{name}.candidate": s.candidate, f"{name}.negative_item": s.negative_item})
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp.npz")
+        np.savez(tmp, info=np.frombuffer(json.dumps(self.info, sort_keys=True).encode(), dtype=np.uint8), **arrays)
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: Path) -> PreparedData:
+        with np.load(path) as z:
+            a = {k: z[k] for k in z.files}
+        splits = {}
+        for key in a:
+            if key.endswith(".user"):
+                name = key[: -len(".user")]
+                splits[name] = SampleSet(a[f"{name}.user"], a[f"{name}.candidate"], a[f"{name}.negative_item"])
+        return cls(
+            users=IdMap(a["user_ids"], 0), items=IdMap(a["item_ids"], RESERVED_ROWS),
+            categories=IdMap(a["category_ids"], RESERVED_ROWS), user_start=a["user_start"],
+            item_rows=a["item_rows"], cat_rows=a["cat_rows"], behaviors=a["behaviors"],
+            timestamps=a["timestamps"], item_category=a["item_category"], splits=splits,
+            info=json.loads(a["info"].tobytes().decode()),
+        )
+
+
+def index_events(events: EventLog) -> PreparedData:
+    """Dense id maps and user-contiguous event arrays (the log is sorted by user, then time)."""
+    users = IdMap(np.unique(events.user), 0)
+    items = IdMap(np.unique(events.item), RESERVED_ROWS)
+    categories = IdMap(np.unique(events.category), RESERVED_ROWS)
+    user_rows = users.lookup(events.user, unknown=-1)
+    order = np.lexsort((events.timestamp, user_rows))
+    if not np.array_equal(order, np.arange(len(order))):
+        events = events.take(order)
+        user_rows = user_rows[order]
+    item_rows = items.lookup(events.item)
+    cat_rows = categories.lookup(events.category)
+    counts = np.bincount(user_rows, minlength=len(users.ids))
+    user_start = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    item_category = np.full(items.rows, OOV_ROW, dtype=np.int64)
+    item_category[PADDING_ROW] = PADDING_ROW
+    item_category[item_rows] = cat_rows  # later events win: an item's category is its last seen one
+    return PreparedData(
+        users=users, items=items, categories=categories, user_start=user_start,
+        item_rows=item_rows, cat_rows=cat_rows, behaviors=events.behavior.astype(np.int8),
+        timestamps=events.timestamp.astype(np.int64), item_category=item_category,
+    )
+
+
+def _touched_keys(data: PreparedData) -> np.ndarray:
+    user_of_event = np.repeat(np.arange(len(data.users.ids), dtype=np.int64), np.diff(data.user_start))
+    return np.unique(user_of_event * data.items.rows + data.item_rows)
+
+
+def sample_negatives(data: PreparedData, users: np.ndarray, rng: np.random.Generator, touched: np.ndarray) -> np.ndarray:
+    """A uniformly random real item row per user that the user never touched (rejection sampling)."""
+    lo, hi = RESERVED_ROWS, data.items.rows
+    out = rng.integers(lo, hi, size=len(users))
+    todo = np.arange(len(users))
+    for _ in range(100):
+        keys = users[todo] * data.items.rows + out[todo]
+        pos = np.minimum(np.searchsorted(touched, keys), max(len(touched) - 1, 0))
+        clash = touched[pos] == keys if len(touched) else np.zeros(len(todo), bool)
+        todo = todo[clash]
+        if not len(todo):
+            return out
+        out[todo] = rng.integers(lo, hi, size=len(todo))
+    raise ValueError("could not sample negative items: some users touched (almost) every item")
+
+
+def _choose_positions(lengths: np.ndarray, first: np.ndarray, last: np.ndarray, k: int, rng: np.random.Generator):
+    """Per user, up to k distinct positions in [first, last] (inclusive), uniformly at random.
+
+    Returns (user_index, position) arrays. Vectorised: random keys, sorted within each user.
+    """
+    span = np.maximum(last - first + 1, 0)
+    take = np.minimum(span, k)
+    user_idx = np.repeat(np.arange(len(lengths)), span)
+    offset_in_user = np.arange(span.sum()) - np.repeat(np.cumsum(span) - span, span)
+    keys = rng.random(len(user_idx))
+    order = np.lexsort((keys, user_idx))
+    rank = np.empty_like(order)
+    rank[order] = np.arange(len(order)) - np.repeat(np.cumsum(span) - span, span)
+    keep = rank < np.repeat(take, span)
+    return user_idx[keep], (np.repeat(first, span) + offset_in_user)[keep]
+
+
+def _pos_neg(data, user_idx, position, rng, touched, *, negatives_too=True) -> SampleSet:
+    cand = data.user_start[user_idx] + position
+    pos = SampleSet(user_idx.astype(np.int64), cand.astype(np.int64), np.full(len(cand), -1, np.int64))
+    if not negatives_too:
+        return pos
+    neg = SampleSet(pos.user.copy(), pos.candidate.copy(), sample_negatives(data, pos.user, rng, touched))
+    return SampleSet.concat([pos, neg])
+
+
+def build_holdout(data: PreparedData, *, seed: int, samples_per_user: int, min_history: int = 1) -> None:
+    """Time-ordered leave-last-out: per user, the last event is test, the one before validation,
+    training candidates come from the events before those (each with a negative twin)."""
+    rng = np.random.default_rng(seed)
+    touched = _touched_keys(data)
+    n = np.diff(data.user_start)
+    eligible = n >= min_history + 3
+    users = np.flatnonzero(eligible)
+    last = n[users] - 1
+    data.splits["test"] = _pos_neg(data, users, last, rng, touched)
+    data.splits["validation"] = _pos_neg(data, users, last - 1, rng, touched)
+    u, p = _choose_positions(n[users], np.full(len(users), min_history), last - 2, samples_per_user, rng)
+    data.splits["train"] = _pos_neg(data, users[u], p, rng, touched)
+    data.info.update(protocol="holdout", seed=seed, samples_per_user=samples_per_user, min_history=min_history,
+                     users_skipped_too_short=int((~eligible).sum()))
+
+
+# Positives (and as many negatives) per training user, by how many of the user's last
+# `_REFERENCE_WINDOW` events there are: <10 -> 0, <20 -> 1, <30 -> 3, <40 -> 6, otherwise the cap.
+_REFERENCE_REGIME = (0, 1, 3, 6)
+_REFERENCE_WINDOW = 200
+
+
+def _reference_windows(n: np.ndarray, per_user: int, history: int, rng: np.random.Generator, *, positive: bool):
+    """The reference's window draw: candidates among each user's last 200 events, with replacement.
+
+    Positives never use the user's final event (the reference's training file may have swapped
+    it for a negative); negatives keep the 20-event history and replace the candidate.
+    """
+    recent = np.minimum(n, _REFERENCE_WINDOW)
+    regime = (recent - 1) // 10
+    count = np.where(regime < len(_REFERENCE_REGIME), np.take(_REFERENCE_REGIME, np.minimum(regime, 3)), per_user)
+    count = np.minimum(count, per_user)
+    lo = n - recent + np.minimum(history, recent - 2)
+    hi = n - 1 if positive else n  # exclusive
+    count = np.where(hi > lo, count, 0)
+    user_idx = np.repeat(np.arange(len(n)), count)
+    position = lo[user_idx] + (rng.random(len(user_idx)) * (hi - lo)[user_idx]).astype(np.int64)
+    return user_idx, position
+
+
+def build_reference(data: PreparedData, *, seed: int, samples_per_user: int = 10, history: int = 20,
+                    validation_fraction: float = 0.1) -> None:
+    """The reference's protocol (tools/taobao_prepare.py + tbsm_data_pytorch.py).
+
+    Users whose last event is after the 70th percentile of last-event times are test users: one
+    point each, their last event kept or (p = 1/2) swapped for a random other item. The other
+    users give windows drawn from their last 200 events (see `_reference_windows`). Validation
+    is a disjoint slice of those users (the reference reused training users' windows).
+    """
+    rng = np.random.default_rng(seed)
+    touched = _touched_keys(data)
+    n = np.diff(data.user_start)
+    last_time = data.timestamps[data.user_start[1:] - 1]
+    split_time = np.sort(last_time)[int(len(last_time) * 0.7)]
+    test_users = np.flatnonzero(last_time > split_time)
+    train_users = np.flatnonzero(last_time <= split_time)
+    cand = data.user_start[test_users] + n[test_users] - 1
+    true_item = data.item_rows[cand]
+    swap = rng.random(len(test_users)) < 0.5
+    random_item = rng.integers(RESERVED_ROWS, data.items.rows - 1, size=len(test_users))
+    random_item += random_item >= true_item  # uniform over the other items
+    data.splits["test"] = SampleSet(test_users.astype(np.int64), cand.astype(np.int64), np.where(swap, random_item, -1))
+    shuffled = rng.permutation(train_users)
+    n_val = int(round(len(shuffled) * validation_fraction))
+    groups = {"validation": np.sort(shuffled[:n_val]), "train": np.sort(shuffled[n_val:])}
+    for name, group in groups.items():
+        parts = []
+        for positive in (True, False):
+            u, p = _reference_windows(n[group], samples_per_user, history, rng, positive=positive)
+            users = group[u].astype(np.int64)
+            negatives = np.full(len(u), -1, np.int64) if positive else sample_negatives(data, users, rng, touched)
+            parts.append(SampleSet(users, (data.user_start[users] + p).astype(np.int64), negatives))
+        data.splits[name] = SampleSet.concat(parts)
+    data.info.update(protocol="reference", seed=seed, samples_per_user=samples_per_user, split_time=int(split_time),
+                     test_users=len(test_users), train_users=len(groups["train"]),
+                     validation_users=len(groups["validation"]))
+
+
+def prepare(events: EventLog, *, protocol: str = "holdout", seed: int = 0, samples_per_user: int | None = None,
+            history: int = 20) -> PreparedData:
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown protocol {protocol!r}; expected one of {PROTOCOLS}")
+    if len(events) == 0:
+        raise ValueError("the event log is empty: nothing to train on")
+    data = index_events(events)
+    if protocol == "holdout":
+        build_holdout(data, seed=seed, samples_per_user=samples_per_user or 20)
+    else:
+        build_reference(data, seed=seed, samples_per_user=samples_per_user or 10, history=history)
+    data.info.update(history=history, events=data.num_events, users=len(data.users.ids),
+                     items=len(data.items.ids), categories=len(data.categories.ids),
+                     split_sizes={k: len(v) for k, v in data.splits.items()})
+    return data

@@ -1,0 +1,157 @@
+"""File formats of a bundle: the single source of truth.
+
+`events.schema.json` and the manifest's shape are generated from these pydantic models; the
+templates (Kotlin, Swift, C++) read exactly the field names defined here, and a test checks that
+they do not drift.
+"""
+
+from __future__ import annotations
+
+import json
+from enum import Enum
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+BUNDLE_FORMAT_VERSION = 1
+MAX_HISTORY = 20
+MAX_CANDIDATES = 4096
+PADDING_ROW = 0
+OOV_ROW = 1
+FIRST_REAL_ROW = 2
+
+
+class Behavior(str, Enum):
+    """Event kinds of the Taobao log. The on-device code is the position + 1; 0 is padding."""
+
+    pv = "pv"
+    buy = "buy"
+    cart = "cart"
+    fav = "fav"
+
+
+BEHAVIOR_CODES: dict[str, int] = {b.value: i + 1 for i, b in enumerate(Behavior)}
+
+NonNegativeInt = Annotated[int, Field(ge=0)]
+
+
+class Event(BaseModel):
+    """One interaction recorded on the phone."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    item_id: NonNegativeInt = Field(description="Global item id, as in the training log.")
+    category_id: NonNegativeInt = Field(description="Global category id of the item.")
+    behavior: Behavior = Field(description="Kind of interaction.")
+    timestamp: NonNegativeInt = Field(description="Unix time in seconds.")
+
+
+class EventHistory(BaseModel):
+    """The user's recent events, oldest first. The phone keeps at most `MAX_HISTORY` of them."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "description": (
+                "On-device event history of one user. Events are ordered by timestamp, oldest "
+                f"first (non-decreasing timestamps); at most {MAX_HISTORY} events: the app drops "
+                "the oldest when recording a new one. An empty list is allowed (a new user)."
+            )
+        },
+    )
+
+    user_id: NonNegativeInt = Field(description="Global id of the user the bundle was built for.")
+    events: list[Event] = Field(default_factory=list, max_length=MAX_HISTORY)
+
+    @model_validator(mode="after")
+    def _time_ordered(self) -> EventHistory:
+        for i in range(1, len(self.events)):
+            if self.events[i].timestamp < self.events[i - 1].timestamp:
+                raise ValueError(
+                    f"events[{i}].timestamp {self.events[i].timestamp} is earlier than "
+                    f"events[{i - 1}].timestamp {self.events[i - 1].timestamp}; events must be oldest first"
+                )
+        return self
+
+
+def events_json_schema() -> dict[str, Any]:
+    schema = EventHistory.model_json_schema()
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "$id": "https://tbsm-sdk/events.schema.json",
+        "title": "TBSM on-device event history",
+        **{k: v for k, v in schema.items() if k != "title"},
+    }
+
+
+class TensorSpec(BaseModel):
+    name: str
+    dtype: str
+    shape: list[int | str]
+    description: str
+
+
+class ProgramSpec(BaseModel):
+    method: str = "forward"
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    max_history: int = MAX_HISTORY
+    max_candidates: int = MAX_CANDIDATES
+    padding: str = (
+        "History tensors are left-padded: the most recent event is at index max_history-1; "
+        "padding slots hold row 0 (items, categories), behavior 0 and timestamp 0."
+    )
+
+
+class IdShard(BaseModel):
+    """Global ids present in the bundle, sorted ascending; the local row of ids[i] is i + first_row."""
+
+    ids: list[int]
+    first_row: int = FIRST_REAL_ROW
+    padding_row: int = PADDING_ROW
+    oov_row: int = OOV_ROW
+
+
+class ShardPolicy(BaseModel):
+    name: str
+    shard_size: int
+    weights: dict[str, float]
+    sources: dict[str, int] = Field(description="How many shard items each source contributed.")
+
+
+class Manifest(BaseModel):
+    format_version: int = BUNDLE_FORMAT_VERSION
+    versions: dict[str, str]
+    user_id: int
+    recipe: str
+    checkpoint_sha256: str
+    model_config_: dict[str, Any] = Field(alias="model_config")
+    program: ProgramSpec
+    items: IdShard
+    categories: IdShard
+    behaviors: dict[str, int] = Field(default_factory=lambda: dict(BEHAVIOR_CODES))
+    shard_policy: ShardPolicy
+    seeds: dict[str, int]
+    golden_tolerance: float
+    files: dict[str, str] = Field(description="sha256 of every other file in the bundle.")
+
+    model_config = ConfigDict(populate_by_name=True, protected_namespaces=())
+
+    def to_json(self) -> str:
+        return json.dumps(self.model_dump(by_alias=True, mode="json"), indent=1, sort_keys=True) + "\n"
+
+
+class GoldenCase(BaseModel):
+    name: str
+    history: EventHistory
+    request_time: int
+    candidates: list[int] = Field(description="Global item ids to score.")
+    scores: list[float] = Field(description="Scores of the full eager model, one per candidate.")
+
+
+class GoldenSet(BaseModel):
+    tolerance: float
+    cases: list[GoldenCase]
+
+    def to_json(self) -> str:
+        return json.dumps(self.model_dump(mode="json"), indent=1, sort_keys=True) + "\n"

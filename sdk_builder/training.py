@@ -1,0 +1,252 @@
+"""Training runs on disk: checkpoints, metrics.json, the training curve, evaluation.
+
+A run directory holds:
+- `checkpoint.pt`: the best-validation-AUC model, its optimizer state, the model and training
+  configs, the id maps, the data fingerprint, versions and seeds;
+- `last.pt`: the state after the latest finished epoch (what `--resume` continues from);
+- `data.npz`: the prepared dataset the run was trained on (the bundle step needs its events);
+- `metrics.json`, `training_curve.png`.
+Every file is written to a temporary name and renamed, so a killed run never leaves half a file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+
+from model.metrics import classification_report, roc_auc
+from model.tbsm import TBSM, TBSMConfig
+from model.train import TBSMOptimizer, TrainConfig, TrainState, fit, predict
+from sdk_builder.dataset import Batch, IdMap, PreparedData, SampleSet
+
+CHECKPOINT = "checkpoint.pt"
+LAST = "last.pt"
+DATA = "data.npz"
+EVAL_BATCH = 4096
+TRAIN_AUC_SAMPLE = 20_000
+
+
+class RunError(RuntimeError):
+    """A run directory or checkpoint that cannot be used; the message is one line."""
+
+
+def versions() -> dict[str, str]:
+    import executorch  # noqa: F401  (only its version is needed)
+    from importlib.metadata import version
+
+    from sdk_builder import __version__
+
+    return {
+        "tbsm_sdk": __version__,
+        "torch": torch.__version__,
+        "executorch": version("executorch"),
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def atomic_torch_save(obj: object, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def batches(data: PreparedData, samples: SampleSet, batch_size: int, history: int,
+            order: np.ndarray | None = None) -> Iterator[Batch]:
+    order = np.arange(len(samples)) if order is None else order
+    for start in range(0, len(order), batch_size):
+        yield data.collate(samples.take(order[start : start + batch_size]), history)
+
+
+def evaluate_split(model: TBSM, data: PreparedData, split: str) -> dict[str, float]:
+    samples = data.splits[split]
+    labels, probs = predict(model, batches(data, samples, EVAL_BATCH, model.cfg.history))
+    return classification_report(labels, probs)
+
+
+def _checkpoint_payload(model, optimizer, model_cfg, train_cfg, data, state, run_seed) -> dict:
+    return {
+        "model_state": model.state_dict(),
+        "optimizer_state": optimizer.state_dict(),
+        "model_config": model_cfg.to_dict(),
+        "train_config": asdict(train_cfg),
+        "train_state": asdict(state),
+        "id_maps": {"user_ids": data.users.ids, "item_ids": data.items.ids, "category_ids": data.categories.ids},
+        "item_category": data.item_category,
+        "data_fingerprint": data.fingerprint(),
+        "data_info": data.info,
+        "versions": versions(),
+        "seed": run_seed,
+    }
+
+
+def train_run(
+    data: PreparedData,
+    out_dir: Path,
+    model_cfg: TBSMConfig,
+    train_cfg: TrainConfig,
+    *,
+    resume: bool = False,
+    force: bool = False,
+    progress: Callable[[int, float], None] = lambda step, loss: None,
+    steps_callback: Callable[[int], None] = lambda total: None,
+) -> dict:
+    """Train on `data` into `out_dir`; returns the metrics dict also written to metrics.json."""
+    out_dir = Path(out_dir)
+    ckpt_path, last_path = out_dir / CHECKPOINT, out_dir / LAST
+    if ckpt_path.exists() and not (resume or force):
+        raise RunError(f"{ckpt_path} exists: pass --resume to continue it or --force to overwrite it")
+    if resume and not last_path.exists():
+        raise RunError(f"--resume: {last_path} does not exist")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for split in ("train", "validation"):
+        if split not in data.splits or not len(data.splits[split]):
+            raise RunError(f"the prepared data has no {split!r} samples (too few events per user?)")
+
+    seed_everything(train_cfg.seed)
+    model = TBSM(model_cfg)
+    optimizer = TBSMOptimizer(model, train_cfg.lr)
+    state = TrainState()
+    if resume:
+        last = torch.load(last_path, weights_only=False)
+        if last["data_fingerprint"] != data.fingerprint():
+            raise RunError(f"--resume: {last_path} was trained on other data (fingerprint mismatch)")
+        if last["model_config"] != model_cfg.to_dict():
+            raise RunError(f"--resume: {last_path} has another model config")
+        model.load_state_dict(last["model_state"])
+        optimizer.load_state_dict(last["optimizer_state"])
+        state = TrainState(**last["train_state"])
+        torch.set_rng_state(last["torch_rng"])
+    data.save(out_dir / DATA)
+
+    train = data.splits["train"]
+    rng_auc = np.random.default_rng(train_cfg.seed + 1)
+    train_auc_subset = train.take(np.sort(rng_auc.choice(len(train), min(len(train), TRAIN_AUC_SAMPLE), replace=False)))
+    steps_per_epoch = -(-len(train) // train_cfg.batch_size)
+    steps_callback(steps_per_epoch * train_cfg.epochs)
+
+    def train_batches(epoch: int) -> Iterator[Batch]:
+        # The order depends on (seed, epoch) only, so a resumed run sees the same batches.
+        order = np.random.default_rng([train_cfg.seed, epoch]).permutation(len(train))
+        return batches(data, train, train_cfg.batch_size, model_cfg.history, order)
+
+    def validate() -> dict:
+        metrics = {f"val_{k}": v for k, v in evaluate_split(model, data, "validation").items()}
+        labels, probs = predict(model, batches(data, train_auc_subset, EVAL_BATCH, model_cfg.history))
+        metrics["train_auc"] = roc_auc(labels, probs)
+        return metrics
+
+    def on_best(st: TrainState, metrics: dict) -> None:
+        atomic_torch_save(_checkpoint_payload(model, optimizer, model_cfg, train_cfg, data, st, train_cfg.seed), ckpt_path)
+
+    def on_epoch_end(st: TrainState) -> None:
+        payload = _checkpoint_payload(model, optimizer, model_cfg, train_cfg, data, st, train_cfg.seed)
+        payload["torch_rng"] = torch.get_rng_state()
+        atomic_torch_save(payload, last_path)
+
+    started = time.perf_counter()
+    step0 = state.step
+    state = fit(model, optimizer, train_cfg, train_batches, steps_per_epoch, validate, on_best, on_epoch_end,
+                state=state, progress=progress)
+    elapsed = time.perf_counter() - started
+
+    best = load_checkpoint(ckpt_path)
+    metrics = {
+        "best_step": state.best_step,
+        "best_validation_auc": state.best_metric,
+        "history": state.history,
+        "test": evaluate_split(best.model, data, "test") if "test" in data.splits else None,
+        "train_seconds": elapsed,
+        "samples_per_second": (state.step - step0) * train_cfg.batch_size / max(elapsed, 1e-9),
+        "data": data.info,
+        "model_config": model_cfg.to_dict(),
+        "train_config": asdict(train_cfg),
+        "versions": versions(),
+    }
+    atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=1, default=float) + "\n")
+    plot_curve(state.history, out_dir / "training_curve.png")
+    return metrics
+
+
+def plot_curve(history: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [h["step"] for h in history]
+    fig, (ax_loss, ax_auc) = plt.subplots(1, 2, figsize=(10, 4))
+    ax_loss.plot(steps, [h["train_loss"] for h in history], marker="o", label="train (mean since last eval)")
+    ax_loss.plot(steps, [h["val_log_loss"] for h in history], marker="o", label="validation")
+    ax_loss.set(xlabel="step", ylabel="log loss", title="Loss")
+    ax_auc.plot(steps, [h["train_auc"] for h in history], marker="o", label="train")
+    ax_auc.plot(steps, [h["val_auc"] for h in history], marker="o", label="validation")
+    ax_auc.set(xlabel="step", ylabel="ROC AUC", title="AUC")
+    for ax in (ax_loss, ax_auc):
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
+    fig.savefig(tmp, dpi=90, metadata={"Software": None})
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+class LoadedCheckpoint:
+    def __init__(self, path: Path, payload: dict) -> None:
+        self.path = path
+        self.payload = payload
+        self.config = TBSMConfig.from_dict(payload["model_config"])
+        self.model = TBSM(self.config)
+        self.model.load_state_dict(payload["model_state"])
+        self.model.eval()
+        maps = payload["id_maps"]
+        self.users = IdMap(np.asarray(maps["user_ids"]), 0)
+        self.items = IdMap(np.asarray(maps["item_ids"]), 2)
+        self.categories = IdMap(np.asarray(maps["category_ids"]), 2)
+        self.item_category = np.asarray(payload["item_category"])
+        self.sha256 = sha256_file(path)
+
+
+def load_checkpoint(path: Path) -> LoadedCheckpoint:
+    path = Path(path)
+    if path.is_dir():
+        path = path / CHECKPOINT
+    if not path.exists():
+        raise RunError(f"{path}: no such checkpoint (run `tbsm-sdk train` first)")
+    try:
+        payload = torch.load(path, weights_only=False, map_location="cpu")
+    except Exception as exc:  # a truncated or foreign file: one clear line instead of a pickle trace
+        raise RunError(f"{path}: not a readable tbsm-sdk checkpoint ({type(exc).__name__}: {exc})") from None
+    if not isinstance(payload, dict) or "model_state" not in payload:
+        raise RunError(f"{path}: not a tbsm-sdk checkpoint")
+    return LoadedCheckpoint(path, payload)
