@@ -98,13 +98,15 @@ def mlp(sizes: tuple[int, ...], *, final_activation: bool) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-def _uniform_table(rows: int, dim: int, *, padding: bool) -> nn.Embedding:
-    table = nn.Embedding(rows, dim, sparse=True, padding_idx=PADDING_ROW if padding else None)
+def _uniform_table(rows: int, dim: int, *, reserved: int) -> nn.Embedding:
+    """Uniform(+-sqrt(1/rows)) as the reference; the first `reserved` rows (padding, OOV) zero."""
+    table = nn.Embedding(rows, dim, sparse=True, padding_idx=PADDING_ROW if reserved else None)
     bound = math.sqrt(1.0 / rows)
     nn.init.uniform_(table.weight, -bound, bound)
-    if padding:
-        with torch.no_grad():
-            table.weight[PADDING_ROW].zero_()
+    # An unknown id then adds nothing to the interactions, instead of a random vector that no
+    # training step ever corrected (no training id maps to the OOV row).
+    with torch.no_grad():
+        table.weight[:reserved].zero_()
     return table
 
 
@@ -121,11 +123,11 @@ class EventTower(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.bottom = mlp((1, *cfg.bottom_mlp), final_activation=True)
-        self.user_emb = _uniform_table(cfg.num_users, cfg.emb_dim, padding=False)
-        self.item_emb = _uniform_table(cfg.num_items, cfg.emb_dim, padding=True)
-        self.cat_emb = _uniform_table(cfg.num_categories, cfg.emb_dim, padding=True)
+        self.user_emb = _uniform_table(cfg.num_users, cfg.emb_dim, reserved=0)
+        self.item_emb = _uniform_table(cfg.num_items, cfg.emb_dim, reserved=RESERVED_ROWS)
+        self.cat_emb = _uniform_table(cfg.num_categories, cfg.emb_dim, reserved=RESERVED_ROWS)
         self.behavior_emb = (
-            _uniform_table(5, cfg.emb_dim, padding=True) if cfg.use_behavior else None
+            _uniform_table(5, cfg.emb_dim, reserved=1) if cfg.use_behavior else None
         )
         self.top = mlp((cfg.emb_dim + 6, *cfg.top_mlp), final_activation=True)
 

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import click
+import numpy as np
 
 DEFAULT_SEED = 0
 
@@ -216,6 +217,164 @@ def evaluate_cmd(run, split, as_json):
     metrics = evaluate_split(ckpt.model, data, split)
     _emit(as_json, {"split": split, **metrics},
           f"{split}: AUC {metrics['auc']:.4f}  accuracy {metrics['accuracy']:.4f}  log-loss {metrics['log_loss']:.4f}  ({metrics['points']:,} points)")
+
+
+def _open_run(run: str):
+    from sdk_builder.dataset import PreparedData
+    from sdk_builder.training import DATA, RunError, load_checkpoint
+
+    try:
+        ckpt = load_checkpoint(Path(run))
+    except RunError as exc:
+        _fail(str(exc))
+    data_path = ckpt.path.parent / DATA
+    if not data_path.exists():
+        _fail(f"{data_path}: the run's prepared data is missing")
+    return ckpt, PreparedData.load(data_path)
+
+
+@main.command("build")
+@click.argument("run", type=click.Path(exists=True))
+@click.option("--user-shard", "users", multiple=True, required=True, metavar="USER_ID",
+              help="Global user id to build a bundle for (repeatable).")
+@click.option("--out", type=click.Path(file_okay=False), required=True, help="Directory that receives one bundle per user.")
+@click.option("--recipe", type=click.Choice(["xnnpack", "portable"]), default="xnnpack", show_default=True)
+@click.option("--shard-size", type=int, default=1000, show_default=True, help="Items per bundle.")
+@click.option("--seed", type=int, default=DEFAULT_SEED, show_default=True, help="Seed of the golden-vector choice.")
+@click.option("--json", "as_json", is_flag=True)
+def build_cmd(run, users, out, recipe, shard_size, seed, as_json):
+    """Cut per-user slices of a trained run and compile each to an ExecuTorch bundle.
+
+    \b
+    Example:
+      tbsm-sdk build runs/demo --user-shard 1234 --user-shard 5678 --out bundles
+      tbsm-sdk verify bundles/1234
+    """
+    from sdk_builder.bundle import BundleBuilder, parse_user_id
+    from sdk_builder.client import BundleError
+    from sdk_builder.shard import ShardPolicy
+
+    try:
+        user_ids = [parse_user_id(u) for u in users]
+    except BundleError as exc:
+        _fail(str(exc))
+    if shard_size < 1:
+        _fail("--shard-size must be at least 1")
+    ckpt, data = _open_run(run)
+    try:
+        builder = BundleBuilder(ckpt, data, ShardPolicy(shard_size=shard_size), recipe=recipe, seed=seed)
+        unknown = [u for u in user_ids if int(ckpt.users.lookup(np.array([u]), unknown=-1)[0]) < 0]
+        if unknown:
+            _fail(f"unknown user id(s) {', '.join(map(str, unknown[:10]))}: not in the checkpoint's training data")
+        results = []
+        for user_id in user_ids:
+            r = builder.build(user_id, Path(out))
+            results.append(r)
+            if not as_json:
+                click.echo(f"{r.path}: model.pte {r.bytes_program:,} B, bundle {r.bytes_total:,} B, "
+                           f"golden max diff {r.max_golden_diff:.1e}, {r.seconds:.1f} s")
+    except BundleError as exc:
+        _fail(str(exc))
+    if as_json:
+        click.echo(json.dumps({"bundles": [{"user_id": r.user_id, "path": str(r.path), "bytes_program": r.bytes_program,
+                                             "bytes_total": r.bytes_total, "seconds": r.seconds,
+                                             "max_golden_diff": r.max_golden_diff} for r in results]}, indent=1))
+
+
+@main.command("verify")
+@click.argument("bundle", type=click.Path(file_okay=False))
+@click.option("--json", "as_json", is_flag=True)
+def verify_cmd(bundle, as_json):
+    """Check a bundle: hashes, manifest, schema, and golden vectors replayed in the ExecuTorch runtime.
+
+    \b
+    Example:
+      tbsm-sdk verify bundles/1234 --json
+    """
+    from sdk_builder.bundle import verify_bundle
+    from sdk_builder.client import BundleError
+
+    try:
+        report = verify_bundle(Path(bundle))
+    except BundleError as exc:
+        _fail(str(exc))
+    _emit(as_json, report, f"OK {bundle}: {report['cases']} golden cases, max abs diff {report['max_abs_diff']:.1e}, "
+                           f"{report['items']} items, {sum(report['bytes'].values()):,} bytes")
+
+
+@main.command("rank")
+@click.argument("bundle", type=click.Path(file_okay=False))
+@click.option("--events", "events_file", type=click.Path(dir_okay=False), required=True,
+              help="On-device history JSON (see the bundle's events.schema.json).")
+@click.option("--candidates", required=True, help="Comma-separated global item ids, or @FILE with one id per line.")
+@click.option("--request-time", type=int, help="Unix seconds of the request (default: now).")
+@click.option("--top", type=int, default=0, help="Print only the best N.")
+@click.option("--json", "as_json", is_flag=True)
+def rank_cmd(bundle, events_file, candidates, request_time, top, as_json):
+    """Rank candidates for the bundle's user exactly as the phone does.
+
+    \b
+    Example:
+      tbsm-sdk rank bundles/1234 --events history.json --candidates 11,42,97 --json
+    """
+    import time
+
+    from sdk_builder.client import Bundle, BundleError, parse_history
+
+    try:
+        text = Path(events_file).read_text()
+    except OSError as exc:
+        _fail(f"{events_file}: {exc.strerror}")
+    try:
+        if candidates.startswith("@"):
+            raw = [line.strip() for line in Path(candidates[1:]).read_text().splitlines() if line.strip()]
+        else:
+            raw = [c.strip() for c in candidates.split(",") if c.strip()]
+        bad = next((c for c in raw if not c.isdigit()), None)
+        if bad is not None:
+            raise BundleError(f"candidates: {bad!r} is not a non-negative integer item id")
+        ids = [int(c) for c in raw]
+        history = parse_history(text, events_file)
+        opened = Bundle(Path(bundle))
+        scores = opened.score(history, request_time if request_time is not None else int(time.time()), ids)
+    except (BundleError, OSError) as exc:
+        _fail(str(exc))
+    known = set(opened.manifest.items.ids)
+    order = sorted(range(len(ids)), key=lambda i: (-scores[i], i))
+    if top:
+        order = order[:top]
+    ranked = [{"item_id": ids[i], "score": float(scores[i]), "in_shard": ids[i] in known} for i in order]
+    _emit(as_json, {"user_id": history.user_id, "ranked": ranked},
+          "\n".join(f"{r['item_id']}\t{r['score']:.6f}{'' if r['in_shard'] else '  (not in shard: scored as unknown)'}" for r in ranked))
+
+
+@main.command("demo")
+@click.option("--out", type=click.Path(file_okay=False), default="runs/demo", show_default=True)
+@click.option("--users", type=int, default=2000, show_default=True, help="Synthetic users.")
+@click.option("--seed", type=int, default=DEFAULT_SEED, show_default=True)
+def demo_cmd(out, users, seed):
+    """End to end on built-in synthetic data: train, build one bundle, verify it in ExecuTorch.
+
+    \b
+    Example:
+      tbsm-sdk demo --out runs/demo
+    """
+    ctx = click.get_current_context()
+    run_dir = Path(out) / "run"
+    click.echo(f"[1/3] training on synthetic Taobao-format data ({users:,} users) -> {run_dir}")
+    ctx.invoke(train_cmd, inputs=(), fmt="auto", columns=None, strict=False, time_range=None, protocol="holdout",
+               samples_per_user=None, synthetic_users=users, prepared=None, out=str(run_dir), epochs=1, batch_size=256,
+               lr=0.05, seed=seed, eval_every=0, model_type="tsl", tsl_inner="def", tsl_mechanism="mlp",
+               tsl_num_heads=1, tsl_seq=False, dense_feature="time", use_behavior=False, threads=None, resume=False,
+               force=True, as_json=False)
+    from sdk_builder.training import load_checkpoint
+
+    user_id = int(load_checkpoint(run_dir).users.ids[0])
+    click.echo(f"[2/3] building the bundle of user {user_id}")
+    ctx.invoke(build_cmd, run=str(run_dir), users=(str(user_id),), out=str(Path(out) / "bundles"), recipe="xnnpack",
+               shard_size=1000, seed=seed, as_json=False)
+    click.echo("[3/3] verifying it in the ExecuTorch runtime")
+    ctx.invoke(verify_cmd, bundle=str(Path(out) / "bundles" / str(user_id)), as_json=False)
 
 
 @main.command("synth")

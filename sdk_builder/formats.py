@@ -74,6 +74,11 @@ class EventHistory(BaseModel):
         return self
 
 
+def compact_json(obj: Any) -> str:
+    """Bundle JSON: sorted keys (byte-identical rebuilds), no indentation (every byte is downloaded)."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":")) + "\n"
+
+
 def events_json_schema() -> dict[str, Any]:
     schema = EventHistory.model_json_schema()
     return {
@@ -138,7 +143,7 @@ class Manifest(BaseModel):
     model_config = ConfigDict(populate_by_name=True, protected_namespaces=())
 
     def to_json(self) -> str:
-        return json.dumps(self.model_dump(by_alias=True, mode="json"), indent=1, sort_keys=True) + "\n"
+        return compact_json(self.model_dump(by_alias=True, mode="json"))
 
 
 class GoldenCase(BaseModel):
@@ -154,4 +159,4 @@ class GoldenSet(BaseModel):
     cases: list[GoldenCase]
 
     def to_json(self) -> str:
-        return json.dumps(self.model_dump(mode="json"), indent=1, sort_keys=True) + "\n"
+        return compact_json(self.model_dump(mode="json"))

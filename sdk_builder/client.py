@@ -1,0 +1,145 @@
+"""The reference client: exactly what a phone does with a bundle.
+
+Parse the history with the pydantic models (the same ones the JSON Schema is generated from), map
+global ids to local rows by binary search over the manifest's sorted ids (unknown -> OOV row),
+left-pad to the program's history length and run `model.pte` in the ExecuTorch runtime.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from pydantic import ValidationError
+
+from sdk_builder.formats import (
+    BUNDLE_FORMAT_VERSION, MAX_CANDIDATES, EventHistory, GoldenSet, IdShard, Manifest,
+)
+
+MANIFEST = "manifest.json"
+PROGRAM = "model.pte"
+SCHEMA = "events.schema.json"
+GOLDEN = "golden.json"
+
+
+class BundleError(ValueError):
+    """A bundle, history or request that cannot be used. The message is one line."""
+
+
+def validation_message(source: str, exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    where = ".".join(str(p) for p in err["loc"]) or "(root)"
+    return f"{source}: {where}: {err['msg']}"
+
+
+def parse_history(text: str, source: str = "history") -> EventHistory:
+    try:
+        return EventHistory.model_validate_json(text)
+    except ValidationError as exc:
+        raise BundleError(validation_message(source, exc)) from None
+
+
+def local_rows(shard: IdShard, global_ids) -> np.ndarray:
+    ids = np.asarray(shard.ids, dtype=np.int64)
+    query = np.asarray(global_ids, dtype=np.int64).reshape(-1)
+    pos = np.searchsorted(ids, query)
+    found = (pos < len(ids)) & (ids[np.minimum(pos, max(len(ids) - 1, 0))] == query) if len(ids) else np.zeros(len(query), bool)
+    return np.where(found, pos + shard.first_row, shard.oov_row).astype(np.int64)
+
+
+@dataclass
+class EncodedRequest:
+    hist_items: np.ndarray
+    hist_categories: np.ndarray
+    hist_behaviors: np.ndarray
+    hist_timestamps: np.ndarray
+    request_time: np.ndarray
+    candidates: np.ndarray
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [torch.from_numpy(a) for a in (self.hist_items, self.hist_categories, self.hist_behaviors,
+                                               self.hist_timestamps, self.request_time, self.candidates)]
+
+
+def encode(manifest: Manifest, history: EventHistory, request_time: int, candidate_ids) -> EncodedRequest:
+    """Program inputs for a history (oldest first) and global candidate ids."""
+    h = manifest.program.max_history
+    events = history.events[-h:]
+    pad = h - len(events)
+    items = np.zeros(h, np.int64)
+    cats = np.zeros(h, np.int64)
+    behaviors = np.zeros(h, np.int64)
+    stamps = np.zeros(h, np.int64)
+    if events:
+        items[pad:] = local_rows(manifest.items, [e.item_id for e in events])
+        cats[pad:] = local_rows(manifest.categories, [e.category_id for e in events])
+        behaviors[pad:] = [manifest.behaviors[e.behavior.value] for e in events]
+        stamps[pad:] = [e.timestamp for e in events]
+    candidates = np.asarray(list(candidate_ids), dtype=np.int64)
+    if not 1 <= len(candidates) <= manifest.program.max_candidates:
+        raise BundleError(f"candidates: {len(candidates)} given; 1 to {manifest.program.max_candidates} are allowed")
+    return EncodedRequest(items, cats, behaviors, stamps, np.array([request_time], np.int64),
+                          local_rows(manifest.items, candidates))
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def read_manifest(bundle: Path) -> Manifest:
+    path = bundle / MANIFEST
+    if not path.is_file():
+        raise BundleError(f"{path}: missing (is {bundle} a bundle directory?)")
+    try:
+        raw = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BundleError(f"{path}: not valid JSON ({exc})") from None
+    if isinstance(raw, dict) and raw.get("format_version") != BUNDLE_FORMAT_VERSION:
+        raise BundleError(f"{path}: format_version {raw.get('format_version')!r} is not supported (this SDK reads {BUNDLE_FORMAT_VERSION})")
+    try:
+        return Manifest.model_validate(raw)
+    except ValidationError as exc:
+        raise BundleError(validation_message(str(path), exc)) from None
+
+
+class Bundle:
+    """An opened bundle: manifest checked, files hashed, program loaded in the ExecuTorch runtime."""
+
+    def __init__(self, path: Path, *, check_hashes: bool = True) -> None:
+        from sdk_builder.export import load_runtime_method
+
+        self.path = Path(path)
+        self.manifest = read_manifest(self.path)
+        if check_hashes:
+            for name, digest in sorted(self.manifest.files.items()):
+                file = self.path / name
+                if not file.is_file():
+                    raise BundleError(f"{file}: listed in the manifest but missing")
+                if sha256_bytes(file.read_bytes()) != digest:
+                    raise BundleError(f"{file}: sha256 does not match the manifest (corrupted or modified)")
+        try:
+            self.method = load_runtime_method(str(self.path / PROGRAM))
+        except Exception as exc:  # the runtime raises RuntimeError with a multi-line log
+            raise BundleError(f"{self.path / PROGRAM}: ExecuTorch could not load it ({type(exc).__name__})") from None
+
+    def score(self, history: EventHistory, request_time: int, candidate_ids) -> np.ndarray:
+        if history.user_id != self.manifest.user_id:
+            raise BundleError(f"history is for user {history.user_id}, this bundle is for user {self.manifest.user_id}")
+        request = encode(self.manifest, history, request_time, candidate_ids)
+        return self.method.execute(request.tensors())[0].numpy().astype(np.float64)
+
+    def golden(self) -> GoldenSet:
+        path = self.path / GOLDEN
+        try:
+            return GoldenSet.model_validate_json(path.read_text())
+        except ValidationError as exc:
+            raise BundleError(validation_message(str(path), exc)) from None
+
+
+def check_candidate_count(n: int) -> None:
+    if not 1 <= n <= MAX_CANDIDATES:
+        raise BundleError(f"candidates: {n} given; 1 to {MAX_CANDIDATES} are allowed")

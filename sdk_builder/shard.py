@@ -1,0 +1,190 @@
+"""Which items go into a user's bundle: the shard policy and its coverage measure.
+
+A shard is what the phone can score or see in its history. It is filled, deduplicated, in order:
+1. `recent`: the user's own most recent distinct items (the on-device history needs their rows);
+2. `covisit`: items that other users interacted with shortly after the user's recent items;
+3. `category`: the most popular items of the categories the user has been browsing lately;
+4. `popular`: globally popular items, to fill the rest.
+Each source gets a share of the shard (`weights`); space a source cannot use passes to the next.
+Deterministic: every ranking breaks ties by item row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from model.tbsm import RESERVED_ROWS
+from sdk_builder.dataset import PreparedData
+
+
+@dataclass(frozen=True)
+class ShardPolicy:
+    shard_size: int = 1000
+    recent_items: int = 50  # own distinct items, most recent first
+    covisit_window: int = 20  # b co-visits a when b follows a within this many events of one user
+    covisit_seeds: int = 50  # the user's most recent distinct items used as co-visit seeds
+    category_events: int = 50  # recent events whose categories define the user's interests
+    weights: dict[str, float] = field(default_factory=lambda: {"recent": 0.05, "covisit": 0.65, "category": 0.15, "popular": 0.15})
+    # Skip the user's older items (beyond the on-device history) when users rarely come back to an
+    # item: None decides from the data (repeat rate below `repeat_threshold`).
+    exclude_seen: bool | None = None
+    repeat_threshold: float = 0.1
+    history: int = 20
+    name: str = "recent+covisit+category+popular"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class ShardIndex:
+    """Global statistics the policy needs, built once per dataset (optionally from a subset of events)."""
+
+    def __init__(self, data: PreparedData, policy: ShardPolicy, event_mask: np.ndarray | None = None) -> None:
+        self.policy = policy
+        self.data = data
+        n_items = data.items.rows
+        keep = np.ones(data.num_events, bool) if event_mask is None else event_mask
+        counts = np.bincount(data.item_rows[keep], minlength=n_items)
+        counts[:RESERVED_ROWS] = 0
+        # Popularity order, ties by row: lexsort's last key is the primary one.
+        self.popular = np.lexsort((np.arange(n_items), -counts))[: int((counts > 0).sum())]
+        self.popularity = counts
+        cat_of_popular = data.item_category[self.popular]
+        order = np.argsort(cat_of_popular, kind="stable")
+        self.cat_items = self.popular[order]
+        self.cat_offsets = np.searchsorted(cat_of_popular[order], np.arange(data.categories.rows + 1))
+        self._build_covisit(keep)
+        self.repeat_rate = _repeat_rate(data, keep)
+        self.exclude_seen = policy.exclude_seen if policy.exclude_seen is not None else self.repeat_rate < policy.repeat_threshold
+
+    def _build_covisit(self, keep: np.ndarray, per_item: int = 200) -> None:
+        data, n_items = self.data, self.data.items.rows
+        user_of_event = np.repeat(np.arange(len(data.user_start) - 1), np.diff(data.user_start))
+        keys = []
+        for lag in range(1, self.policy.covisit_window + 1):
+            a = np.arange(data.num_events - lag)
+            b = a + lag
+            ok = (user_of_event[a] == user_of_event[b]) & keep[a] & keep[b]
+            ia, ib = data.item_rows[a[ok]], data.item_rows[b[ok]]
+            ok2 = ia != ib
+            keys.append(ia[ok2] * n_items + ib[ok2])
+        pairs, counts = np.unique(np.concatenate(keys) if keys else np.zeros(0, np.int64), return_counts=True)
+        src, dst = pairs // n_items, pairs % n_items
+        order = np.lexsort((dst, -counts, src))
+        src, dst, counts = src[order], dst[order], counts[order]
+        rank = np.arange(len(src)) - np.searchsorted(src, src)  # position within its source item
+        top = rank < per_item
+        self.cov_src, self.cov_dst, self.cov_count = src[top], dst[top], counts[top]
+        self.cov_offsets = np.searchsorted(self.cov_src, np.arange(n_items + 1))
+
+    def select(self, history_items: np.ndarray, history_cats: np.ndarray) -> tuple[np.ndarray, dict[str, int]]:
+        """Shard item rows (sorted) for a user whose events so far are given oldest first."""
+        p = self.policy
+        size = p.shard_size
+        chosen: list[int] = []
+        seen: set[int] = set()
+        sources: dict[str, int] = {}
+        budget_carry = 0.0
+
+        def take(name: str, ranked: np.ndarray) -> None:
+            nonlocal budget_carry
+            quota = int(round(p.weights.get(name, 0.0) * size + budget_carry))
+            quota = min(quota, size - len(chosen))
+            added = 0
+            for item in ranked.tolist():
+                if added >= quota:
+                    break
+                if item >= RESERVED_ROWS and item not in seen:
+                    seen.add(item)
+                    chosen.append(item)
+                    added += 1
+            budget_carry = max(0.0, p.weights.get(name, 0.0) * size + budget_carry - added)
+            sources[name] = added
+
+        recent = _distinct_most_recent(history_items)
+        if self.exclude_seen:
+            # Items the user will not come back to only need rows while in the on-device history.
+            take("recent", _distinct_most_recent(history_items[-p.history :]))
+            seen.update(recent.tolist())
+        else:
+            take("recent", recent[: p.recent_items])
+        take("covisit", self._covisit_ranking(recent[: p.covisit_seeds]))
+        take("category", self._category_ranking(history_cats[-p.category_events :]))
+        budget_carry = float(size)  # whatever is left goes to popular items
+        take("popular", self.popular)
+        return np.sort(np.asarray(chosen, dtype=np.int64)), sources
+
+    def _covisit_ranking(self, seeds: np.ndarray) -> np.ndarray:
+        if not len(seeds):
+            return np.zeros(0, np.int64)
+        # More recent seeds count more: weight 1 / (1 + age rank).
+        parts, scores = [], []
+        for age, seed in enumerate(seeds.tolist()):
+            lo, hi = self.cov_offsets[seed], self.cov_offsets[seed + 1]
+            parts.append(self.cov_dst[lo:hi])
+            scores.append(self.cov_count[lo:hi] / (1.0 + age))
+        items = np.concatenate(parts)
+        if not len(items):
+            return items
+        uniq, inverse = np.unique(items, return_inverse=True)
+        total = np.bincount(inverse, weights=np.concatenate(scores))
+        return uniq[np.lexsort((uniq, -total))]
+
+    def _category_ranking(self, recent_cats: np.ndarray) -> np.ndarray:
+        """Interleave each recent category's popular items, in proportion to its share."""
+        cats = recent_cats[recent_cats >= RESERVED_ROWS]
+        if not len(cats):
+            return np.zeros(0, np.int64)
+        uniq, counts = np.unique(cats, return_counts=True)
+        share = counts / counts.sum()
+        keys, items = [], []
+        for cat, s in zip(uniq.tolist(), share.tolist()):
+            members = self.cat_items[self.cat_offsets[cat] : self.cat_offsets[cat + 1]]
+            items.append(members)
+            keys.append((np.arange(len(members)) + 1) / s)  # k-th item of a category with share s
+        items_all, keys_all = np.concatenate(items), np.concatenate(keys)
+        return items_all[np.lexsort((items_all, keys_all))]
+
+
+def _repeat_rate(data: PreparedData, keep: np.ndarray) -> float:
+    """Fraction of (kept) events whose item the same user had already interacted with."""
+    user_of_event = np.repeat(np.arange(len(data.user_start) - 1), np.diff(data.user_start))
+    keys = user_of_event[keep] * data.items.rows + data.item_rows[keep]
+    return 1.0 - len(np.unique(keys)) / max(len(keys), 1)
+
+
+def _distinct_most_recent(items: np.ndarray) -> np.ndarray:
+    reversed_items = items[::-1]
+    _, first = np.unique(reversed_items, return_index=True)
+    return reversed_items[np.sort(first)]
+
+
+def user_history(data: PreparedData, user_row: int, upto: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    sl = data.user_events(user_row)
+    end = sl.stop if upto is None else sl.start + upto
+    return data.item_rows[sl.start : end], data.cat_rows[sl.start : end]
+
+
+def coverage(data: PreparedData, policy: ShardPolicy, held_out: int = 10) -> dict[str, float]:
+    """Leave-last-`held_out`-out: the fraction of each user's held-out events whose item is in the
+    shard built from the data before them, for this policy and for the global-popular baseline."""
+    n = np.diff(data.user_start)
+    users = np.flatnonzero(n > held_out)
+    user_of_event = np.repeat(np.arange(len(n)), n)
+    position = np.arange(data.num_events) - data.user_start[user_of_event]
+    before = position < (n[user_of_event] - held_out)
+    index = ShardIndex(data, policy, event_mask=before)
+    baseline = set(index.popular[: policy.shard_size].tolist())
+    hits = base_hits = total = 0
+    for u in users.tolist():
+        items, cats = user_history(data, u, upto=int(n[u]) - held_out)
+        shard, _ = index.select(items, cats)
+        future = data.item_rows[data.user_start[u + 1] - held_out : data.user_start[u + 1]]
+        hits += int(np.isin(future, shard).sum())
+        base_hits += sum(int(i) in baseline for i in future.tolist())
+        total += len(future)
+    ours, base = hits / max(total, 1), base_hits / max(total, 1)
+    return {"users": int(len(users)), "held_out_events": int(total), "policy_coverage": ours,
+            "popular_coverage": base, "ratio": ours / base if base else float("inf")}
