@@ -240,3 +240,20 @@ def verify_bundle(path: Path) -> dict:
     return {"bundle": str(bundle.path), "user_id": m.user_id, "ok": True, "cases": len(golden.cases),
             "max_abs_diff": worst, "items": len(m.items.ids), "categories": len(m.categories.ids),
             "bytes": {name: (bundle.path / name).stat().st_size for name in sorted(expected | {MANIFEST})}}
+
+
+def build_demo_bundles(out_dir: Path, n_users: int = 3, recipe: str = "xnnpack", seed: int = 0) -> list[Path]:
+    """Train a small model on synthetic data and build `n_users` real bundles (for samples and tests)."""
+    from model.tbsm import TBSMConfig
+    from model.train import TrainConfig
+    from sdk_builder.dataset import prepare
+    from sdk_builder.synthetic import generate_taobao_events
+    from sdk_builder.training import DATA, load_checkpoint, train_run
+
+    out_dir = Path(out_dir)
+    run = out_dir / "run"
+    data = prepare(generate_taobao_events(300, n_items=3000, n_categories=40, seed=seed), seed=seed)
+    train_run(data, run, TBSMConfig(**data.table_sizes()), TrainConfig(epochs=1, seed=seed), force=True)
+    ckpt = load_checkpoint(run)
+    builder = BundleBuilder(ckpt, PreparedData.load(run / DATA), recipe=recipe, seed=seed)
+    return [builder.build(int(u), out_dir / "bundles").path for u in ckpt.users.ids[:n_users]]

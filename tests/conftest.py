@@ -1,0 +1,41 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+ML_SMALL = SHARED_DATA / "ml-latest-small" / "UserBehavior.csv"
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory) -> Path:
+    """A small model trained on synthetic data, shared by the bundle tests."""
+    from model.tbsm import TBSMConfig
+    from model.train import TrainConfig
+    from sdk_builder.dataset import prepare
+    from sdk_builder.synthetic import generate_taobao_events
+    from sdk_builder.training import train_run
+
+    out = tmp_path_factory.mktemp("run")
+    data = prepare(generate_taobao_events(300, n_items=3000, n_categories=40, seed=3), seed=3)
+    cfg = TBSMConfig(**data.table_sizes())
+    train_run(data, out, cfg, TrainConfig(epochs=1, seed=3))
+    return out
+
+
+@pytest.fixture(scope="session")
+def builder(trained_run):
+    from sdk_builder.bundle import BundleBuilder
+    from sdk_builder.dataset import PreparedData
+    from sdk_builder.shard import ShardPolicy
+    from sdk_builder.training import DATA, load_checkpoint
+
+    ckpt = load_checkpoint(trained_run)
+    return BundleBuilder(ckpt, PreparedData.load(trained_run / DATA), ShardPolicy(shard_size=300), recipe="portable")
+
+
+@pytest.fixture(scope="session")
+def built_bundle(builder, tmp_path_factory) -> Path:
+    user_id = int(builder.ckpt.users.ids[7])
+    return builder.build(user_id, tmp_path_factory.mktemp("bundles")).path
