@@ -127,7 +127,7 @@ def main() -> None:
     request_time = events[-1].timestamp + 60
     from sdk_builder.export import UserProgram
 
-    sliced = UserProgram(builder.model, shard, ckpt.item_category).eval()
+    sliced = UserProgram.for_shard(builder.model, shard, ckpt.item_category).eval()
     latency = {}
     for n in (1, 100, 1000):
         candidates = [int(x) for x in rng.choice(bundle.manifest.items.ids, n)]

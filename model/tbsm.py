@@ -90,9 +90,18 @@ def taobao_bench_config(**overrides) -> TBSMConfig:
 
 
 def mlp(sizes: tuple[int, ...], *, final_activation: bool) -> nn.Sequential:
+    """Linear+ReLU stack initialised as DLRM's create_mlp: W ~ N(0, sqrt(2/(in+out))), b ~ N(0, sqrt(1/out)).
+
+    PyTorch's default init is about half that scale; with it, some seeds sat at AUC 0.5 for a
+    whole epoch (every event's z nearly identical, gradients vanishing).
+    """
     layers: list[nn.Module] = []
     for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
-        layers.append(nn.Linear(n_in, n_out))
+        linear = nn.Linear(n_in, n_out)
+        with torch.no_grad():
+            linear.weight.normal_(0.0, math.sqrt(2.0 / (n_in + n_out)))
+            linear.bias.normal_(0.0, math.sqrt(1.0 / n_out))
+        layers.append(linear)
         if i < len(sizes) - 2 or final_activation:
             layers.append(nn.ReLU())
     return nn.Sequential(*layers)
@@ -236,18 +245,22 @@ class TBSM(nn.Module):
             self.heads = nn.ModuleList(TSLHead(cfg) for _ in range(cfg.tsl_num_heads))
             k = cfg.tsl_num_heads
             self.combine = mlp((k, k + 4, 1), final_activation=False) if k > 1 else None
-            steps = [round(cfg.history * (j + 1) / k) if cfg.tsl_seq else cfg.history for j in range(k)]
-            first_visible = torch.tensor([cfg.history - s for s in steps])
-            self.register_buffer(
-                "head_visibility",
-                (torch.arange(cfg.history).unsqueeze(0) >= first_visible.unsqueeze(1)).float(),
-                persistent=False,
-            )
         elif cfg.model_type == "mha":
             self.mha = MHAHead(cfg)
         else:
             self.rnn = RNNHead(cfg)
-        position = torch.arange(cfg.history + 1, dtype=torch.float32) / (cfg.history + 1)
+        self.materialize_constants()
+
+    def materialize_constants(self) -> None:
+        """(Re)create the non-learned buffers; call after building the model on the meta device."""
+        cfg = self.cfg
+        if cfg.model_type == "tsl":
+            k = cfg.tsl_num_heads
+            steps = [round(cfg.history * (j + 1) / k) if cfg.tsl_seq else cfg.history for j in range(k)]
+            first_visible = torch.tensor([cfg.history - s for s in steps], device="cpu")
+            visibility = torch.arange(cfg.history, device="cpu").unsqueeze(0) >= first_visible.unsqueeze(1)
+            self.register_buffer("head_visibility", visibility.float(), persistent=False)
+        position = torch.arange(cfg.history + 1, dtype=torch.float32, device="cpu") / (cfg.history + 1)
         self.register_buffer("position_feature", position, persistent=False)
 
     def dense_features(self, timestamps: torch.Tensor, request_time: torch.Tensor) -> torch.Tensor:

@@ -235,50 +235,83 @@ def _open_run(run: str):
 
 @main.command("build")
 @click.argument("run", type=click.Path(exists=True))
-@click.option("--user-shard", "users", multiple=True, required=True, metavar="USER_ID",
-              help="Global user id to build a bundle for (repeatable).")
-@click.option("--out", type=click.Path(file_okay=False), required=True, help="Directory that receives one bundle per user.")
-@click.option("--recipe", type=click.Choice(["xnnpack", "portable"]), default="xnnpack", show_default=True)
+@click.option("--user-shard", "users", multiple=True, metavar="USER_ID", help="Global user id to build a bundle for (repeatable).")
+@click.option("--users", "users_file", type=click.Path(exists=True, dir_okay=False), help="File with one user id per line.")
+@click.option("--all", "all_users", is_flag=True, help="Every user of the checkpoint.")
+@click.option("--out", type=click.Path(file_okay=False), required=True,
+              help="Output root: bundles go to OUT/<h>/<h>/<user_id>/, listed in OUT/bundles.jsonl.")
+@click.option("--recipe", type=click.Choice(["xnnpack", "portable", "int8"]), default="xnnpack", show_default=True,
+              help="int8: per-row int8 per-user tables + XNNPACK, checked against --accuracy-budget.")
+@click.option("--accuracy-budget", type=click.FloatRange(min=0), default=0.01, show_default=True,
+              help="int8: max |score drift| vs the fp32 model on the user's golden histories.")
+@click.option("--on-budget-exceeded", type=click.Choice(["fail", "fp32"]), default="fail", show_default=True,
+              help="int8: refuse the bundle, or build it fp32 (recorded in the manifest).")
 @click.option("--shard-size", type=int, default=1000, show_default=True, help="Items per bundle.")
+@click.option("--category-capacity", type=int, default=256, show_default=True, help="Max categories per bundle.")
 @click.option("--seed", type=int, default=DEFAULT_SEED, show_default=True, help="Seed of the golden-vector choice.")
+@click.option("--jobs", type=int, default=1, show_default=True, help="Worker processes (or Ray CPUs for a local Ray).")
+@click.option("--backend", type=click.Choice(["local", "ray"]), default="local", show_default=True)
+@click.option("--ray-address", help="Ray cluster address (default: start a local Ray).")
+@click.option("--skip-unknown", is_flag=True, help="Build the known users even if some ids are unknown.")
+@click.option("--fsync", is_flag=True, help="fsync every file (survives power loss; slower).")
 @click.option("--json", "as_json", is_flag=True)
-def build_cmd(run, users, out, recipe, shard_size, seed, as_json):
-    """Cut per-user slices of a trained run and compile each to an ExecuTorch bundle.
+def build_cmd(run, users, users_file, all_users, out, recipe, shard_size, category_capacity, seed, jobs, backend,
+              ray_address, skip_unknown, fsync, as_json, accuracy_budget=0.01, on_budget_exceeded="fail"):
+    """Cut per-user slices of a trained run and compile them to ExecuTorch bundles.
+
+    One program is exported per run and stamped with each user's constants (checked against a
+    full export of a few users first). Reruns skip bundles that are already up to date.
 
     \b
-    Example:
-      tbsm-sdk build runs/demo --user-shard 1234 --user-shard 5678 --out bundles
-      tbsm-sdk verify bundles/1234
+    Examples:
+      tbsm-sdk build runs/demo --user-shard 1234 --out bundles
+      tbsm-sdk build runs/demo --users cohort.txt --jobs 2 --out bundles --json
+      tbsm-sdk build runs/demo --all --backend ray --ray-address auto --out bundles
     """
-    from sdk_builder.bundle import BundleBuilder, parse_user_id
+    from tqdm import tqdm
+
+    from sdk_builder.batch import BuildSpec, all_user_ids, build_many, read_user_file
+    from sdk_builder.bundle import parse_user_id
     from sdk_builder.client import BundleError
-    from sdk_builder.shard import ShardPolicy
 
     try:
-        user_ids = [parse_user_id(u) for u in users]
+        requested = [parse_user_id(u) for u in users]
+        if users_file:
+            requested += read_user_file(Path(users_file))
+        if all_users:
+            requested += all_user_ids(Path(run))
     except BundleError as exc:
         _fail(str(exc))
-    if shard_size < 1:
-        _fail("--shard-size must be at least 1")
-    ckpt, data = _open_run(run)
+    if not requested:
+        _fail("no users: pass --user-shard ID, --users FILE or --all")
+    if shard_size < 1 or jobs < 1 or category_capacity < 1:
+        _fail("--shard-size, --jobs and --category-capacity must be at least 1")
+    spec = BuildSpec(run=str(run), out=str(out), recipe=recipe, shard_size=shard_size, seed=seed,
+                     category_capacity=category_capacity, durable=fsync,
+                     accuracy_budget=accuracy_budget, on_budget_exceeded=on_budget_exceeded)
+    bar = tqdm(total=len(requested), unit="bundle", desc="build", disable=as_json, leave=False)
     try:
-        builder = BundleBuilder(ckpt, data, ShardPolicy(shard_size=shard_size), recipe=recipe, seed=seed)
-        unknown = [u for u in user_ids if int(ckpt.users.lookup(np.array([u]), unknown=-1)[0]) < 0]
-        if unknown:
-            _fail(f"unknown user id(s) {', '.join(map(str, unknown[:10]))}: not in the checkpoint's training data")
-        results = []
-        for user_id in user_ids:
-            r = builder.build(user_id, Path(out))
-            results.append(r)
-            if not as_json:
-                click.echo(f"{r.path}: model.pte {r.bytes_program:,} B, bundle {r.bytes_total:,} B, "
-                           f"golden max diff {r.max_golden_diff:.1e}, {r.seconds:.1f} s")
+        summary = build_many(spec, requested, jobs=jobs, backend=backend, ray_address=ray_address,
+                             skip_unknown=skip_unknown, progress=bar.update)
     except BundleError as exc:
         _fail(str(exc))
-    if as_json:
-        click.echo(json.dumps({"bundles": [{"user_id": r.user_id, "path": str(r.path), "bytes_program": r.bytes_program,
-                                             "bytes_total": r.bytes_total, "seconds": r.seconds,
-                                             "max_golden_diff": r.max_golden_diff} for r in results]}, indent=1))
+    except OSError as exc:
+        _fail(f"{out}: {exc.strerror or exc}")
+    finally:
+        bar.close()
+    payload = {"summary": {k: v for k, v in summary.__dict__.items() if k != "rows"}, "bundles": summary.rows}
+    human = (f"{summary.built:,} built, {summary.skipped_current:,} already up to date, {len(summary.unknown):,} unknown "
+             f"skipped; {summary.bundles_per_second:,.1f} bundles/s after a {summary.template_seconds:.1f} s export; "
+             f"index {summary.index}")
+    if len(summary.rows) <= 10:
+        human = "\n".join(f"{r['path']}: {r['bytes']:,} B" for r in summary.rows) + "\n" + human
+    if recipe == "int8":  # measured drift vs budget of each bundle (up to 10 bundles) and every fp32 fallback
+        fallbacks = [r for r in summary.rows if r.get("recipe", "int8") != "int8"]
+        shown = [r for r in summary.rows if r.get("note")] if len(summary.rows) <= 10 else fallbacks
+        lines = [f"{r['path']}: recipe {r['recipe']}: {r['note']}" for r in shown[:10]]
+        lines += [f"... {len(shown) - 10:,} more"] * (len(shown) > 10) + [f"{len(fallbacks):,} fp32 fallback(s)"] * bool(fallbacks)
+        human = "\n".join(lines + [human])
+    _emit(as_json, payload, human)
 
 
 @main.command("verify")
@@ -300,6 +333,26 @@ def verify_cmd(bundle, as_json):
         _fail(str(exc))
     _emit(as_json, report, f"OK {bundle}: {report['cases']} golden cases, max abs diff {report['max_abs_diff']:.1e}, "
                            f"{report['items']} items, {sum(report['bytes'].values()):,} bytes")
+
+
+@main.command("inspect")
+@click.argument("bundle", type=click.Path(file_okay=False))
+@click.option("--json", "as_json", is_flag=True)
+def inspect_cmd(bundle, as_json):
+    """What takes the bytes of a bundle: each constant tensor, delegate blob and JSON part.
+
+    \b
+    Example:
+      tbsm-sdk inspect bundles/ab/cd/1234 --json
+    """
+    from sdk_builder.client import BundleError
+    from sdk_builder.inspect_bundle import format_report, inspect_bundle
+
+    try:
+        report = inspect_bundle(Path(bundle))
+    except (BundleError, OSError) as exc:
+        _fail(str(exc))
+    _emit(as_json, report, format_report(report))
 
 
 @main.command("rank")
@@ -371,10 +424,13 @@ def demo_cmd(out, users, seed):
 
     user_id = int(load_checkpoint(run_dir).users.ids[0])
     click.echo(f"[2/3] building the bundle of user {user_id}")
-    ctx.invoke(build_cmd, run=str(run_dir), users=(str(user_id),), out=str(Path(out) / "bundles"), recipe="xnnpack",
-               shard_size=1000, seed=seed, as_json=False)
+    ctx.invoke(build_cmd, run=str(run_dir), users=(str(user_id),), users_file=None, all_users=False,
+               out=str(Path(out) / "bundles"), recipe="xnnpack", shard_size=1000, category_capacity=256, seed=seed,
+               jobs=1, backend="local", ray_address=None, skip_unknown=False, fsync=False, as_json=False)
+    from sdk_builder.bundle import bundle_path
+
     click.echo("[3/3] verifying it in the ExecuTorch runtime")
-    ctx.invoke(verify_cmd, bundle=str(Path(out) / "bundles" / str(user_id)), as_json=False)
+    ctx.invoke(verify_cmd, bundle=str(bundle_path(Path(out) / "bundles", user_id)), as_json=False)
 
 
 @main.command("synth")

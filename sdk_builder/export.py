@@ -21,7 +21,7 @@ from torch import nn
 from model.tbsm import OOV_ROW, PADDING_ROW, RESERVED_ROWS, TBSM, TSLHead
 from sdk_builder.formats import MAX_CANDIDATES, MAX_HISTORY, ProgramSpec, TensorSpec
 
-RECIPES = ("xnnpack", "portable")
+RECIPES = ("xnnpack", "portable", "int8")  # int8: per-row int8 per-user tables + XNNPACK (sdk_builder/quantize.py)
 INPUT_NAMES = ("hist_items", "hist_categories", "hist_behaviors", "hist_timestamps", "request_time", "candidates")
 
 
@@ -49,37 +49,104 @@ class Shard:
     category_rows: np.ndarray  # full-table rows, in local order
 
 
-class UserProgram(nn.Module):
-    """The on-device program for one user. Inputs are local rows, see `program_spec`."""
+@dataclass(frozen=True)
+class SliceLayout:
+    """Rows of the per-user tables, reserved rows included. Fixing them gives every user's program
+    the same tensor shapes, so one exported program can be stamped with any user's constants."""
 
-    def __init__(self, model: TBSM, shard: Shard, item_category: np.ndarray) -> None:
-        """`item_category[full item row]` is the item's full category row."""
+    item_rows: int
+    category_rows: int
+
+    @staticmethod
+    def exact(shard: Shard) -> SliceLayout:
+        return SliceLayout(len(shard.item_rows) + RESERVED_ROWS, len(shard.category_rows) + RESERVED_ROWS)
+
+
+# The per-user constants of a program: everything else is shared by all users of a checkpoint.
+USER_CONSTANTS = ("user", "item_table", "category_table", "candidate_features")
+
+
+def _candidate_x(model: TBSM) -> torch.Tensor:
+    """Bottom-MLP output of a candidate: its dense feature is a constant (age 0 or position 20/21)."""
+    dense = model.position_feature[-1:] if model.cfg.dense_feature == "position" else torch.zeros(1)
+    return model.tower.bottom(dense.unsqueeze(-1))[0]
+
+
+@torch.no_grad()
+def slice_constants(model: TBSM, shard: Shard, item_category: np.ndarray, layout: SliceLayout | None = None) -> dict[str, torch.Tensor]:
+    """One user's constants: `item_category[full item row]` is the item's full category row.
+
+    - `user`: [user vector (D), the user's share of the candidate top layer's bias (Z)];
+    - `item_table`, `category_table`: the shard's rows (row 0 padding, row 1 OOV, zero-padded to
+      the layout);
+    - `candidate_features`: per shard item, the 5 interactions of the item as a candidate that
+      involve it (x.item, u.item, x.cat, u.cat, item.cat): a candidate's x is a constant, so these
+      replace its embedding: 5 floats per item instead of 16.
+    """
+    layout = layout or SliceLayout.exact(shard)
+    n_items, n_cats = len(shard.item_rows), len(shard.category_rows)
+    if n_items + RESERVED_ROWS > layout.item_rows or n_cats + RESERVED_ROWS > layout.category_rows:
+        raise ValueError(f"shard of {n_items} items / {n_cats} categories does not fit the layout {layout}")
+    tower, emb = model.tower, model.cfg.emb_dim
+    u = tower.user_emb.weight[shard.user_row]
+    x = _candidate_x(model)
+    items = torch.zeros(layout.item_rows, emb)
+    items[RESERVED_ROWS : RESERVED_ROWS + n_items] = tower.item_emb.weight[torch.as_tensor(shard.item_rows)]
+    items[OOV_ROW] = tower.item_emb.weight[OOV_ROW]
+    cats = torch.zeros(layout.category_rows, emb)
+    cats[RESERVED_ROWS : RESERVED_ROWS + n_cats] = tower.cat_emb.weight[torch.as_tensor(shard.category_rows)]
+    cats[OOV_ROW] = tower.cat_emb.weight[OOV_ROW]
+    # Local category row of every local item row (OOV when the category is not in the shard).
+    item_cat_full = np.asarray(item_category)[np.asarray(shard.item_rows, dtype=np.int64)]
+    pos = np.searchsorted(shard.category_rows, item_cat_full)
+    found = (pos < n_cats) & (np.asarray(shard.category_rows)[np.minimum(pos, max(n_cats - 1, 0))] == item_cat_full)
+    local_cat = np.full(layout.item_rows, OOV_ROW, dtype=np.int64)
+    local_cat[PADDING_ROW] = PADDING_ROW
+    local_cat[RESERVED_ROWS : RESERVED_ROWS + n_items] = np.where(found, pos + RESERVED_ROWS, OOV_ROW)
+    item_cat_vec = cats[torch.from_numpy(local_cat)]
+    features = torch.stack([items @ x, items @ u, item_cat_vec @ x, item_cat_vec @ u, (items * item_cat_vec).sum(-1)], dim=-1)
+    features[PADDING_ROW] = 0
+    first = tower.top[0]
+    bias_share = first.weight[:, emb] * (x @ u)  # the x.u input of the first top layer
+    return {
+        "user": torch.cat([u, bias_share]).unsqueeze(0).contiguous(),
+        "item_table": items.contiguous(),
+        "category_table": cats.contiguous(),
+        "candidate_features": features.contiguous(),
+    }
+
+
+class UserProgram(nn.Module):
+    """The on-device program for one user. Inputs are local rows, see `program_spec`.
+
+    Per-user constants (`USER_CONSTANTS`) are only ever read through gathers, which stay on the
+    portable kernels: XNNPACK then sees them as runtime tensors, so they live in the program's
+    constant data (stampable) and never inside a delegate blob.
+    """
+
+    def __init__(self, model: TBSM, constants: dict[str, torch.Tensor]) -> None:
         super().__init__()
         cfg = model.cfg
         if cfg.model_type != "tsl":
             raise ValueError(f"model type {cfg.model_type!r} cannot be exported yet: only 'tsl' models")
         self.cfg = cfg
         tower = model.tower
+        for name in USER_CONSTANTS:
+            self.register_buffer(name, constants[name].detach().clone())
+        self.register_buffer("first_row", torch.zeros(1, dtype=torch.long))
         with torch.no_grad():
-            reserved_items = torch.arange(RESERVED_ROWS)
-            item_full = torch.cat([reserved_items, torch.as_tensor(shard.item_rows, dtype=torch.long)])
-            cat_full = torch.cat([reserved_items, torch.as_tensor(shard.category_rows, dtype=torch.long)])
-            self.register_buffer("user_vec", tower.user_emb.weight[shard.user_row].clone())
-            self.register_buffer("item_table", tower.item_emb.weight[item_full].clone())
-            self.register_buffer("category_table", tower.cat_emb.weight[cat_full].clone())
-            # Category of every local item row, as a local category row (OOV when not in the shard).
-            full_to_local_cat = {int(c): i + RESERVED_ROWS for i, c in enumerate(shard.category_rows)}
-            item_cat_full = np.asarray(item_category)[item_full.numpy()]
-            local_cat = [full_to_local_cat.get(int(c), OOV_ROW) for c in item_cat_full]
-            local_cat[PADDING_ROW] = PADDING_ROW
-            local_cat[OOV_ROW] = OOV_ROW
-            local_cat = torch.tensor(local_cat, dtype=torch.long)
             self.behavior_table = (
                 nn.Parameter(tower.behavior_emb.weight.detach().clone(), requires_grad=False)
                 if tower.behavior_emb is not None else None
             )
-            self.register_buffer("candidate_features", self._candidate_features(model, local_cat))
-            self.candidate_top = self._candidate_top(model)
+            first, emb = tower.top[0], cfg.emb_dim
+            folded = nn.Linear(5, first.out_features)
+            # First top layer inputs: [x (emb), x.u, x.item, u.item, x.cat, u.cat, item.cat]; the
+            # constant x and the user's x.u share (in `user`) fold into the bias.
+            folded.weight.copy_(first.weight[:, emb + 1 : emb + 6])
+            folded.bias.copy_(first.bias + first.weight[:, :emb] @ _candidate_x(model))
+            self.candidate_first = folded
+            self.candidate_rest = nn.Sequential(*list(tower.top)[1:])
         self.bottom = tower.bottom
         self.top = tower.top
         self.heads = model.heads
@@ -89,31 +156,14 @@ class UserProgram(nn.Module):
         self.register_buffer("block_sum", torch.block_diag(*[torch.ones(1, cfg.emb_dim)] * 6))
         self.register_buffer("ones_z", torch.ones(1, cfg.z_dim))
 
-    def _candidate_x(self, model: TBSM) -> torch.Tensor:
-        dense = model.position_feature[-1:] if self.cfg.dense_feature == "position" else torch.zeros(1)
-        return model.tower.bottom(dense.unsqueeze(-1))[0]
+    @classmethod
+    def for_shard(cls, model: TBSM, shard: Shard, item_category: np.ndarray, layout: SliceLayout | None = None) -> UserProgram:
+        return cls(model, slice_constants(model, shard, item_category, layout))
 
-    def _candidate_features(self, model: TBSM, local_cat: torch.Tensor) -> torch.Tensor:
-        """The 5 interactions of every shard item as a candidate that involve the item.
-
-        A candidate's dense feature is a constant, so x, x.u and all pairwise dots with the item
-        and its category are per-item constants: 5 floats per item instead of the embedding.
-        """
-        x, u = self._candidate_x(model), self.user_vec
-        item, cat = self.item_table, self.category_table[local_cat]
-        return torch.stack([item @ x, item @ u, cat @ x, cat @ u, (item * cat).sum(-1)], dim=-1)
-
-    def _candidate_top(self, model: TBSM) -> nn.Sequential:
-        """The top MLP with its first layer folded over the candidate's constant inputs."""
-        x, u = self._candidate_x(model), self.user_vec
-        first = model.tower.top[0]
+    def user_parts(self) -> tuple[torch.Tensor, torch.Tensor]:
+        user = self.user[self.first_row]  # a gather, so the row stays outside any delegate
         emb = self.cfg.emb_dim
-        folded = nn.Linear(5, first.out_features)
-        # Input order of the first layer: [x (emb), x.u, x.item, u.item, x.cat, u.cat, item.cat].
-        w = first.weight
-        folded.weight.copy_(w[:, [emb + 1, emb + 2, emb + 3, emb + 4, emb + 5]])
-        folded.bias.copy_(first.bias + w[:, :emb] @ x + w[:, emb] * (x @ u))
-        return nn.Sequential(folded, *list(model.tower.top)[1:])
+        return user[:, :emb], user[:, emb:]
 
     def history_z(self, hist_items, hist_categories, hist_behaviors, hist_timestamps, request_time) -> torch.Tensor:
         if self.cfg.dense_feature == "position":
@@ -125,7 +175,7 @@ class UserProgram(nn.Module):
         if self.behavior_table is not None:
             item_vec = item_vec + self.behavior_table[hist_behaviors]
         x = self.bottom(dense.unsqueeze(-1))
-        u = self.user_vec.unsqueeze(0).expand_as(x)
+        u = self.user_parts()[0].expand_as(x)
         cat_vec = self.category_table[hist_categories]
         # Products, then one constant block-sum matrix: the 6 dot products become a single
         # delegated linear instead of 6 portable reductions.
@@ -137,7 +187,9 @@ class UserProgram(nn.Module):
 
     def forward(self, hist_items, hist_categories, hist_behaviors, hist_timestamps, request_time, candidates):
         history = self.history_z(hist_items, hist_categories, hist_behaviors, hist_timestamps, request_time)
-        w = unit_rows(self.candidate_top(self.candidate_features[candidates]), self.ones_z)
+        bias_share = self.user_parts()[1]
+        features = self.candidate_features[candidates]
+        w = unit_rows(self.candidate_rest(self.candidate_first(features) + bias_share), self.ones_z)
         logits = [
             head_logits(head, history * visible.unsqueeze(-1), w)
             for head, visible in zip(self.heads, self.head_visibility)
@@ -193,7 +245,7 @@ def lower(exported: torch.export.ExportedProgram, recipe: str):
 
     if recipe not in RECIPES:
         raise ValueError(f"unknown recipe {recipe!r}; expected one of {RECIPES}")
-    if recipe == "xnnpack":
+    if recipe in ("xnnpack", "int8"):
         from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
 
         edge = to_edge_transform_and_lower(exported, partitioner=[XnnpackPartitioner()])
@@ -205,13 +257,32 @@ def lower(exported: torch.export.ExportedProgram, recipe: str):
     return edge.to_executorch(ExecutorchBackendConfig(extract_delegate_segments=False))
 
 
-def compile_program(model: TBSM, shard: Shard, item_category: np.ndarray, recipe: str = "xnnpack") -> bytes:
-    return bytes(lower(export_program(UserProgram(model, shard, item_category)), recipe).buffer)
+def compile_program(model: TBSM, shard: Shard, item_category: np.ndarray, recipe: str = "xnnpack",
+                    layout: SliceLayout | None = None) -> bytes:
+    program = UserProgram.for_shard(model, shard, item_category, layout)
+    if recipe == "int8":
+        from sdk_builder.quantize import quantize_program
+
+        program = quantize_program(program)
+    return bytes(lower(export_program(program), recipe).buffer)
 
 
-def load_runtime_method(pte: bytes | str):
+class RuntimeMethod:
+    """`forward` of a program loaded in the ExecuTorch runtime. Keeps the program's bytes alive:
+    the runtime reads them in place, so a temporary buffer would be freed under it."""
+
+    def __init__(self, pte: bytes | str) -> None:
+        import executorch.kernels.quantized  # noqa: F401  (registers quantized_decomposed kernels)
+        from executorch.runtime import Runtime
+
+        self._source = pte
+        self._program = Runtime.get().load_program(pte)
+        self._method = self._program.load_method("forward")
+
+    def execute(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+        return self._method.execute(inputs)
+
+
+def load_runtime_method(pte: bytes | str) -> RuntimeMethod:
     """Load a program in the ExecuTorch runtime (not eager), with the quantized kernels registered."""
-    import executorch.kernels.quantized  # noqa: F401  (registers quantized_decomposed kernels)
-    from executorch.runtime import Runtime
-
-    return Runtime.get().load_program(pte).load_method("forward")
+    return RuntimeMethod(pte)

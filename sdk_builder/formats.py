@@ -124,6 +124,18 @@ class ShardPolicy(BaseModel):
     sources: dict[str, int] = Field(description="How many shard items each source contributed.")
 
 
+class Quantization(BaseModel):
+    """The build-time accuracy check of a bundle built with `--recipe int8` (see docs/bundle-format.md)."""
+
+    requested_recipe: str = Field(description="The recipe asked for: int8.")
+    tables: list[str] = Field(description="Per-user tables stored as per-row int8 with fp32 scales.")
+    accuracy_budget: float = Field(description="Max |score drift| allowed against the fp32 model.")
+    max_score_drift: float = Field(description="Measured max |int8 program in the ExecuTorch runtime - fp32 eager "
+                                               "full model| over the golden histories x every shard item.")
+    drift_points: int = Field(description="How many scores the drift was measured on.")
+    fallback: bool = Field(description="True: the drift exceeded the budget and this bundle was built fp32 instead.")
+
+
 class Manifest(BaseModel):
     format_version: int = BUNDLE_FORMAT_VERSION
     versions: dict[str, str]
@@ -139,6 +151,9 @@ class Manifest(BaseModel):
     seeds: dict[str, int]
     golden_tolerance: float
     files: dict[str, str] = Field(description="sha256 of every other file in the bundle.")
+    build_key: str = Field(default="", description="Hash of everything the bundle was built from; equal keys mean an up-to-date bundle.")
+    quantization: Quantization | None = Field(default=None, exclude_if=lambda v: v is None,
+                                              description="int8 builds only: budget, measured drift, fallback.")
 
     model_config = ConfigDict(populate_by_name=True, protected_namespaces=())
 

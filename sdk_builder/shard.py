@@ -83,38 +83,37 @@ class ShardIndex:
         """Shard item rows (sorted) for a user whose events so far are given oldest first."""
         p = self.policy
         size = p.shard_size
-        chosen: list[int] = []
-        seen: set[int] = set()
+        chosen = np.zeros(0, np.int64)
+        excluded = np.zeros(0, np.int64)
         sources: dict[str, int] = {}
-        budget_carry = 0.0
+        carry = 0.0
 
         def take(name: str, ranked: np.ndarray) -> None:
-            nonlocal budget_carry
-            quota = int(round(p.weights.get(name, 0.0) * size + budget_carry))
-            quota = min(quota, size - len(chosen))
-            added = 0
-            for item in ranked.tolist():
-                if added >= quota:
-                    break
-                if item >= RESERVED_ROWS and item not in seen:
-                    seen.add(item)
-                    chosen.append(item)
-                    added += 1
-            budget_carry = max(0.0, p.weights.get(name, 0.0) * size + budget_carry - added)
-            sources[name] = added
+            nonlocal chosen, carry
+            wanted = p.weights.get(name, 0.0) * size + carry
+            quota = min(int(round(wanted)), size - len(chosen))
+            # Only a prefix can be needed: the quota plus everything that may be filtered out.
+            ranked = ranked[: quota + len(chosen) + len(excluded)]
+            ranked = ranked[ranked >= RESERVED_ROWS]
+            _, first = np.unique(ranked, return_index=True)
+            ranked = ranked[np.sort(first)]
+            ranked = ranked[~np.isin(ranked, chosen) & ~np.isin(ranked, excluded)][: max(quota, 0)]
+            chosen = np.concatenate([chosen, ranked])
+            carry = max(0.0, wanted - len(ranked))
+            sources[name] = int(len(ranked))
 
         recent = _distinct_most_recent(history_items)
         if self.exclude_seen:
             # Items the user will not come back to only need rows while in the on-device history.
             take("recent", _distinct_most_recent(history_items[-p.history :]))
-            seen.update(recent.tolist())
+            excluded = recent
         else:
             take("recent", recent[: p.recent_items])
         take("covisit", self._covisit_ranking(recent[: p.covisit_seeds]))
         take("category", self._category_ranking(history_cats[-p.category_events :]))
-        budget_carry = float(size)  # whatever is left goes to popular items
+        carry = float(size)  # whatever is left goes to popular items
         take("popular", self.popular)
-        return np.sort(np.asarray(chosen, dtype=np.int64)), sources
+        return np.sort(chosen), sources
 
     def _covisit_ranking(self, seeds: np.ndarray) -> np.ndarray:
         if not len(seeds):

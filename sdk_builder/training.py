@@ -226,8 +226,12 @@ class LoadedCheckpoint:
         self.path = path
         self.payload = payload
         self.config = TBSMConfig.from_dict(payload["model_config"])
-        self.model = TBSM(self.config)
-        self.model.load_state_dict(payload["model_state"])
+        with torch.device("meta"):
+            self.model = TBSM(self.config)
+        # assign=True keeps the loaded (possibly memory-mapped) storage instead of copying it into
+        # freshly allocated tables: build workers then share one page-cache copy of the embeddings.
+        self.model.load_state_dict(payload["model_state"], assign=True)
+        self.model.materialize_constants()
         self.model.eval()
         maps = payload["id_maps"]
         self.users = IdMap(np.asarray(maps["user_ids"]), 0)
@@ -237,14 +241,15 @@ class LoadedCheckpoint:
         self.sha256 = sha256_file(path)
 
 
-def load_checkpoint(path: Path) -> LoadedCheckpoint:
+def load_checkpoint(path: Path, *, mmap: bool = False) -> LoadedCheckpoint:
+    """Load a run's best checkpoint; with `mmap` tensors stay memory-mapped from the file."""
     path = Path(path)
     if path.is_dir():
         path = path / CHECKPOINT
     if not path.exists():
         raise RunError(f"{path}: no such checkpoint (run `tbsm-sdk train` first)")
     try:
-        payload = torch.load(path, weights_only=False, map_location="cpu")
+        payload = torch.load(path, weights_only=False, map_location="cpu", mmap=mmap)
     except Exception as exc:  # a truncated or foreign file: one clear line instead of a pickle trace
         raise RunError(f"{path}: not a readable tbsm-sdk checkpoint ({type(exc).__name__}: {exc})") from None
     if not isinstance(payload, dict) or "model_state" not in payload:

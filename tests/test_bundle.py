@@ -33,7 +33,7 @@ def test_sliced_program_matches_full_model_in_eager(builder):
     """Random histories over shard and unknown ids, short and empty ones: sliced == full model."""
     user_id = int(builder.ckpt.users.ids[11])
     shard, _ = builder.shard_for(builder.user_row(user_id))
-    program = UserProgram(builder.model, shard, builder.ckpt.item_category).eval()
+    program = UserProgram.for_shard(builder.model, shard, builder.ckpt.item_category).eval()
     shard_ids = builder.ckpt.items.global_id(shard.item_rows)
     cat_ids = builder.ckpt.categories.global_id(shard.category_rows)
     rng = np.random.default_rng(0)

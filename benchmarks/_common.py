@@ -1,0 +1,69 @@
+"""Shared helpers for the benchmark scripts: run context, markdown tables, docs/benchmarks.md."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import platform
+import subprocess
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DOC = REPO / "docs" / "benchmarks.md"
+
+
+def git_commit() -> str:
+    try:
+        done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                              check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return "none"
+    return done.stdout.strip() or "none"
+
+
+def cpu_count() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def load_average() -> str:
+    try:
+        return ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
+def context_line(command: str, extra: str = "") -> str:
+    import torch
+
+    when = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    parts = [when, f"commit {git_commit()}", f"nproc {cpu_count()}", f"Python {platform.python_version()}",
+             f"torch {torch.__version__}", f"load average before the run {load_average()}"]
+    text = ", ".join(parts) + f" (`{command}`)"
+    return text + (f"; {extra}" if extra else "")
+
+
+def markdown_table(header: list[str], rows: list[list[str]], align: str | None = None) -> str:
+    align = align or "-" * len(header)
+    marks = ["---:" if a == "r" else "---" for a in align.ljust(len(header), "-")]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(marks) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def append_to_doc(section: str, entry: str) -> None:
+    """Add `entry` at the end of `section` (a '## ' heading) of docs/benchmarks.md, creating it if needed.
+
+    Re-reads the file just before writing so concurrent appends to other sections survive.
+    """
+    text = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
+    lines = text.rstrip("\n").split("\n")
+    if section not in lines:
+        lines += ["", section]
+    start = lines.index(section) + 1
+    heading = next((i for i in range(start, len(lines)) if lines[i].startswith("## ")), len(lines))
+    end = heading
+    while end > start and not lines[end - 1].strip():
+        end -= 1
+    lines[end:heading] = ["", *entry.split("\n"), *([""] if heading < len(lines) else [])]
+    DOC.parent.mkdir(parents=True, exist_ok=True)
+    DOC.write_text("\n".join(lines) + "\n")

@@ -1,0 +1,4 @@
+// Compile-only stub of android.os.Bundle. Not for apps.
+package android.os
+
+class Bundle

@@ -1,0 +1,35 @@
+plugins {
+    id("com.android.library")
+    id("org.jetbrains.kotlin.android")
+}
+
+android {
+    namespace = "dev.tbsm.sdk"
+    compileSdk = 35
+    defaultConfig {
+        minSdk = 24
+        consumerProguardFiles("consumer-rules.pro")
+    }
+    compileOptions {
+        sourceCompatibility = JavaVersion.VERSION_17
+        targetCompatibility = JavaVersion.VERSION_17
+    }
+    testOptions {
+        unitTests.all {
+            // The JVM unit tests read a real bundle: the one the sample app ships.
+            it.systemProperty("tbsm.bundle", rootProject.file("sample/src/main/assets/tbsm").absolutePath)
+        }
+    }
+}
+
+kotlin {
+    jvmToolchain(17)
+}
+
+dependencies {
+    // Same ExecuTorch release as the one that exported model.pte (manifest "versions").
+    api("org.pytorch:executorch-android:1.5.1")
+    testImplementation("junit:junit:4.13.2")
+    // android.jar's org.json is a stub on the JVM; unit tests need a real implementation.
+    testImplementation("org.json:json:20240303")
+}

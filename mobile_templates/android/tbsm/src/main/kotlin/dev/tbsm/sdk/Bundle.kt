@@ -1,0 +1,99 @@
+package dev.tbsm.sdk
+
+import java.io.File
+import java.security.MessageDigest
+import org.json.JSONObject
+
+/** A bundle that cannot be used: unknown format, missing or altered file, malformed manifest. */
+class BundleException(message: String) : Exception(message)
+
+/** Global ids of one table in the bundle, sorted; ids[i] has local row i + firstRow. */
+class IdShard(val ids: LongArray, val firstRow: Long, val oovRow: Long, val paddingRow: Long) {
+    /** Local row of a global id: binary search, oovRow when the id is not in the bundle. */
+    fun row(globalId: Long): Long {
+        val i = ids.binarySearch(globalId)
+        return if (i >= 0) i + firstRow else oovRow
+    }
+
+    companion object {
+        fun parse(json: JSONObject): IdShard {
+            val array = json.getJSONArray("ids")
+            val ids = LongArray(array.length()) { array.getLong(it) }
+            for (i in 1 until ids.size) {
+                if (ids[i] <= ids[i - 1]) throw BundleException("manifest ids are not sorted")
+            }
+            return IdShard(ids, json.getLong("first_row"), json.getLong("oov_row"), json.getLong("padding_row"))
+        }
+    }
+}
+
+/** The fields of manifest.json a phone needs (sdk_builder/formats.py: Manifest). */
+class BundleManifest(
+    val formatVersion: Int,
+    val userId: Long,
+    val items: IdShard,
+    val categories: IdShard,
+    val behaviors: Map<String, Long>,
+    val method: String,
+    val maxHistory: Int,
+    val maxCandidates: Int,
+    val files: Map<String, String>,
+) {
+    companion object {
+        const val FORMAT_VERSION = 1
+        val INPUT_NAMES = listOf(
+            "hist_items", "hist_categories", "hist_behaviors", "hist_timestamps", "request_time", "candidates",
+        )
+
+        fun parse(text: String): BundleManifest {
+            val json = JSONObject(text)
+            val version = json.getInt("format_version")
+            if (version != FORMAT_VERSION) {
+                throw BundleException("unsupported bundle format_version $version (this SDK reads $FORMAT_VERSION)")
+            }
+            val program = json.getJSONObject("program")
+            val inputs = program.getJSONArray("inputs")
+            val names = List(inputs.length()) { inputs.getJSONObject(it).getString("name") }
+            if (names != INPUT_NAMES) throw BundleException("program inputs $names differ from $INPUT_NAMES")
+            val behaviors = json.getJSONObject("behaviors")
+            val files = json.getJSONObject("files")
+            return BundleManifest(
+                formatVersion = version,
+                userId = json.getLong("user_id"),
+                items = IdShard.parse(json.getJSONObject("items")),
+                categories = IdShard.parse(json.getJSONObject("categories")),
+                behaviors = behaviors.keys().asSequence().associateWith { behaviors.getLong(it) },
+                method = program.getString("method"),
+                maxHistory = program.getInt("max_history"),
+                maxCandidates = program.getInt("max_candidates"),
+                files = files.keys().asSequence().associateWith { files.getString(it) },
+            )
+        }
+
+        /** Reads manifest.json of [dir] and checks the sha256 of every file it lists. */
+        fun load(dir: File): BundleManifest {
+            val manifest = parse(File(dir, "manifest.json").readText())
+            if ("model.pte" !in manifest.files) throw BundleException("manifest files lists no sha256 for model.pte")
+            for ((name, expected) in manifest.files) {
+                val file = File(dir, name)
+                if (name.contains('/') || !file.isFile) throw BundleException("bundle file $name is missing")
+                val actual = sha256(file)
+                if (actual != expected) throw BundleException("sha256 mismatch for $name: manifest $expected, file $actual")
+            }
+            return manifest
+        }
+
+        fun sha256(file: File): String {
+            val digest = MessageDigest.getInstance("SHA-256")
+            file.inputStream().use { input ->
+                val buffer = ByteArray(1 shl 16)
+                while (true) {
+                    val n = input.read(buffer)
+                    if (n < 0) break
+                    digest.update(buffer, 0, n)
+                }
+            }
+            return digest.digest().joinToString("") { "%02x".format(it) }
+        }
+    }
+}

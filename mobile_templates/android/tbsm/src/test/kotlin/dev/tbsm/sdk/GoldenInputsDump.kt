@@ -1,0 +1,38 @@
+package dev.tbsm.sdk
+
+import java.io.File
+import org.json.JSONArray
+import org.json.JSONObject
+
+/**
+ * `GoldenInputsDumpKt BUNDLE_DIR [EXTRA_CASES_JSON]`: prints, per golden case, the six input tensors
+ * the template builds, as one JSON line, so a test can compare them with the Python reference.
+ * Each case goes two ways that must agree: InputBuilder on the parsed history, and
+ * TbsmRecommender.record + rank (with an Inference that captures its inputs).
+ */
+fun main(args: Array<String>) {
+    val bundle = File(args[0])
+    val manifest = BundleManifest.load(bundle)
+    val sets = listOf(File(bundle, "golden.json")) + args.drop(1).map { File(it) }
+    for (set in sets) {
+        for (case in GoldenSet.load(set, manifest.maxHistory).cases) {
+            val direct = InputBuilder.build(manifest, case.history.events(), case.requestTime, case.candidates)
+            val capture = RowScoringInference()
+            val historyFile = File.createTempFile("tbsm-history", ".json").also { it.delete() }
+            TbsmRecommender.open(bundle, historyFile, { error(it) }, { capture }).use { rec ->
+                for (e in case.history.events()) check(rec.record(e)) { "record refused $e" }
+                rec.rank(case.candidates, case.requestTime)
+            }
+            historyFile.delete()
+            val viaRecommender = capture.last!!
+            for ((a, b) in direct.all().zip(viaRecommender.all())) {
+                check(a.contentEquals(b)) { "case ${case.name}: InputBuilder and TbsmRecommender disagree" }
+            }
+            val line = JSONObject().put("case", case.name)
+            for ((name, values) in BundleManifest.INPUT_NAMES.zip(direct.all())) {
+                line.put(name, JSONArray().also { array -> values.forEach { array.put(it) } })
+            }
+            println(line.toString())
+        }
+    }
+}

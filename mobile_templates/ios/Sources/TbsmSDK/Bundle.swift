@@ -1,0 +1,116 @@
+import CryptoKit
+import Foundation
+
+/// A bundle that cannot be used (unknown format, missing or altered file, malformed manifest), or a
+/// call that breaks the contract. (Kotlin: BundleException, IllegalArgumentException.)
+public enum TbsmError: Error, CustomStringConvertible {
+    case bundle(String)
+    case invalidArgument(String)
+
+    public var description: String {
+        switch self {
+        case .bundle(let message): return message
+        case .invalidArgument(let message): return message
+        }
+    }
+}
+
+/// Global ids of one table in the bundle, sorted; ids[i] has local row i + firstRow.
+public struct IdShard {
+    public let ids: [Int64]
+    public let firstRow: Int64
+    public let oovRow: Int64
+    public let paddingRow: Int64
+
+    public init(ids: [Int64], firstRow: Int64, oovRow: Int64, paddingRow: Int64) {
+        self.ids = ids
+        self.firstRow = firstRow
+        self.oovRow = oovRow
+        self.paddingRow = paddingRow
+    }
+
+    /// Local row of a global id: binary search, oovRow when the id is not in the bundle.
+    public func row(_ globalId: Int64) -> Int64 {
+        var low = 0
+        var high = ids.count - 1
+        while low <= high {
+            let mid = low + (high - low) / 2
+            if ids[mid] < globalId {
+                low = mid + 1
+            } else if ids[mid] > globalId {
+                high = mid - 1
+            } else {
+                return Int64(mid) + firstRow
+            }
+        }
+        return oovRow
+    }
+
+    static func parse(_ json: JSONObject) throws -> IdShard {
+        let ids = try json.longs("ids")
+        for i in ids.indices.dropFirst() where ids[i] <= ids[i - 1] {
+            throw TbsmError.bundle("manifest ids are not sorted")
+        }
+        return try IdShard(ids: ids, firstRow: json.long("first_row"), oovRow: json.long("oov_row"), paddingRow: json.long("padding_row"))
+    }
+}
+
+/// The fields of manifest.json a phone needs (sdk_builder/formats.py: Manifest).
+public struct BundleManifest {
+    public static let supportedFormatVersion = 1
+    public static let inputNames = [
+        "hist_items", "hist_categories", "hist_behaviors", "hist_timestamps", "request_time", "candidates",
+    ]
+
+    public let formatVersion: Int
+    public let userId: Int64
+    public let items: IdShard
+    public let categories: IdShard
+    public let behaviors: [String: Int64]
+    public let method: String
+    public let maxHistory: Int
+    public let maxCandidates: Int
+    public let files: [String: String]
+
+    public static func parse(_ data: Data) throws -> BundleManifest {
+        let json = try JSONObject(data: data)
+        let version = try json.int("format_version")
+        if version != supportedFormatVersion {
+            throw TbsmError.bundle("unsupported bundle format_version \(version) (this SDK reads \(supportedFormatVersion))")
+        }
+        let program = try json.object("program")
+        let names = try program.objects("inputs").map { try $0.string("name") }
+        if names != inputNames { throw TbsmError.bundle("program inputs \(names) differ from \(inputNames)") }
+        return try BundleManifest(
+            formatVersion: version,
+            userId: json.long("user_id"),
+            items: IdShard.parse(json.object("items")),
+            categories: IdShard.parse(json.object("categories")),
+            behaviors: json.longMap("behaviors"),
+            method: program.string("method"),
+            maxHistory: program.int("max_history"),
+            maxCandidates: program.int("max_candidates"),
+            files: json.stringMap("files")
+        )
+    }
+
+    /// Reads manifest.json of `dir` and checks the sha256 of every file it lists.
+    public static func load(_ dir: URL) throws -> BundleManifest {
+        let manifest = try parse(Data(contentsOf: dir.appendingPathComponent("manifest.json")))
+        if manifest.files["model.pte"] == nil { throw TbsmError.bundle("manifest files lists no sha256 for model.pte") }
+        for (name, expected) in manifest.files {
+            let file = dir.appendingPathComponent(name)
+            if name.contains("/") || !FileManager.default.fileExists(atPath: file.path) {
+                throw TbsmError.bundle("bundle file \(name) is missing")
+            }
+            let actual = try sha256(file)
+            if actual != expected { throw TbsmError.bundle("sha256 mismatch for \(name): manifest \(expected), file \(actual)") }
+        }
+        return manifest
+    }
+
+    public static func sha256(_ file: URL) throws -> String {
+        let data = try Data(contentsOf: file, options: .alwaysMapped)
+        return SHA256.hash(data: data).map { String(format: "%02x", $0) }.joined()
+    }
+}

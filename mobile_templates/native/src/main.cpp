@@ -1,0 +1,234 @@
+// tbsm_rank: command-line reference client for TBSM bundles.
+//
+//   tbsm_rank BUNDLE_DIR --golden
+//       replays every case of golden.json; one JSON line per case, then a summary line.
+//       Exit status 1 when a case is off by more than the golden tolerance.
+//   tbsm_rank BUNDLE_DIR --events history.json --candidates 1,2,3 [--request-time UNIX_SECONDS]
+//       ranks global item ids for the history (EventHistory JSON); one JSON line per item, best first.
+//   tbsm_rank BUNDLE_DIR --bench N
+//       times N calls of forward for 1 and for 1000 candidates (median and p99, microseconds).
+//   --threads all   lets ExecuTorch use its thread pool (default: one thread, the caller's).
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <ctime>
+#include <exception>
+#include <fstream>
+#include <string>
+#include <vector>
+
+#include <executorch/extension/threadpool/threadpool_guard.h>
+
+#include "json.hpp"
+#include "sha256.hpp"
+#include "tbsm.hpp"
+
+namespace {
+
+struct Options {
+  std::string bundle;
+  std::string mode;  // golden | events | bench
+  std::string events_path;
+  std::vector<int64_t> candidates;
+  int64_t request_time = 0;
+  bool has_request_time = false;
+  int bench_runs = 0;
+  bool all_threads = false;
+};
+
+[[noreturn]] void usage(const char* why) {
+  std::fprintf(stderr,
+               "error: %s\nusage: tbsm_rank BUNDLE_DIR (--golden | --events FILE --candidates ID,ID,... "
+               "[--request-time T] | --bench N) [--threads 1|all]\n",
+               why);
+  std::exit(2);
+}
+
+std::vector<int64_t> parse_ids(const std::string& text) {
+  std::vector<int64_t> ids;
+  size_t start = 0;
+  while (start <= text.size()) {
+    size_t comma = text.find(',', start);
+    std::string token = text.substr(start, comma == std::string::npos ? std::string::npos : comma - start);
+    if (token.empty()) usage("empty id in --candidates");
+    char* end = nullptr;
+    long long id = std::strtoll(token.c_str(), &end, 10);
+    if (*end != '\0' || id < 0) usage("--candidates takes non-negative integer ids");
+    ids.push_back(id);
+    if (comma == std::string::npos) break;
+    start = comma + 1;
+  }
+  return ids;
+}
+
+Options parse_args(int argc, char** argv) {
+  Options o;
+  if (argc < 3) usage("missing arguments");
+  o.bundle = argv[1];
+  for (int i = 2; i < argc; ++i) {
+    std::string a = argv[i];
+    auto next = [&]() -> std::string {
+      if (i + 1 >= argc) usage(("missing value after " + a).c_str());
+      return argv[++i];
+    };
+    if (a == "--golden") {
+      o.mode = "golden";
+    } else if (a == "--events") {
+      o.mode = "events";
+      o.events_path = next();
+    } else if (a == "--candidates") {
+      o.candidates = parse_ids(next());
+    } else if (a == "--request-time") {
+      o.request_time = std::strtoll(next().c_str(), nullptr, 10);
+      o.has_request_time = true;
+    } else if (a == "--bench") {
+      o.mode = "bench";
+      o.bench_runs = std::atoi(next().c_str());
+      if (o.bench_runs < 1) usage("--bench takes a positive run count");
+    } else if (a == "--threads") {
+      std::string v = next();
+      if (v != "1" && v != "all") usage("--threads takes 1 or all");
+      o.all_threads = v == "all";
+    } else {
+      usage(("unknown argument " + a).c_str());
+    }
+  }
+  if (o.mode.empty()) usage("choose --golden, --events or --bench");
+  if (o.mode == "events" && o.candidates.empty()) usage("--events needs --candidates");
+  return o;
+}
+
+std::string floats_json(const std::vector<float>& v) {
+  std::string out = "[";
+  char buf[32];
+  for (size_t i = 0; i < v.size(); ++i) {
+    std::snprintf(buf, sizeof buf, "%s%.9g", i ? "," : "", static_cast<double>(v[i]));
+    out += buf;
+  }
+  return out + "]";
+}
+
+tbsm::History history_for(const tbsm::Bundle& bundle, const tbsm::json::Value& doc) {
+  tbsm::History h = tbsm::parse_history(doc);
+  if (h.user_id != bundle.manifest().user_id) {
+    throw std::runtime_error("history user_id " + std::to_string(h.user_id) + " is not the bundle's user_id " +
+                             std::to_string(bundle.manifest().user_id));
+  }
+  return h;
+}
+
+int run_golden(tbsm::Bundle& bundle) {
+  const tbsm::json::Value golden = tbsm::json::parse(tbsm::read_file(bundle.dir() + "/golden.json"));
+  const double tolerance = golden.at("tolerance").as_double();
+  double worst = 0.0;
+  size_t n_cases = 0, n_failed = 0;
+  for (const auto& c : golden.at("cases").as_array()) {
+    const std::string& name = c.at("name").as_string();
+    tbsm::History history = history_for(bundle, c.at("history"));
+    std::vector<int64_t> candidates;
+    for (const auto& id : c.at("candidates").as_array()) candidates.push_back(id.as_int());
+    const auto& expected = c.at("scores").as_array();
+    tbsm::Inputs in = tbsm::build_inputs(bundle.manifest(), history, c.at("request_time").as_int(), candidates);
+    std::vector<float> scores = bundle.score(in);
+    if (expected.size() != scores.size()) throw std::runtime_error("golden case " + name + ": score count differs");
+    double diff = 0.0;
+    for (size_t i = 0; i < scores.size(); ++i) {
+      double d = std::fabs(static_cast<double>(scores[i]) - expected[i].as_double());
+      if (!(d <= diff)) diff = d;  // also catches NaN
+    }
+    const bool ok = diff <= tolerance;
+    worst = std::max(worst, diff);
+    ++n_cases;
+    n_failed += ok ? 0 : 1;
+    std::printf("{\"case\":%s,\"n\":%zu,\"max_abs_diff\":%.9g,\"ok\":%s,\"scores\":%s}\n",
+                tbsm::json::quote(name).c_str(), scores.size(), diff, ok ? "true" : "false",
+                floats_json(scores).c_str());
+  }
+  std::printf("{\"summary\":true,\"cases\":%zu,\"failed\":%zu,\"max_abs_diff\":%.9g,\"tolerance\":%.9g,\"ok\":%s}\n",
+              n_cases, n_failed, worst, tolerance, n_failed == 0 ? "true" : "false");
+  return n_failed == 0 ? 0 : 1;
+}
+
+int run_events(tbsm::Bundle& bundle, const Options& o) {
+  tbsm::History history = history_for(bundle, tbsm::json::parse(tbsm::read_file(o.events_path)));
+  const int64_t now = o.has_request_time ? o.request_time : static_cast<int64_t>(std::time(nullptr));
+  size_t rank = 0;
+  for (const tbsm::Scored& s : bundle.rank(history, o.candidates, now)) {
+    std::printf("{\"rank\":%zu,\"item_id\":%lld,\"score\":%.9g}\n", ++rank, static_cast<long long>(s.item_id),
+                static_cast<double>(s.score));
+  }
+  return 0;
+}
+
+int process_threads() {
+  std::ifstream status("/proc/self/status");
+  std::string line;
+  while (std::getline(status, line)) {
+    if (line.rfind("Threads:", 0) == 0) return std::atoi(line.c_str() + 8);
+  }
+  return -1;
+}
+
+int run_bench(tbsm::Bundle& bundle, const Options& o) {
+  tbsm::History history;
+  history.user_id = bundle.manifest().user_id;
+  try {  // the longest golden history, when there is one: a full history is the realistic case
+    const tbsm::json::Value golden = tbsm::json::parse(tbsm::read_file(bundle.dir() + "/golden.json"));
+    for (const auto& c : golden.at("cases").as_array()) {
+      tbsm::History h = tbsm::parse_history(c.at("history"));
+      if (h.events.size() > history.events.size()) history = h;
+    }
+  } catch (const std::exception&) {
+  }
+  const auto& ids = bundle.manifest().items.ids;
+  const int64_t now = history.events.empty() ? 1700000000 : history.events.back().timestamp + 60;
+  for (size_t n : {size_t{1}, size_t{1000}}) {
+    std::vector<int64_t> candidates;
+    for (size_t i = 0; i < n; ++i) candidates.push_back(ids.empty() ? 0 : ids[i % ids.size()]);
+    tbsm::Inputs in = tbsm::build_inputs(bundle.manifest(), history, now, candidates);
+    for (int i = 0; i < 20; ++i) bundle.score(in);  // warm-up
+    std::vector<double> us;
+    us.reserve(static_cast<size_t>(o.bench_runs));
+    const std::clock_t cpu0 = std::clock();
+    const auto wall0 = std::chrono::steady_clock::now();
+    for (int i = 0; i < o.bench_runs; ++i) {
+      auto t0 = std::chrono::steady_clock::now();
+      bundle.score(in);
+      auto t1 = std::chrono::steady_clock::now();
+      us.push_back(std::chrono::duration<double, std::micro>(t1 - t0).count());
+    }
+    // Process CPU time over wall time: ~1 when one thread works, more when a pool helps.
+    const double cpu_s = static_cast<double>(std::clock() - cpu0) / CLOCKS_PER_SEC;
+    const double wall_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - wall0).count();
+    std::sort(us.begin(), us.end());
+    auto at = [&](double q) { return us[std::min(us.size() - 1, static_cast<size_t>(q * (us.size() - 1) + 0.5))]; };
+    std::printf("{\"bench\":true,\"candidates\":%zu,\"history\":%zu,\"runs\":%d,\"threads\":%d,"
+                "\"process_threads\":%d,\"cpu_per_wall\":%.2f,\"median_us\":%.1f,\"p99_us\":%.1f,\"min_us\":%.1f}\n",
+                n, history.events.size(), o.bench_runs, o.all_threads ? 0 : 1, process_threads(), cpu_s / wall_s, at(0.5),
+                at(0.99), us.front());
+  }
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  Options o = parse_args(argc, argv);
+  // One thread unless asked: the guard keeps XNNPACK and the kernels off the shared pool (thread local,
+  // and everything here runs on this thread).
+  executorch::extension::threadpool::NoThreadPoolGuard::set_enabled(!o.all_threads);
+  try {
+    if (tbsm::sha256_hex("abc") != "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad") {
+      throw std::runtime_error("sha256 self-test failed");
+    }
+    tbsm::Bundle bundle(o.bundle);
+    if (o.mode == "golden") return run_golden(bundle);
+    if (o.mode == "events") return run_events(bundle, o);
+    return run_bench(bundle, o);
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "error: %s\n", e.what());
+    return 2;
+  }
+}

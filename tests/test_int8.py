@@ -1,0 +1,207 @@
+"""The int8 recipe: real .pte files in the real ExecuTorch runtime, the accuracy budget, `inspect`."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from sdk_builder.bundle import BundleBuilder, verify_bundle
+from sdk_builder.client import Bundle, BundleError
+from sdk_builder.formats import Event, EventHistory
+from sdk_builder.quantize import BudgetExceeded, int8_program, quantize_rows
+
+CLI = [sys.executable, "-m", "sdk_builder.cli"]
+SHARD = "300"
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=600)
+
+
+def last_line(text: str) -> str:
+    return [line for line in text.strip().splitlines() if line.strip()][-1]
+
+
+def manifest_of(path: Path) -> dict:
+    return json.loads((Path(path) / "manifest.json").read_text())
+
+
+def input_meta(pte: Path) -> list:
+    import executorch.kernels.quantized  # noqa: F401
+    from executorch.runtime import Runtime
+
+    meta = Runtime.get().load_program(str(pte)).metadata("forward")
+    return [(tuple(meta.input_tensor_meta(i).sizes()), meta.input_tensor_meta(i).dtype()) for i in range(meta.num_inputs())] + [
+        (tuple(meta.output_tensor_meta(i).sizes()), meta.output_tensor_meta(i).dtype()) for i in range(meta.num_outputs())]
+
+
+@pytest.fixture(scope="module")
+def user_id(builder) -> int:
+    return int(builder.ckpt.users.ids[4])
+
+
+@pytest.fixture(scope="module")
+def cli_builds(builder, user_id, tmp_path_factory) -> dict:
+    """The two CLI builds of this module, started at once so they overlap with the in-process ones:
+    budget 1e-9 (must fail) and budget 1e-9 with --on-budget-exceeded fp32 (an fp32 bundle)."""
+    run = str(builder.ckpt.path.parent)
+    started = {}
+    for name, extra in (("fail", []), ("fallback", ["--on-budget-exceeded", "fp32", "--json"])):
+        out = tmp_path_factory.mktemp(name)
+        cmd = [*CLI, "build", run, "--user-shard", str(user_id), "--out", str(out), "--shard-size", SHARD,
+               "--recipe", "int8", "--accuracy-budget", "1e-9", *extra]
+        started[name] = (out, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    yield {name: (out, proc) for name, (out, proc) in started.items()}
+    for _, proc in started.values():
+        if proc.poll() is None:
+            proc.kill()
+
+
+def finished(cli_builds: dict, name: str) -> tuple[Path, subprocess.CompletedProcess]:
+    out, proc = cli_builds[name]
+    stdout, stderr = proc.communicate(timeout=600)
+    return out, subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
+@pytest.fixture(scope="module")
+def int8_builder(builder):
+    return BundleBuilder(builder.ckpt, builder.data, builder.policy, recipe="int8", stamping=False)
+
+
+@pytest.fixture(scope="module")
+def int8_bundle(int8_builder, user_id, cli_builds, tmp_path_factory):
+    return int8_builder.build(user_id, tmp_path_factory.mktemp("int8"))
+
+
+@pytest.fixture(scope="module")
+def fallback_bundle(cli_builds) -> Path:
+    _, result = finished(cli_builds, "fallback")
+    assert result.returncode == 0, result.stderr
+    row = json.loads(result.stdout)["bundles"][0]
+    assert row["recipe"] == "xnnpack" and "fell back to fp32" in row["note"]
+    return Path(row["path"])
+
+
+def test_quantize_rows_keeps_zero_rows_exact_and_bounds_the_error():
+    table = torch.randn(50, 16)
+    table[0] = 0
+    q, scales = quantize_rows(table)
+    assert q.dtype == torch.int8 and scales.dtype == torch.float32 and scales.shape == (50,)
+    back = q.to(torch.float32) * scales[:, None]
+    assert torch.equal(back[0], torch.zeros(16))
+    assert bool(((back - table).abs() <= scales[:, None] / 2 + 1e-7).all())
+
+
+def test_int8_bundle_builds_verifies_and_stays_within_budget(int8_bundle):
+    assert int8_bundle.recipe == "int8" and "<= budget" in int8_bundle.note
+    manifest = manifest_of(int8_bundle.path)
+    q = manifest["quantization"]
+    assert manifest["recipe"] == "int8" and q["requested_recipe"] == "int8" and not q["fallback"]
+    assert 0 < q["max_score_drift"] <= q["accuracy_budget"] == 0.01 and q["drift_points"] > 1000
+    assert set(q["tables"]) == {"item_table", "category_table", "candidate_features"}
+    report = verify_bundle(int8_bundle.path)  # golden vectors (the int8 program's eager scores) in the runtime
+    assert report["ok"] and report["max_abs_diff"] <= manifest["golden_tolerance"]
+
+
+def test_int8_bundle_ranks_like_any_bundle(int8_bundle, builder):
+    bundle = Bundle(int8_bundle.path)
+    ids = bundle.manifest.items.ids
+    history = EventHistory(user_id=bundle.manifest.user_id, events=[
+        Event(item_id=ids[k], category_id=bundle.manifest.categories.ids[0], behavior="pv", timestamp=1_512_000_000 + k)
+        for k in range(5)])
+    scores = bundle.score(history, 1_512_100_000, ids[:50] + [10**12])
+    assert scores.shape == (51,) and np.all((scores > 0) & (scores < 1))
+
+
+def test_padding_row_is_exactly_zero(int8_builder, user_id):
+    from sdk_builder.export import slice_constants
+
+    shard, _ = int8_builder.shard_for(int8_builder.user_row(user_id))
+    program = int8_program(int8_builder.model, slice_constants(int8_builder.model, shard, int8_builder.ckpt.item_category,
+                                                               int8_builder.layout))
+    zero = torch.zeros(1, dtype=torch.long)
+    for table in (program.item_table, program.category_table, program.candidate_features):
+        assert table.weight.dtype == torch.int8
+        assert torch.count_nonzero(table[zero]) == 0
+
+
+def test_int8_is_smaller_than_fp32_with_the_same_contract(int8_bundle, fallback_bundle):
+    fp32 = fallback_bundle
+    assert manifest_of(fp32)["recipe"] == "xnnpack" and manifest_of(fp32)["quantization"]["fallback"] is True
+    assert verify_bundle(fp32)["ok"]
+    int8_pte, fp32_pte = int8_bundle.path / "model.pte", fp32 / "model.pte"
+    assert int8_pte.stat().st_size < fp32_pte.stat().st_size
+    from sdk_builder.inspect_bundle import inspect_program
+
+    tables = ("item_table", "category_table", "candidate_features")
+    table_bytes = lambda pte, names: sum(p["bytes"] for p in inspect_program(pte.read_bytes()) if p["name"] in names)  # noqa: E731
+    fp32_tables = table_bytes(fp32_pte, tables)
+    int8_tables = table_bytes(int8_pte, tables + tuple(f"{t}.scales" for t in tables))
+    assert int8_tables < 0.45 * fp32_tables  # 1 byte per value plus a 4-byte scale per row, vs 4 bytes per value
+    assert fp32_pte.stat().st_size - int8_pte.stat().st_size >= 0.9 * (fp32_tables - int8_tables)
+    total = lambda p: sum(f.stat().st_size for f in Path(p).iterdir())  # noqa: E731
+    assert total(int8_bundle.path) < total(fp32)
+    assert manifest_of(int8_bundle.path)["program"] == manifest_of(fp32)["program"]
+    assert input_meta(int8_pte) == input_meta(fp32_pte)  # what the runtime itself reports
+
+
+def test_budget_exceeded_fails_with_one_line(cli_builds, user_id):
+    out, result = finished(cli_builds, "fail")
+    assert result.returncode != 0
+    message = last_line(result.stderr).strip()
+    assert message.startswith("Error: ") and "exceeds the accuracy budget 1e-09" in message and str(user_id) in message
+    assert "Traceback" not in result.stderr
+    assert not list(out.rglob("model.pte"))
+
+
+def test_budget_error_is_a_bundle_error():
+    assert issubclass(BudgetExceeded, BundleError)
+
+
+def test_inspect_json_adds_up_to_the_file_sizes(int8_bundle):
+    result = run_cli("inspect", str(int8_bundle.path), "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    sizes = {p.name: p.stat().st_size for p in int8_bundle.path.iterdir()}
+    assert {f["name"]: f["bytes"] for f in report["files"]} == sizes
+    assert report["total_bytes"] == sum(sizes.values())
+    for f in report["files"]:
+        assert sum(p["bytes"] for p in f["parts"]) == f["bytes"], f["name"]
+    program = {p["name"]: p for p in report["files"][0]["parts"]}
+    assert report["files"][0]["name"] == "model.pte" and report["recipe"] == "int8"
+    for table in ("item_table", "category_table", "candidate_features"):
+        assert program[table]["dtype"] == "int8" and program[f"{table}.scales"]["dtype"] == "float32"
+        assert program[table]["bytes"] == int(np.prod(program[table]["shape"]))
+    assert any(p["kind"] == "delegate" for p in program.values())
+    from sdk_builder.inspect_bundle import format_report
+
+    human = format_report(report)
+    assert "item_table" in human and "manifest.json" in human and f"{report['total_bytes']:,}" in human
+
+
+def test_stamped_int8_program_matches_the_full_export(int8_builder, int8_bundle, user_id):
+    """The default path for many users: one int8 template, each user's constants stamped in. The
+    stamped program must run exactly like the fully exported one of the same user."""
+    from sdk_builder.bundle import _ShardManifest
+    from sdk_builder.client import encode
+    from sdk_builder.export import load_runtime_method, slice_constants
+    from sdk_builder.quantize import build_int8_template
+
+    builder = int8_builder
+    shard, _ = builder.shard_for(builder.user_row(user_id))
+    other, _ = builder.shard_for(builder.user_row(int(builder.ckpt.users.ids[9])))
+    template = build_int8_template(builder.model, builder.layout, "int8", other, builder.ckpt.item_category)
+    stamped = template.stamp(slice_constants(builder.model, shard, builder.ckpt.item_category, builder.layout))
+    exported = (int8_bundle.path / "model.pte").read_bytes()
+    assert len(stamped) == len(exported)
+    a, b = load_runtime_method(stamped), load_runtime_method(exported)
+    view = _ShardManifest(builder.ckpt, shard)
+    for case in builder.golden_requests(user_id, shard):
+        request = encode(view, case.history, case.request_time, list(view.items.ids) + [10**12]).tensors()
+        assert torch.equal(a.execute(request)[0], b.execute(request)[0])

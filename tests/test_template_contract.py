@@ -1,0 +1,194 @@
+"""No drift between the bundle formats (sdk_builder/formats.py) and the three clients.
+
+Every JSON key the Kotlin, Swift and C++ sources read or write (found by grepping their key-access
+calls) must be a field of the Manifest model (by alias), of GoldenSet, or a property of the generated
+events schema; the clients must agree with each other on the keys, the format version, the input
+order and the file names; and the Swift package, which cannot be compiled here, must keep mirroring
+the Kotlin library (same types, same test names).
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+import typing
+from pathlib import Path
+
+import pytest
+from pydantic import BaseModel
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_native_client import REPO, bundle_dirs, load_json  # noqa: E402
+
+from sdk_builder import formats  # noqa: E402
+
+TEMPLATES = REPO / "mobile_templates"
+KOTLIN_MAIN = TEMPLATES / "android" / "tbsm" / "src" / "main" / "kotlin"
+KOTLIN_TEST = TEMPLATES / "android" / "tbsm" / "src" / "test" / "kotlin"
+SWIFT_MAIN = TEMPLATES / "ios" / "Sources" / "TbsmSDK"
+SWIFT_TEST = TEMPLATES / "ios" / "Tests" / "TbsmSDKTests"
+CPP_MAIN = TEMPLATES / "native" / "src"
+
+# How each client spells "read key K" / "write key K".
+READ_PATTERNS = {
+    "kotlin": r'\.get(?:JSONArray|JSONObject|Long|Int|String|Double|Boolean)\("([^"]+)"\)',
+    "swift": r'\.(?:long|int|double|string|object|objects|longs|doubles|longMap|stringMap)\("([^"]+)"\)',
+    "cpp": r'\.(?:at|find)\("([^"]+)"\)',
+}
+WRITE_PATTERNS = {
+    "kotlin": r'\.put\("([^"]+)"',
+    "swift": r'"([a-z][a-z_]*)"\s*:\s*[A-Za-z]',
+}
+SOURCES = {"kotlin": (KOTLIN_MAIN, "*.kt"), "swift": (SWIFT_MAIN, "*.swift"), "cpp": (CPP_MAIN, "*.[ch]pp")}
+
+# Keys every client has to read to follow the contract.
+CORE_KEYS = {
+    "format_version", "user_id", "files", "items", "categories", "ids", "first_row", "oov_row",
+    "padding_row", "behaviors", "program", "inputs", "name", "method", "max_history", "max_candidates",
+    "events", "item_id", "category_id", "behavior", "timestamp",
+    "tolerance", "cases", "history", "request_time", "candidates", "scores",
+}
+
+
+def source_text(lang: str) -> str:
+    root, pattern = SOURCES[lang]
+    files = sorted(root.rglob(pattern))
+    assert files, f"no {lang} sources under {root}"
+    return "\n".join(f.read_text() for f in files)
+
+
+def keys(lang: str, patterns: dict[str, str]) -> set[str]:
+    return set(re.findall(patterns[lang], source_text(lang)))
+
+
+def model_keys(model: type[BaseModel]) -> set[str]:
+    """Field names (aliases where set) of a pydantic model and of the models nested in it."""
+    out: set[str] = set()
+    todo, seen = [model], set()
+    while todo:
+        m = todo.pop()
+        if m in seen:
+            continue
+        seen.add(m)
+        for name, field in m.model_fields.items():
+            out.add(field.alias or name)
+            stack = [field.annotation]
+            while stack:
+                t = stack.pop()
+                if isinstance(t, type) and issubclass(t, BaseModel):
+                    todo.append(t)
+                stack.extend(typing.get_args(t))
+    return out
+
+
+def schema_keys(schema: dict) -> set[str]:
+    out: set[str] = set()
+
+    def walk(node):
+        if isinstance(node, dict):
+            for name, sub in node.get("properties", {}).items():
+                out.add(name)
+                walk(sub)
+            for k, v in node.items():
+                if k != "properties":
+                    walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+
+    walk(schema)
+    return out
+
+
+MANIFEST_KEYS = model_keys(formats.Manifest)
+GOLDEN_KEYS = model_keys(formats.GoldenSet)
+SCHEMA_KEYS = schema_keys(formats.events_json_schema())
+KNOWN_KEYS = MANIFEST_KEYS | GOLDEN_KEYS | SCHEMA_KEYS
+
+
+@pytest.mark.parametrize("lang", ["kotlin", "swift", "cpp"])
+def test_every_key_a_client_reads_is_defined_by_the_formats(lang):
+    read = keys(lang, READ_PATTERNS)
+    assert read, f"found no JSON reads in the {lang} sources: is the pattern out of date?"
+    unknown = read - KNOWN_KEYS
+    assert not unknown, f"{lang} reads keys that neither Manifest, GoldenSet nor the events schema define: {unknown}"
+
+
+@pytest.mark.parametrize("lang", ["kotlin", "swift", "cpp"])
+def test_every_client_reads_the_core_keys(lang):
+    missing = CORE_KEYS - keys(lang, READ_PATTERNS)
+    assert not missing, f"{lang} does not read {missing}"
+
+
+def test_core_keys_are_defined_by_the_formats():
+    assert CORE_KEYS <= KNOWN_KEYS, CORE_KEYS - KNOWN_KEYS
+
+
+@pytest.mark.parametrize("lang", ["kotlin", "swift"])
+def test_history_files_are_written_in_the_events_schema(lang):
+    written = keys(lang, WRITE_PATTERNS)
+    schema = formats.events_json_schema()
+    event_schema = schema["$defs"]["Event"]
+    required = set(schema.get("required", [])) | set(event_schema.get("required", []))
+    assert written == set(schema["properties"]) | set(event_schema["properties"]), written
+    assert required <= written
+
+
+def _quoted_list(text: str, start: str) -> list[str]:
+    i = text.index(start)
+    body = text[i : text.index(")" if "listOf" in start else ("]" if "[" in start else "}"), i + len(start))]
+    return re.findall(r'"([^"]+)"', body)
+
+
+def test_clients_agree_on_input_names_and_the_bundle_lists_them_in_that_order():
+    kotlin = _quoted_list(source_text("kotlin"), "INPUT_NAMES = listOf(")
+    swift = _quoted_list(source_text("swift"), "inputNames = [")
+    cpp = _quoted_list(source_text("cpp"), "names = {")
+    assert kotlin == swift == cpp, (kotlin, swift, cpp)
+    for bundle in bundle_dirs():
+        manifest = load_json(bundle / "manifest.json")
+        assert [spec["name"] for spec in manifest["program"]["inputs"]] == kotlin, bundle
+
+
+def test_clients_agree_on_the_format_version():
+    version = formats.BUNDLE_FORMAT_VERSION
+    assert re.search(rf"const val FORMAT_VERSION = {version}\b", source_text("kotlin"))
+    assert re.search(rf"static let supportedFormatVersion = {version}\b", source_text("swift"))
+    assert re.search(rf"constexpr int64_t kFormatVersion = {version};", source_text("cpp"))
+
+
+@pytest.mark.parametrize("lang", ["kotlin", "swift", "cpp"])
+def test_file_names_the_clients_open_exist_in_bundles(lang):
+    names = set(re.findall(r'"/?([\w.-]+\.(?:json|pte))"', source_text(lang))) - {"history.json", "tbsm-history.json"}
+    assert {"manifest.json", "model.pte"} <= names, names
+    for bundle in bundle_dirs():
+        present = {p.name for p in bundle.iterdir()}
+        assert names <= present, (lang, names - present)
+
+
+def _declared_types(text: str, kinds: str) -> set[str]:
+    return set(re.findall(rf"^\s*(?:public |internal |private )?(?:final |data |abstract )?(?:{kinds}) (\w+)", text, re.M))
+
+
+def test_swift_declares_the_same_types_as_kotlin():
+    kotlin = _declared_types(source_text("kotlin"), "class|interface|object")
+    swift = _declared_types(source_text("swift"), "class|struct|enum|protocol")
+    # Kotlin's exception and Android glue have Swift counterparts under other names.
+    kotlin -= {"BundleException"}
+    swift -= {"TbsmError", "JSONObject"}
+    assert kotlin == swift, kotlin ^ swift
+
+
+def test_swift_tests_mirror_the_kotlin_tests():
+    kotlin_tests = set()
+    for path in KOTLIN_TEST.rglob("*Test.kt"):
+        kotlin_tests |= set(re.findall(r"@Test(?:\([^)]*\))?\s+fun (\w+)\(", path.read_text()))
+    swift_tests = set()
+    for path in SWIFT_TEST.rglob("*Tests.swift"):
+        swift_tests |= {name[4].lower() + name[5:] for name in re.findall(r"func (test\w+)\(", path.read_text())}
+    missing = kotlin_tests - swift_tests
+    assert not missing, f"Kotlin tests without a Swift twin: {missing}"
+
+
+def test_swift_and_kotlin_read_the_same_keys():
+    assert keys("kotlin", READ_PATTERNS) == keys("swift", READ_PATTERNS)
