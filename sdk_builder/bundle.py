@@ -29,7 +29,7 @@ from sdk_builder.export import Shard, SliceLayout, compile_program, load_runtime
 from sdk_builder.stamp import ProgramTemplate
 from sdk_builder.formats import (
     BEHAVIOR_CODES, MAX_HISTORY, Event, EventHistory, GoldenCase, GoldenSet, IdShard, Manifest,
-    ShardPolicy as ShardPolicyModel, events_json_schema,
+    ShardPolicy as ShardPolicyModel, compact_json, events_json_schema,
 )
 from sdk_builder.shard import ShardIndex, ShardPolicy
 from sdk_builder.training import LoadedCheckpoint, versions
@@ -94,7 +94,7 @@ class BundleBuilder:
                                   min(ckpt.categories.rows, max(category_capacity, 1) + RESERVED_ROWS))
         self.template: ProgramTemplate | None = None
         self.versions = versions()
-        self.schema_bytes = (json.dumps(events_json_schema(), indent=2, sort_keys=True) + "\n").encode()
+        self.schema_bytes = compact_json(events_json_schema()).encode()
         key_material = json.dumps({"checkpoint": ckpt.sha256, "data": data.fingerprint(), "policy": self.policy.to_dict(),
                                    "recipe": recipe, "seed": seed, "layout": [self.layout.item_rows, self.layout.category_rows],
                                    "sdk": self.versions["tbsm_sdk"], "format": Manifest.model_fields["format_version"].default,
@@ -196,24 +196,23 @@ class BundleBuilder:
     def eager_scores_mixed(self, requests: list[tuple[Shard, EventHistory, int, list[int]]]) -> list[np.ndarray]:
         """The full eager model on each (shard, request), in one batch; ids outside a request's
         shard map to the OOV row, as on the phone."""
-        parts = []
+        encoded = []
         for shard, history, request_time, candidate_ids in requests:
             req = encode(_ShardManifest(self.ckpt, shard), history, request_time, candidate_ids)
             full_item = np.concatenate([[PADDING_ROW, OOV_ROW], shard.item_rows])
             full_cat = np.concatenate([[PADDING_ROW, OOV_ROW], shard.category_rows])
-            n = len(req.candidates)
-            cand_full = full_item[req.candidates]
-            cand_cat = np.where(cand_full >= RESERVED_ROWS, self.ckpt.item_category[cand_full], OOV_ROW)
-            items = np.tile(np.append(full_item[req.hist_items], 0), (n, 1))
-            cats = np.tile(np.append(full_cat[req.hist_categories], 0), (n, 1))
-            items[:, -1], cats[:, -1] = cand_full, cand_cat
-            behaviors = np.tile(np.append(req.hist_behaviors, 0), (n, 1))
-            stamps = np.tile(np.append(req.hist_timestamps, request_time), (n, 1))
-            parts.append((np.full(n, shard.user_row), items, cats, behaviors, stamps))
-        users, items, cats, behaviors, stamps = (torch.from_numpy(np.concatenate(x)) for x in zip(*parts))
-        with torch.no_grad():
-            scores = self.model.score(users, items, cats, behaviors, stamps).numpy().astype(np.float64)
-        return np.split(scores, np.cumsum([len(p[0]) for p in parts])[:-1])
+            cand = full_item[req.candidates]
+            encoded.append((shard.user_row, full_item[req.hist_items], full_cat[req.hist_categories], req.hist_behaviors,
+                            req.hist_timestamps, request_time, cand,
+                            np.where(cand >= RESERVED_ROWS, self.ckpt.item_category[cand], OOV_ROW)))
+        width = max(len(e[6]) for e in encoded)
+        pad = lambda a, fill: np.pad(a, (0, width - len(a)), constant_values=fill)  # noqa: E731
+        columns = list(zip(*encoded))
+        tensors = [torch.from_numpy(np.asarray(columns[i], dtype=np.int64)) for i in range(6)]
+        cand_items = torch.from_numpy(np.stack([pad(a, OOV_ROW) for a in columns[6]]))
+        cand_cats = torch.from_numpy(np.stack([pad(a, OOV_ROW) for a in columns[7]]))
+        scores = self.model.rank(*tensors, cand_items, cand_cats).numpy().astype(np.float64)
+        return [scores[i, : len(e[6])] for i, e in enumerate(encoded)]
 
     def is_current(self, path: Path) -> bool:
         """A bundle at `path` built with the same inputs (checkpoint, data, policy, recipe, seed, SDK)."""
@@ -342,6 +341,8 @@ def verify_bundle(path: Path) -> dict:
         raise BundleError(f"{bundle.path / SCHEMA}: not a valid JSON Schema ({type(exc).__name__})") from None
     validator = Draft202012Validator(schema)
     golden = bundle.golden()
+    if golden.tolerance != m.golden_tolerance:
+        raise BundleError(f"{bundle.path / GOLDEN}: tolerance {golden.tolerance:g} differs from the manifest's {m.golden_tolerance:g}")
     for case in golden.cases:
         errors = list(validator.iter_errors(case.history.model_dump(mode="json")))
         if errors:

@@ -13,8 +13,19 @@ import numpy as np
 DEFAULT_SEED = 0
 
 
+def _json_safe(value):
+    """NaN/inf are not JSON: report them as null."""
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
 def _emit(as_json: bool, payload: dict, human: str) -> None:
-    click.echo(json.dumps(payload, indent=1, default=float) if as_json else human)
+    click.echo(json.dumps(_json_safe(payload), indent=1, default=float) if as_json else human)
 
 
 def _fail(message: str) -> None:
@@ -163,8 +174,7 @@ def train_cmd(inputs, fmt, columns, strict, time_range, protocol, samples_per_us
     except ValueError as exc:
         _fail(str(exc))
     train_cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, eval_every=eval_every)
-    bar = tqdm(total=0, unit="step", disable=as_json or not sys.stderr.isatty() and os.environ.get("CI") == "true",
-               desc="train", leave=False)
+    bar = tqdm(total=0, unit="step", disable=as_json or not sys.stderr.isatty(), desc="train", leave=False)
 
     def progress(step: int, loss: float) -> None:
         bar.update(1)
@@ -431,6 +441,51 @@ def demo_cmd(out, users, seed):
 
     click.echo("[3/3] verifying it in the ExecuTorch runtime")
     ctx.invoke(verify_cmd, bundle=str(bundle_path(Path(out) / "bundles", user_id)), as_json=False)
+
+
+TEMPLATES = Path(__file__).resolve().parents[1] / "mobile_templates"
+# Where each template expects a bundle: the sample app's assets / the Swift tests' resources.
+BUNDLE_DESTINATION = {"android": Path("sample/src/main/assets/tbsm"), "ios": Path("Tests/TbsmSDKTests/Resources/tbsm")}
+
+
+@main.command("init-mobile")
+@click.argument("platform", type=click.Choice(sorted(BUNDLE_DESTINATION)))
+@click.argument("dest", type=click.Path(file_okay=False))
+@click.option("--bundle", type=click.Path(exists=True, file_okay=False), help="A bundle to ship in the project (verified first).")
+@click.option("--force", is_flag=True, help="Write into a non-empty DEST.")
+def init_mobile_cmd(platform, dest, bundle, force):
+    """Scaffold an Android (Kotlin) or iOS (Swift) project from the templates.
+
+    \b
+    Examples:
+      tbsm-sdk init-mobile android MyApp --bundle bundles/3f/a2/1234
+      tbsm-sdk init-mobile ios MyKit
+    """
+    import shutil
+
+    from sdk_builder.bundle import verify_bundle
+    from sdk_builder.client import BundleError
+
+    source = TEMPLATES / platform
+    if not source.is_dir():
+        _fail(f"{source}: the {platform} template is missing (use a source checkout of tbsm-sdk)")
+    dest_path = Path(dest)
+    if dest_path.exists() and any(dest_path.iterdir()) and not force:
+        _fail(f"{dest_path} is not empty (pass --force to write into it)")
+    if bundle:
+        try:
+            verify_bundle(Path(bundle))
+        except BundleError as exc:
+            _fail(str(exc))
+    shutil.copytree(source, dest_path, dirs_exist_ok=True, ignore=shutil.ignore_patterns("build", ".gradle", "*.class"))
+    if bundle:
+        target = dest_path / BUNDLE_DESTINATION[platform]
+        shutil.rmtree(target, ignore_errors=True)
+        target.mkdir(parents=True)
+        for name in ("model.pte", "manifest.json", "events.schema.json", "golden.json"):
+            shutil.copy2(Path(bundle) / name, target / name)
+    click.echo(f"created the {platform} project in {dest_path}" + (f" with the bundle in {BUNDLE_DESTINATION[platform]}" if bundle else "")
+               + f"; next: docs/{platform}.md")
 
 
 @main.command("synth")

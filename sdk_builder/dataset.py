@@ -183,7 +183,10 @@ def index_events(events: EventLog) -> PreparedData:
     user_start = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
     item_category = np.full(items.rows, OOV_ROW, dtype=np.int64)
     item_category[PADDING_ROW] = PADDING_ROW
-    item_category[item_rows] = cat_rows  # later events win: an item's category is its last seen one
+    # An item's category is the one of its latest event (in time, across users).
+    by_time = np.argsort(events.timestamp, kind="stable")[::-1]
+    latest_items, first = np.unique(item_rows[by_time], return_index=True)
+    item_category[latest_items] = cat_rows[by_time][first]
     return PreparedData(
         users=users, items=items, categories=categories, user_start=user_start,
         item_rows=item_rows, cat_rows=cat_rows, behaviors=events.behavior.astype(np.int8),
@@ -256,7 +259,7 @@ def build_holdout(data: PreparedData, *, seed: int, samples_per_user: int, min_h
 
 
 # Positives (and as many negatives) per training user, by how many of the user's last
-# `_REFERENCE_WINDOW` events there are: <10 -> 0, <20 -> 1, <30 -> 3, <40 -> 6, otherwise the cap.
+# `_REFERENCE_WINDOW` events there are: <=10 -> 0, <=20 -> 1, <=30 -> 3, <=40 -> 6, otherwise the cap.
 _REFERENCE_REGIME = (0, 1, 3, 6)
 _REFERENCE_WINDOW = 200
 

@@ -61,7 +61,7 @@ class EventHistory(BaseModel):
     )
 
     user_id: NonNegativeInt = Field(description="Global id of the user the bundle was built for.")
-    events: list[Event] = Field(default_factory=list, max_length=MAX_HISTORY)
+    events: list[Event] = Field(max_length=MAX_HISTORY, description="Oldest first; [] for a user with no events yet.")
 
     @model_validator(mode="after")
     def _time_ordered(self) -> EventHistory:

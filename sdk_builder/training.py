@@ -142,6 +142,10 @@ def train_run(
             raise RunError(f"--resume: {last_path} was trained on other data (fingerprint mismatch)")
         if last["model_config"] != model_cfg.to_dict():
             raise RunError(f"--resume: {last_path} has another model config")
+        resumable = ("batch_size", "lr", "seed")  # epochs and eval_every may change on resume
+        changed = [k for k in resumable if last["train_config"][k] != asdict(train_cfg)[k]]
+        if changed:
+            raise RunError(f"--resume: {last_path} was trained with another {', '.join(changed)}")
         model.load_state_dict(last["model_state"])
         optimizer.load_state_dict(last["optimizer_state"])
         state = TrainState(**last["train_state"])

@@ -192,3 +192,20 @@ def test_swift_tests_mirror_the_kotlin_tests():
 
 def test_swift_and_kotlin_read_the_same_keys():
     assert keys("kotlin", READ_PATTERNS) == keys("swift", READ_PATTERNS)
+
+
+def test_init_mobile_scaffolds_projects_with_a_verified_bundle(built_bundle, tmp_path):
+    """`tbsm-sdk init-mobile` copies the template and drops the bundle where the template reads it."""
+    import subprocess
+    import sys
+
+    cli = [sys.executable, "-m", "sdk_builder.cli", "init-mobile"]
+    android = subprocess.run([*cli, "android", str(tmp_path / "app"), "--bundle", str(built_bundle)], capture_output=True, text=True)
+    assert android.returncode == 0, android.stderr
+    assets = tmp_path / "app" / "sample" / "src" / "main" / "assets" / "tbsm"
+    assert (assets / "model.pte").read_bytes() == (built_bundle / "model.pte").read_bytes()
+    assert (tmp_path / "app" / "tbsm" / "build.gradle.kts").is_file()
+    ios = subprocess.run([*cli, "ios", str(tmp_path / "kit")], capture_output=True, text=True)
+    assert ios.returncode == 0 and (tmp_path / "kit" / "Package.swift").is_file()
+    again = subprocess.run([*cli, "ios", str(tmp_path / "kit")], capture_output=True, text=True)
+    assert again.returncode != 0 and "not empty" in again.stderr.strip().splitlines()[-1]
