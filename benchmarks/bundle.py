@@ -59,7 +59,7 @@ def main() -> None:
 
     from model.tbsm import TBSMConfig
     from model.train import TrainConfig
-    from sdk_builder.bundle import BundleBuilder, _ShardManifest
+    from sdk_builder.bundle import BundleBuilder
     from sdk_builder.client import Bundle, encode
     from sdk_builder.dataset import PreparedData, prepare
     from sdk_builder.events import read_taobao_csv
@@ -136,7 +136,6 @@ def main() -> None:
         runtime = timed(lambda: bundle.method.execute(tensors), args.repeats)
         with torch.no_grad():
             eager_sliced = timed(lambda: sliced(*tensors), args.repeats)
-            full_request = encode(_ShardManifest(ckpt, shard), history, request_time, candidates)
             eager_full = timed(lambda: builder.eager_scores(shard, history, request_time, candidates), max(50, args.repeats // 5))
         latency[n] = (runtime, eager_sliced, eager_full)
 

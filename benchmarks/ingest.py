@@ -21,8 +21,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-DOC = REPO / "docs" / "benchmarks.md"
+from _common import DOC, REPO, append_to_doc, cpu_count, git_commit
+
 SECTION = "## Ingestion"
 SEED = 0
 
@@ -86,20 +86,6 @@ def measure(path: Path) -> dict[str, float | str]:
     return json.loads(run_python(MEASURE, str(path)).strip().splitlines()[-1])
 
 
-def git_commit() -> str:
-    try:
-        done = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True
-        )
-    except (OSError, subprocess.CalledProcessError):
-        return "none"
-    return done.stdout.strip()
-
-
-def cpu_count() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
 def markdown(result: dict[str, float | str], file_bytes: int) -> str:
     mib = 1 << 20
     columns = {
@@ -121,22 +107,6 @@ def markdown(result: dict[str, float | str], file_bytes: int) -> str:
     )
 
 
-def append_to_doc(entry: str) -> None:
-    """Add ``entry`` at the end of the Ingestion section, creating file and section if needed."""
-    text = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
-    lines = text.rstrip("\n").split("\n")
-    if SECTION not in lines:
-        lines += ["", SECTION]
-    start = lines.index(SECTION) + 1
-    heading = next((i for i in range(start, len(lines)) if lines[i].startswith("## ")), len(lines))
-    end = heading
-    while end > start and not lines[end - 1].strip():
-        end -= 1
-    lines[end:heading] = ["", *entry.split("\n"), *([""] if heading < len(lines) else [])]
-    DOC.parent.mkdir(parents=True, exist_ok=True)
-    DOC.write_text("\n".join(lines) + "\n")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rows", type=int, default=10_000_000, help="rows of synthetic data (default 10M)")
@@ -152,7 +122,7 @@ def main() -> None:
         f"(`benchmarks/ingest.py --rows {args.rows}`)"
     )
     print(table)
-    append_to_doc(f"{context}\n\n{table}")
+    append_to_doc(SECTION, f"{context}\n\n{table}")
     print(f"\nappended to {DOC}")
 
 

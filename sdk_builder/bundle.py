@@ -105,11 +105,11 @@ class BundleBuilder:
     def prepare_stamping(self, guard_users: int = 3) -> float:
         """Export the template once and check it: stamped vs fully exported programs of a few users
         must agree in the runtime. Returns the max abs difference seen (0 when bit-identical)."""
-        from sdk_builder.stamp import build_template, check_against_export
-
-        if self.recipe == "int8":  # int8 tables: the quantized template and its guard (sdk_builder/quantize.py)
-            from sdk_builder.quantize import build_int8_template as build_template  # noqa: F811
-            from sdk_builder.quantize import check_int8_against_export as check_against_export  # noqa: F811
+        if self.recipe == "int8":  # int8 tables: the quantized template and its guard
+            from sdk_builder.quantize import build_int8_template as build_template
+            from sdk_builder.quantize import check_int8_against_export as check_against_export
+        else:
+            from sdk_builder.stamp import build_template, check_against_export
         users = [int(u) for u in self.ckpt.users.ids[: max(guard_users, 1)]]
         shards = [self.shard_for(self.user_row(u))[0] for u in users]
         template = build_template(self.model, self.layout, self.recipe, shards[0], self.ckpt.item_category)

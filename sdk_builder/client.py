@@ -17,7 +17,7 @@ import torch
 from pydantic import ValidationError
 
 from sdk_builder.formats import (
-    BUNDLE_FORMAT_VERSION, MAX_CANDIDATES, EventHistory, GoldenSet, IdShard, Manifest,
+    BUNDLE_FORMAT_VERSION, EventHistory, GoldenSet, IdShard, Manifest,
 )
 
 MANIFEST = "manifest.json"
@@ -138,8 +138,3 @@ class Bundle:
             return GoldenSet.model_validate_json(path.read_text())
         except ValidationError as exc:
             raise BundleError(validation_message(str(path), exc)) from None
-
-
-def check_candidate_count(n: int) -> None:
-    if not 1 <= n <= MAX_CANDIDATES:
-        raise BundleError(f"candidates: {n} given; 1 to {MAX_CANDIDATES} are allowed")

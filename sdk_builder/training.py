@@ -40,7 +40,6 @@ class RunError(RuntimeError):
 
 
 def versions() -> dict[str, str]:
-    import executorch  # noqa: F401  (only its version is needed)
     from importlib.metadata import version
 
     from sdk_builder import __version__
