@@ -219,3 +219,14 @@ def test_interrupted_write_leaves_no_partial_bundle(tmp_path):
     with pytest.raises(TypeError):
         write_bundle_atomically(final, {"model.pte": b"new", "manifest.json": None})
     assert (final / "model.pte").read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["42"]
+
+
+def test_categories_over_capacity_map_to_oov_on_both_sides(builder, tmp_path):
+    """A bundle that cannot carry all its items' categories scores them as unknown, and its golden
+    vectors (eager full model) agree with the program in the runtime."""
+    small = BundleBuilder(builder.ckpt, builder.data, builder.policy, recipe="portable", category_capacity=3)
+    user_id = int(builder.ckpt.users.ids[9])
+    path = small.build(user_id, tmp_path).path
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert len(manifest["categories"]["ids"]) == 3 and manifest["shard_policy"]["sources"]["categories_over_capacity"] > 0
+    assert verify_bundle(path)["max_abs_diff"] <= 1e-5
