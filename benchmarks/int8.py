@@ -260,8 +260,10 @@ def main() -> None:
          f"{auc_full:.4f} / {auc_fp32:.4f} / {auc_int8:.4f} on {len(points)} points of {n_users} users "
          f"({in_shard[labels == 1].mean():.0%} of positives, {in_shard[labels == 0].mean():.0%} of negatives in the shard)",
          "-", None),
-        ("AUC drop, full fp32 model -> int8 per-user programs", f"{auc_full - auc_int8:+.4f}",
-         f"<= {AUC_DROP_TARGET}", auc_full - auc_int8 <= AUC_DROP_TARGET),
+        # Not a verdict: per-user programs see the test positive in their shard (shards are cut
+        # from all of a user's events) while most negatives map to OOV, which flatters them.
+        ("AUC change, full fp32 model -> int8 per-user programs (shard effect included, see note)",
+         f"{auc_int8 - auc_full:+.4f}", "-", None),
         ("AUC drop, fp32 per-user programs -> int8 per-user programs (quantization alone)",
          f"{auc_fp32 - auc_int8:+.4f}; max abs score difference on these points {point_drift:.1e}",
          f"<= {AUC_DROP_TARGET}", auc_fp32 - auc_int8 <= AUC_DROP_TARGET),
