@@ -129,7 +129,7 @@ def prepare_cmd(inputs, fmt, columns, strict, time_range, protocol, samples_per_
 @click.option("--batch-size", type=int, default=256, show_default=True)
 @click.option("--lr", type=float, default=0.05, show_default=True, help="Adagrad learning rate.")
 @click.option("--seed", type=int, default=DEFAULT_SEED, show_default=True)
-@click.option("--eval-every", type=int, default=0, help="Validate every N steps (default: once per epoch).")
+@click.option("--eval-every", type=int, default=0, help="Validate every N steps (default: about 10 times per run, and at every epoch end).")
 @click.option("--model-type", type=click.Choice(["tsl", "mha", "rnn"]), default="tsl", show_default=True)
 @click.option("--tsl-inner", type=click.Choice(["def", "ind", "dot"]), default="def", show_default=True)
 @click.option("--tsl-mechanism", type=click.Choice(["mlp", "mul"]), default="mlp", show_default=True)
@@ -309,9 +309,10 @@ def build_cmd(run, users, users_file, all_users, out, recipe, shard_size, catego
     finally:
         bar.close()
     payload = {"summary": {k: v for k, v in summary.__dict__.items() if k != "rows"}, "bundles": summary.rows}
+    speed = (f"{summary.bundles_per_second:,.1f} bundles/s after a {summary.template_seconds:.1f} s export"
+             if summary.template_seconds else f"{summary.seconds:.1f} s (full export per bundle)")
     human = (f"{summary.built:,} built, {summary.skipped_current:,} already up to date, {len(summary.unknown):,} unknown "
-             f"skipped; {summary.bundles_per_second:,.1f} bundles/s after a {summary.template_seconds:.1f} s export; "
-             f"index {summary.index}")
+             f"skipped; {speed}; index {summary.index}")
     if len(summary.rows) <= 10:
         human = "\n".join(f"{r['path']}: {r['bytes']:,} B" for r in summary.rows) + "\n" + human
     if recipe == "int8":  # measured drift vs budget of each bundle (up to 10 bundles) and every fp32 fallback

@@ -16,7 +16,7 @@ import json
 import os
 import platform
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -156,6 +156,9 @@ def train_run(
     train_auc_subset = train.take(np.sort(rng_auc.choice(len(train), min(len(train), TRAIN_AUC_SAMPLE), replace=False)))
     steps_per_epoch = -(-len(train) // train_cfg.batch_size)
     steps_callback(steps_per_epoch * train_cfg.epochs)
+    if not train_cfg.eval_every:
+        # About ten validations per run: a curve worth plotting and a best checkpoint worth the name.
+        train_cfg = replace(train_cfg, eval_every=max(1, steps_per_epoch * train_cfg.epochs // 10))
 
     def train_batches(epoch: int) -> Iterator[Batch]:
         # The order depends on (seed, epoch) only, so a resumed run sees the same batches.
