@@ -67,3 +67,25 @@ def append_to_doc(section: str, entry: str) -> None:
     lines[end:heading] = ["", *entry.split("\n"), *([""] if heading < len(lines) else [])]
     DOC.parent.mkdir(parents=True, exist_ok=True)
     DOC.write_text("\n".join(lines) + "\n")
+
+
+ML_SMALL = REPO.parent / "shared" / "data" / "ml-latest-small" / "UserBehavior.csv"
+
+
+def ml_small_run(out: Path) -> Path:
+    """Train the default model (holdout protocol, time feature, 1 epoch, seed 0) on ml-latest-small
+    in Taobao format into `out`; exit with a message when ../shared/data is absent."""
+    import sys
+
+    from model.tbsm import TBSMConfig
+    from model.train import TrainConfig
+    from sdk_builder.dataset import prepare
+    from sdk_builder.events import read_taobao_csv
+    from sdk_builder.training import train_run
+
+    if not ML_SMALL.exists():
+        sys.exit(f"{ML_SMALL} is absent: pass --run or provide ../shared/data")
+    events, _ = read_taobao_csv(ML_SMALL)
+    data = prepare(events, protocol="holdout", seed=0)
+    train_run(data, out, TBSMConfig(**data.table_sizes()), TrainConfig(epochs=1, seed=0))
+    return out

@@ -31,8 +31,8 @@ import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-ML = ROOT.parent / "shared" / "data" / "ml-latest-small" / "UserBehavior.csv"
 
+from benchmarks._common import ml_small_run  # noqa: E402
 from benchmarks.report import append_report  # noqa: E402
 
 SIZE_TARGET = 48 * 1024
@@ -110,26 +110,16 @@ def main() -> None:
     portable_lib._unsafe_reset_threadpool(1)
 
     from model.metrics import roc_auc
-    from model.tbsm import TBSMConfig
-    from model.train import TrainConfig
     from sdk_builder.bundle import BundleBuilder
     from sdk_builder.client import Bundle, encode
-    from sdk_builder.dataset import PreparedData, prepare
-    from sdk_builder.events import read_taobao_csv
+    from sdk_builder.dataset import PreparedData
     from sdk_builder.formats import Event, EventHistory
     from sdk_builder.inspect_bundle import inspect_bundle
     from sdk_builder.shard import ShardPolicy
-    from sdk_builder.training import DATA, load_checkpoint, train_run
+    from sdk_builder.training import DATA, load_checkpoint
 
     tmp = Path(tempfile.mkdtemp(prefix="tbsm-int8-bench-"))
-    run = args.run
-    if run is None:
-        if not ML.exists():
-            sys.exit(f"{ML} is absent: pass --run or provide ../shared/data")
-        events, _ = read_taobao_csv(ML)
-        data = prepare(events, protocol="holdout", seed=0)
-        run = tmp / "run"
-        train_run(data, run, TBSMConfig(**data.table_sizes()), TrainConfig(epochs=1, seed=0))
+    run = args.run or ml_small_run(tmp / "run")
     ckpt = load_checkpoint(run)
     data = PreparedData.load(Path(run) / DATA)
     test = data.splits["test"]

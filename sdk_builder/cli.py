@@ -210,19 +210,9 @@ def evaluate_cmd(run, split, as_json):
     Example:
       tbsm-sdk evaluate runs/ml --json
     """
-    from sdk_builder.dataset import PreparedData
-    from sdk_builder.training import DATA, RunError, evaluate_split, load_checkpoint
+    from sdk_builder.training import evaluate_split
 
-    try:
-        ckpt = load_checkpoint(Path(run))
-    except RunError as exc:
-        _fail(str(exc))
-    data_path = ckpt.path.parent / DATA
-    if not data_path.exists():
-        _fail(f"{data_path}: the run's prepared data is missing")
-    data = PreparedData.load(data_path)
-    if data.fingerprint() != ckpt.payload["data_fingerprint"]:
-        _fail(f"{data_path}: does not match the checkpoint's data fingerprint")
+    ckpt, data = _open_run(run)
     metrics = evaluate_split(ckpt.model, data, split)
     _emit(as_json, {"split": split, **metrics},
           f"{split}: AUC {metrics['auc']:.4f}  accuracy {metrics['accuracy']:.4f}  log-loss {metrics['log_loss']:.4f}  ({metrics['points']:,} points)")
@@ -239,7 +229,10 @@ def _open_run(run: str):
     data_path = ckpt.path.parent / DATA
     if not data_path.exists():
         _fail(f"{data_path}: the run's prepared data is missing")
-    return ckpt, PreparedData.load(data_path)
+    data = PreparedData.load(data_path)
+    if data.fingerprint() != ckpt.payload["data_fingerprint"]:
+        _fail(f"{data_path}: does not match the checkpoint's data fingerprint")
+    return ckpt, data
 
 
 @main.command("build")
