@@ -30,7 +30,7 @@ from sdk_builder.export import (
     USER_CONSTANTS, UserProgram, compile_program, export_program, load_runtime_method, lower, slice_constants,
 )
 from sdk_builder.formats import Quantization
-from sdk_builder.stamp import ProgramTemplate, StampingError
+from sdk_builder.stamp import ProgramTemplate, StampingError, check_against_export, offset_once
 
 INT8_RECIPE = "int8"
 INT8_TABLES = ("item_table", "category_table", "candidate_features")
@@ -161,26 +161,14 @@ def build_int8_template(model, layout, recipe: str, example, item_category):
     quantized = quantize_constants({name: sentinels[name] for name in USER_CONSTANTS})
     offsets, q_shapes, dtypes = {}, {}, {}
     for name, tensor in quantized.items():
-        raw = tensor.contiguous().numpy().tobytes()
-        first = program.find(raw)
-        if first < 0 or program.find(raw, first + 1) >= 0:
-            raise StampingError(f"per-user constant {name} is not stored verbatim exactly once in the {recipe} program")
-        offsets[name], q_shapes[name], dtypes[name] = first, tuple(tensor.shape), str(tensor.numpy().dtype)
+        offsets[name] = offset_once(program, tensor.contiguous().numpy().tobytes(), name, recipe)
+        q_shapes[name], dtypes[name] = tuple(tensor.shape), str(tensor.numpy().dtype)
     return Int8ProgramTemplate(program, offsets, q_shapes, layout, recipe, dtypes=dtypes)
 
 
 def check_int8_against_export(template, model, shards, item_category, requests) -> float:
     """`stamp.check_against_export` for int8 templates: stamped vs fully exported int8 programs."""
-    worst = 0.0
-    for shard in shards:
-        constants = slice_constants(model, shard, item_category, template.layout)
-        stamped = load_runtime_method(template.stamp(constants))
-        exported = load_runtime_method(bytes(lower(export_program(int8_program(model, constants)), template.recipe).buffer))
-        for request in requests:
-            worst = max(worst, float((stamped.execute(request)[0] - exported.execute(request)[0]).abs().max()))
-    if worst > 1e-6:
-        raise StampingError(f"stamped int8 programs differ from fully exported ones by {worst:.2e}; refusing to stamp")
-    return worst
+    return check_against_export(template, model, shards, item_category, requests, make_program=int8_program)
 
 
 # -- the budget, applied by BundleBuilder.build ---------------------------------------------------

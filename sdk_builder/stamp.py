@@ -11,6 +11,7 @@ same users must give the same outputs in the ExecuTorch runtime.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -51,25 +52,28 @@ def build_template(model: TBSM, layout: SliceLayout, recipe: str, example: Shard
     rng = np.random.default_rng(_SENTINEL_SEED)
     sentinels = {name: torch.from_numpy(rng.standard_normal(shape).astype(np.float32)) for name, shape in shapes.items()}
     program = bytes(lower(export_program(UserProgram(model, sentinels)), recipe).buffer)
-    offsets = {}
-    for name in USER_CONSTANTS:
-        raw = sentinels[name].numpy().tobytes()
-        first = program.find(raw)
-        if first < 0 or program.find(raw, first + 1) >= 0:
-            # Not stored verbatim exactly once (e.g. packed into a delegate blob): stamping would be unsafe.
-            raise StampingError(f"per-user constant {name} is not stored verbatim exactly once in the {recipe} program")
-        offsets[name] = first
+    offsets = {name: offset_once(program, sentinels[name].numpy().tobytes(), name, recipe) for name in USER_CONSTANTS}
     return ProgramTemplate(program, offsets, shapes, layout, recipe)
 
 
+def offset_once(program: bytes, raw: bytes, name: str, recipe: str) -> int:
+    """Where a constant's bytes sit in the program; refuses unless they occur exactly once
+    (not stored verbatim, e.g. packed into a delegate blob, or ambiguous: stamping would be unsafe)."""
+    first = program.find(raw)
+    if first < 0 or program.find(raw, first + 1) >= 0:
+        raise StampingError(f"per-user constant {name} is not stored verbatim exactly once in the {recipe} program")
+    return first
+
+
 def check_against_export(template: ProgramTemplate, model: TBSM, shards: list[Shard], item_category: np.ndarray,
-                         requests: list[list[torch.Tensor]]) -> float:
+                         requests: list[list[torch.Tensor]],
+                         make_program: Callable[[TBSM, dict[str, torch.Tensor]], torch.nn.Module] = UserProgram) -> float:
     """Max abs difference between stamped and fully exported programs over `requests`; raises on any."""
     worst = 0.0
     for shard in shards:
         constants = slice_constants(model, shard, item_category, template.layout)
         stamped = load_runtime_method(template.stamp(constants))
-        exported = load_runtime_method(bytes(lower(export_program(UserProgram(model, constants)), template.recipe).buffer))
+        exported = load_runtime_method(bytes(lower(export_program(make_program(model, constants)), template.recipe).buffer))
         for request in requests:
             a = stamped.execute(request)[0]
             b = exported.execute(request)[0]

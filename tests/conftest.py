@@ -8,6 +8,17 @@ SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 ML_SMALL = SHARED_DATA / "ml-latest-small" / "UserBehavior.csv"
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: OpenMP threads only add overhead (and spin badly on a busy 2-core machine)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory) -> Path:
     """A small model trained on synthetic data, shared by the bundle tests."""

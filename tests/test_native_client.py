@@ -40,6 +40,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from sdk_builder import formats  # noqa: E402
+from sdk_builder.export import program_spec  # noqa: E402
 
 # --------------------------------------------------------------------------------------------------
 # Reference mapping (the contract, written once in Python)
@@ -190,7 +191,7 @@ def bundle_dirs() -> list[Path]:
     import torch
 
     versions = f"torch={torch.__version__} executorch={executorch.version.__version__}"
-    generator = (build_toy_bundles, build_toy_bundle, _export, _program_spec, _toy_manifest, _toy_golden)
+    generator = (build_toy_bundles, build_toy_bundle, _export, _toy_manifest, _toy_golden)
     toy_key = _tree_hash([REPO / "sdk_builder" / "formats.py"],
                          versions + "".join(inspect.getsource(f) for f in (*generator, reference_inputs, local_row)))
     toy = _cached_bundles("toy", toy_key, build_toy_bundles)
@@ -325,22 +326,6 @@ def _export(model) -> bytes:
     return to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()]).to_executorch().buffer
 
 
-def _program_spec() -> formats.ProgramSpec:
-    t, n = formats.MAX_HISTORY, "n_candidates"
-    spec = formats.TensorSpec
-    return formats.ProgramSpec(
-        inputs=[
-            spec(name="hist_items", dtype="int64", shape=[t], description="local item rows, left-padded"),
-            spec(name="hist_categories", dtype="int64", shape=[t], description="local category rows"),
-            spec(name="hist_behaviors", dtype="int64", shape=[t], description="behavior codes, 0 = padding"),
-            spec(name="hist_timestamps", dtype="int64", shape=[t], description="Unix seconds, 0 = padding"),
-            spec(name="request_time", dtype="int64", shape=[1], description="Unix seconds of the request"),
-            spec(name="candidates", dtype="int64", shape=[n], description="local item rows to score"),
-        ],
-        outputs=[spec(name="scores", dtype="float32", shape=[n], description="click probability")],
-    )
-
-
 def _toy_manifest(user_id, seed, item_ids, cat_ids, quantized, n_items, n_cats, dim) -> formats.Manifest:
     import executorch.version
     import torch
@@ -351,7 +336,7 @@ def _toy_manifest(user_id, seed, item_ids, cat_ids, quantized, n_items, n_cats, 
         recipe="toy-int8" if quantized else "toy-fp32",
         checkpoint_sha256="0" * 64,
         model_config={"toy": True, "num_items": n_items, "num_categories": n_cats, "emb_dim": dim},
-        program=_program_spec(),
+        program=program_spec(),
         items=formats.IdShard(ids=item_ids),
         categories=formats.IdShard(ids=cat_ids),
         shard_policy=formats.ShardPolicy(name="toy", shard_size=len(item_ids), weights={}, sources={}),
