@@ -15,6 +15,8 @@ android {
         targetCompatibility = JavaVersion.VERSION_17
     }
     testOptions {
+        // AtomicFile logs (android.util.Log) on its failure paths; android.jar's stubs throw on the JVM.
+        unitTests.isReturnDefaultValues = true
         unitTests.all {
             // The JVM unit tests read a real bundle: the one the sample app ships.
             it.systemProperty("tbsm.bundle", rootProject.file("sample/src/main/assets/tbsm").absolutePath)
@@ -29,6 +31,8 @@ kotlin {
 dependencies {
     // Same ExecuTorch release as the one that exported model.pte (manifest "versions").
     api("org.pytorch:executorch-android:1.5.1")
+    // androidx.core.util.AtomicFile: the history file is replaced with write-new + fsync + rename.
+    implementation("androidx.core:core:1.15.0")
     testImplementation("junit:junit:4.13.2")
     // android.jar's org.json is a stub on the JVM; unit tests need a real implementation.
     testImplementation("org.json:json:20240303")

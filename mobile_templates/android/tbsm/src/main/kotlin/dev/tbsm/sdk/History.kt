@@ -1,6 +1,8 @@
 package dev.tbsm.sdk
 
+import androidx.core.util.AtomicFile
 import java.io.File
+import java.io.IOException
 import org.json.JSONArray
 import org.json.JSONObject
 
@@ -28,6 +30,9 @@ class HistoryBuffer(val userId: Long, val capacity: Int) {
     }
 
     fun clear() = events.clear()
+
+    /** An independent copy: changes go to the copy first and replace the original once saved. */
+    fun copy(): HistoryBuffer = HistoryBuffer(userId, capacity).also { it.events.addAll(events) }
 
     /** The EventHistory JSON document (events.schema.json). */
     fun toJson(): String {
@@ -61,40 +66,138 @@ class HistoryBuffer(val userId: Long, val capacity: Int) {
     }
 }
 
-/** Keeps a [HistoryBuffer] in a JSON file so the history survives restarts. */
-object HistoryStore {
+/**
+ * The history file exists but cannot be read now (an I/O error, storage still locked after a reboot):
+ * nothing was reset or moved; open again later.
+ */
+class HistoryUnavailableException(message: String, cause: Throwable? = null) : IOException(message, cause)
+
+/**
+ * The history kept in one JSON file, shared by every [TbsmRecommender] of the process that uses that
+ * file: [open] returns the same instance for the same canonical path, so two screens (or an activity
+ * and its re-creation after a rotation) add to one history instead of overwriting each other's.
+ *
+ * Every change is saved first (an [AtomicFile]: a new file, fsync, rename over the old one) and applied
+ * in memory only once the save has succeeded: a failed save throws and changes nothing.
+ */
+class HistoryStore private constructor(
+    val file: File,
+    private val key: String,
+    private var buffer: HistoryBuffer,
+) {
+    /** Open recommenders using this store; guarded by [registry]. */
+    private var users = 0
+
+    val userId: Long get() = buffer.userId
+
+    @Synchronized
+    fun events(): List<Event> = buffer.events()
+
     /**
-     * The history in [file], or an empty one when there is none. A corrupt file, or one written for
-     * another user, is moved aside to `<file>.corrupt`, reported through [onProblem], and replaced by
-     * an empty history.
+     * Saves the history with [event] appended, then keeps it. False (nothing saved or recorded) when
+     * [event] is older than the last event; an IOException from the save leaves the history as it was.
      */
-    fun load(file: File, manifest: BundleManifest, onProblem: (String) -> Unit): HistoryBuffer {
-        val empty = HistoryBuffer(manifest.userId, manifest.maxHistory)
-        if (!file.exists()) return empty
-        val problem = try {
-            val buffer = HistoryBuffer.fromJson(file.readText(), manifest.maxHistory)
-            val unknown = buffer.events().map { it.behavior }.filter { it !in manifest.behaviors }
-            when {
-                buffer.userId != manifest.userId -> "history is for user ${buffer.userId}, the bundle for ${manifest.userId}"
-                unknown.isNotEmpty() -> "history has unknown behaviors $unknown"
-                else -> return buffer
-            }
-        } catch (e: Exception) {
-            "history file is corrupt: ${e.message}"
-        }
-        file.renameTo(File(file.path + ".corrupt"))
-        onProblem(problem)
-        return empty
+    @Synchronized
+    fun record(event: Event): Boolean {
+        val next = buffer.copy()
+        if (!next.add(event)) return false
+        save(file, next)
+        buffer = next
+        return true
     }
 
-    /** Writes atomically: a temporary file renamed over the old one. */
-    fun save(file: File, history: HistoryBuffer) {
-        file.parentFile?.mkdirs()
-        val tmp = File(file.path + ".tmp")
-        tmp.writeText(history.toJson())
-        if (!tmp.renameTo(file)) {
-            file.delete()
-            check(tmp.renameTo(file)) { "cannot write $file" }
+    /** Saves an empty history, then keeps it. */
+    @Synchronized
+    fun clear() {
+        val next = HistoryBuffer(buffer.userId, buffer.capacity)
+        save(file, next)
+        buffer = next
+    }
+
+    /** Gives back one [open]; the last release forgets the instance (the next open reads the file again). */
+    fun release() {
+        synchronized(registry) {
+            users -= 1
+            if (users <= 0 && registry[key] === this) registry.remove(key)
+        }
+    }
+
+    companion object {
+        /** One store per canonical history path, for the whole process. */
+        private val registry = HashMap<String, HistoryStore>()
+
+        /**
+         * The store of [file] for [manifest]'s user: the instance already open for that file, or a new one
+         * with the history read from it ([load]). Each open needs one [release].
+         * Throws [HistoryUnavailableException] when the file exists but cannot be read, and
+         * IllegalStateException when the file is open for another user or another max_history.
+         */
+        @JvmStatic
+        fun open(file: File, manifest: BundleManifest, onProblem: (String) -> Unit): HistoryStore {
+            val canonical = file.canonicalFile
+            val key = canonical.path
+            synchronized(registry) {
+                val store = registry[key] ?: HistoryStore(canonical, key, load(canonical, manifest, onProblem)).also { registry[key] = it }
+                check(store.buffer.userId == manifest.userId && store.buffer.capacity == manifest.maxHistory) {
+                    "$file is already open for user ${store.buffer.userId} (max_history ${store.buffer.capacity}), " +
+                        "not for user ${manifest.userId} (max_history ${manifest.maxHistory}): close that recommender first"
+                }
+                store.users += 1
+                return store
+            }
+        }
+
+        /**
+         * The history in [file]:
+         * - no file: an empty history (a new user);
+         * - a file that exists but cannot be read: [HistoryUnavailableException], nothing is touched;
+         * - a file that is read but is not a valid history for this bundle (bad JSON, events out of order,
+         *   another user, unknown behaviours): moved aside to `<file>.corrupt`, reported through
+         *   [onProblem], replaced by an empty history.
+         */
+        @JvmStatic
+        fun load(file: File, manifest: BundleManifest, onProblem: (String) -> Unit): HistoryBuffer {
+            val empty = HistoryBuffer(manifest.userId, manifest.maxHistory)
+            val bytes = try {
+                AtomicFile(file).readFully()
+            } catch (e: IOException) {
+                if (!file.exists()) return empty
+                throw HistoryUnavailableException("cannot read the history file $file: ${e.message}", e)
+            }
+            val problem = try {
+                val buffer = HistoryBuffer.fromJson(String(bytes, Charsets.UTF_8), manifest.maxHistory)
+                val unknown = buffer.events().map { it.behavior }.filter { it !in manifest.behaviors }
+                when {
+                    buffer.userId != manifest.userId -> "history is for user ${buffer.userId}, the bundle for ${manifest.userId}"
+                    unknown.isNotEmpty() -> "history has unknown behaviors $unknown"
+                    else -> return buffer
+                }
+            } catch (e: Exception) {
+                "history file is corrupt: ${e.message}"
+            }
+            val aside = File(file.path + ".corrupt")
+            aside.delete()
+            val moved = file.renameTo(aside)
+            onProblem(if (moved) "$problem (moved to ${aside.name})" else "$problem (could not move it to ${aside.name})")
+            return empty
+        }
+
+        /** Replaces [file] with [history] through [AtomicFile] (written to `<file>.new`, fsynced, renamed). */
+        @JvmStatic
+        fun save(file: File, history: HistoryBuffer) {
+            file.parentFile?.mkdirs()
+            val atomic = AtomicFile(file)
+            val out = atomic.startWrite()
+            try {
+                out.write(history.toJson().toByteArray(Charsets.UTF_8))
+            } catch (e: IOException) {
+                atomic.failWrite(out)
+                throw e
+            }
+            atomic.finishWrite(out)
+            // finishWrite logs a failed rename instead of throwing; a "<file>.new" still there means the old
+            // file was not replaced, and the caller must not keep the change.
+            if (File(file.path + ".new").exists()) throw IOException("cannot replace $file")
         }
     }
 }
