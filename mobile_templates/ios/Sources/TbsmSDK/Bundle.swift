@@ -1,16 +1,19 @@
 import CryptoKit
 import Foundation
 
-/// A bundle that cannot be used (unknown format, missing or altered file, malformed manifest), or a
-/// call that breaks the contract. (Kotlin: BundleException, IllegalArgumentException.)
+/// A bundle that cannot be used (unknown format, missing or altered file, malformed manifest), a call
+/// that breaks the contract, or a call on a closed recommender. (Kotlin: BundleException,
+/// IllegalArgumentException, IllegalStateException.)
 public enum TbsmError: Error, CustomStringConvertible {
     case bundle(String)
     case invalidArgument(String)
+    case illegalState(String)
 
     public var description: String {
         switch self {
         case .bundle(let message): return message
         case .invalidArgument(let message): return message
+        case .illegalState(let message): return message
         }
     }
 }

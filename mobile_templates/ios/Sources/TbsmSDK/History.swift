@@ -41,6 +41,13 @@ public final class HistoryBuffer {
 
     public func clear() { items.removeAll() }
 
+    /// An independent copy: changes go to the copy first and replace the original once saved.
+    public func copy() -> HistoryBuffer {
+        let other = HistoryBuffer(userId: userId, capacity: capacity)
+        other.items = items
+        return other
+    }
+
     /// The EventHistory JSON document (events.schema.json).
     public func toJson() throws -> Data {
         let events: [[String: Any]] = items.map { e in
@@ -64,17 +71,134 @@ public final class HistoryBuffer {
     }
 }
 
-/// Keeps a `HistoryBuffer` in a JSON file so the history survives restarts.
-public enum HistoryStore {
-    /// The history in `file`, or an empty one when there is none. A corrupt file, or one written for
-    /// another user, is moved aside to `<file>.corrupt`, reported through `onProblem`, and replaced by
-    /// an empty history.
-    public static func load(_ file: URL, _ manifest: BundleManifest, _ onProblem: (String) -> Void) -> HistoryBuffer {
+/// The history file exists but cannot be read now (an I/O error, or data protection before the first
+/// unlock after a reboot): nothing was reset or moved; open again later. (Kotlin: the same name.)
+public struct HistoryUnavailableException: Error, CustomStringConvertible {
+    public let message: String
+    public let underlying: Error?
+
+    public init(_ message: String, underlying: Error? = nil) {
+        self.message = message
+        self.underlying = underlying
+    }
+
+    public var description: String { message }
+}
+
+/// The history kept in one JSON file, shared by every `TbsmRecommender` of the process that uses that
+/// file: `open` returns the same instance for the same canonical path, so two screens (or two scenes)
+/// add to one history instead of overwriting each other's.
+///
+/// Every change is saved first (`Data.write(options: .atomic)`: a uniquely named temporary file, fsync,
+/// rename over the old one; protected until the first unlock on iOS) and applied in memory only once
+/// the save has succeeded: a failed save throws and changes nothing.
+public final class HistoryStore {
+    public let file: URL
+    private let key: String
+    private var buffer: HistoryBuffer
+    private let lock = NSLock()
+    /// Open recommenders using this store; guarded by `registryLock`.
+    private var users = 0
+
+    /// One store per canonical history path, for the whole process.
+    private static var registry: [String: HistoryStore] = [:]
+    private static let registryLock = NSLock()
+
+    private init(file: URL, key: String, buffer: HistoryBuffer) {
+        self.file = file
+        self.key = key
+        self.buffer = buffer
+    }
+
+    public var userId: Int64 {
+        lock.lock()
+        defer { lock.unlock() }
+        return buffer.userId
+    }
+
+    public func events() -> [Event] {
+        lock.lock()
+        defer { lock.unlock() }
+        return buffer.events()
+    }
+
+    /// Saves the history with `event` appended, then keeps it. False (nothing saved or recorded) when
+    /// `event` is older than the last event; an error from the save leaves the history as it was.
+    @discardableResult
+    public func record(_ event: Event) throws -> Bool {
+        lock.lock()
+        defer { lock.unlock() }
+        let next = buffer.copy()
+        if !next.add(event) { return false }
+        try HistoryStore.save(file, next)
+        buffer = next
+        return true
+    }
+
+    /// Saves an empty history, then keeps it.
+    public func clear() throws {
+        lock.lock()
+        defer { lock.unlock() }
+        let next = HistoryBuffer(userId: buffer.userId, capacity: buffer.capacity)
+        try HistoryStore.save(file, next)
+        buffer = next
+    }
+
+    /// Gives back one `open`; the last release forgets the instance (the next open reads the file again).
+    public func release() {
+        HistoryStore.registryLock.lock()
+        defer { HistoryStore.registryLock.unlock() }
+        users -= 1
+        if users <= 0 && HistoryStore.registry[key] === self { HistoryStore.registry[key] = nil }
+    }
+
+    /// The store of `file` for `manifest`'s user: the instance already open for that file, or a new one
+    /// with the history read from it (`load`). Each open needs one `release`.
+    /// Throws `HistoryUnavailableException` when the file exists but cannot be read, and
+    /// `TbsmError.illegalState` when the file is open for another user or another max_history.
+    public static func open(_ file: URL, _ manifest: BundleManifest, _ onProblem: (String) -> Void) throws -> HistoryStore {
+        // Canonical path: the directory made to exist, then "." / ".." and symlinks resolved.
+        let dir = file.deletingLastPathComponent()
+        try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
+        let canonical = dir.standardizedFileURL.resolvingSymlinksInPath().appendingPathComponent(file.lastPathComponent)
+        let key = canonical.path
+        registryLock.lock()
+        defer { registryLock.unlock() }
+        let store: HistoryStore
+        if let existing = registry[key] {
+            store = existing
+        } else {
+            store = try HistoryStore(file: canonical, key: key, buffer: load(canonical, manifest, onProblem))
+            registry[key] = store
+        }
+        if store.buffer.userId != manifest.userId || store.buffer.capacity != manifest.maxHistory {
+            throw TbsmError.illegalState(
+                "\(file.path) is already open for user \(store.buffer.userId) (max_history \(store.buffer.capacity)), " +
+                    "not for user \(manifest.userId) (max_history \(manifest.maxHistory)): close that recommender first"
+            )
+        }
+        store.users += 1
+        return store
+    }
+
+    /// The history in `file`:
+    /// - no file: an empty history (a new user);
+    /// - a file that exists but cannot be read: `HistoryUnavailableException`, nothing is touched;
+    /// - a file that is read but is not a valid history for this bundle (bad JSON, events out of order,
+    ///   another user, unknown behaviours): moved aside to `<file>.corrupt`, reported through
+    ///   `onProblem`, replaced by an empty history.
+    public static func load(_ file: URL, _ manifest: BundleManifest, _ onProblem: (String) -> Void) throws -> HistoryBuffer {
         let empty = HistoryBuffer(userId: manifest.userId, capacity: manifest.maxHistory)
-        if !FileManager.default.fileExists(atPath: file.path) { return empty }
+        let data: Data
+        do {
+            data = try Data(contentsOf: file)
+        } catch {
+            if !FileManager.default.fileExists(atPath: file.path) { return empty }
+            throw HistoryUnavailableException("cannot read the history file \(file.path): \(error)", underlying: error)
+        }
         var problem = ""
         do {
-            let buffer = try HistoryBuffer.fromJson(Data(contentsOf: file), capacity: manifest.maxHistory)
+            let buffer = try HistoryBuffer.fromJson(data, capacity: manifest.maxHistory)
             let unknown = buffer.events().map { $0.behavior }.filter { manifest.behaviors[$0] == nil }
             if buffer.userId != manifest.userId {
                 problem = "history is for user \(buffer.userId), the bundle for \(manifest.userId)"
@@ -88,14 +212,21 @@ public enum HistoryStore {
         }
         let aside = URL(fileURLWithPath: file.path + ".corrupt")
         try? FileManager.default.removeItem(at: aside)
-        try? FileManager.default.moveItem(at: file, to: aside)
-        onProblem(problem)
+        let moved = (try? FileManager.default.moveItem(at: file, to: aside)) != nil
+        onProblem(moved ? "\(problem) (moved to \(aside.lastPathComponent))" : "\(problem) (could not move it to \(aside.lastPathComponent))")
         return empty
     }
 
-    /// Writes atomically (a temporary file renamed over the old one).
+    /// Replaces `file` with `history` atomically: Foundation writes a uniquely named temporary file,
+    /// fsyncs it and renames it over `file`. On iOS the file stays readable from the first unlock after
+    /// a reboot until the next reboot (background launches included).
     public static func save(_ file: URL, _ history: HistoryBuffer) throws {
         try FileManager.default.createDirectory(at: file.deletingLastPathComponent(), withIntermediateDirectories: true)
-        try history.toJson().write(to: file, options: .atomic)
+        #if os(macOS)
+        let options: Data.WritingOptions = [.atomic]
+        #else
+        let options: Data.WritingOptions = [.atomic, .completeFileProtectionUntilFirstUserAuthentication]
+        #endif
+        try history.toJson().write(to: file, options: options)
     }
 }

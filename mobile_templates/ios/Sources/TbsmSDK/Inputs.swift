@@ -45,4 +45,12 @@ public enum InputBuilder {
 public protocol Inference: AnyObject {
     /// One score per candidate, in candidate order.
     func scores(_ inputs: ModelInputs) throws -> [Float]
+
+    /// Frees the model; `TbsmRecommender.close()` calls it once, never during `scores`.
+    /// (Kotlin: AutoCloseable.close.)
+    func close()
+}
+
+public extension Inference {
+    func close() {}
 }

@@ -46,11 +46,11 @@ final class HistoryTests: XCTestCase {
     func testStoreSurvivesARestart() throws {
         let manifest = TestBundles.smallManifest()
         let file = try TestBundles.tempDir().appendingPathComponent("history.json")
-        let h = HistoryStore.load(file, manifest) { XCTFail($0) }
+        let h = try HistoryStore.load(file, manifest) { XCTFail($0) }
         XCTAssertTrue(h.add(event(1)))
         XCTAssertTrue(h.add(event(2, item: 300)))
         try HistoryStore.save(file, h)
-        let again = HistoryStore.load(file, manifest) { XCTFail($0) }
+        let again = try HistoryStore.load(file, manifest) { XCTFail($0) }
         XCTAssertEqual(again.events(), h.events())
     }
 
@@ -60,11 +60,103 @@ final class HistoryTests: XCTestCase {
         for content in ["{not json", #"{"user_id":8,"events":[]}"#, #"{"user_id":7,"events":[{"item_id":1}]}"#] {
             try Data(content.utf8).write(to: file)
             var problems: [String] = []
-            let h = HistoryStore.load(file, manifest) { problems.append($0) }
+            let h = try HistoryStore.load(file, manifest) { problems.append($0) }
             XCTAssertEqual(h.size, 0)
             XCTAssertEqual(problems.count, 1, content)
             XCTAssertFalse(FileManager.default.fileExists(atPath: file.path))
             XCTAssertTrue(FileManager.default.fileExists(atPath: file.path + ".corrupt"))
         }
+    }
+
+    func testMissingFileIsAnEmptyHistoryAndNoProblem() throws {
+        let file = try TestBundles.tempDir().appendingPathComponent("history.json")
+        let h = try HistoryStore.load(file, TestBundles.smallManifest()) { XCTFail($0) }
+        XCTAssertEqual(h.size, 0)
+        XCTAssertFalse(FileManager.default.fileExists(atPath: file.path))
+    }
+
+    func testSaveReplacesTheFileAtomically() throws {
+        let manifest = TestBundles.smallManifest()
+        let dir = try TestBundles.tempDir()
+        let file = dir.appendingPathComponent("history.json")
+        let h = HistoryBuffer(userId: 7, capacity: 4)
+        XCTAssertTrue(h.add(event(1)))
+        try HistoryStore.save(file, h)
+        // A write interrupted before its rename (power loss) leaves only a temporary file: the old history stays.
+        try Data(#"{"user_id":7,"ev"#.utf8).write(to: dir.appendingPathComponent(".dat.nosync1234.history"))
+        XCTAssertEqual(try HistoryStore.load(file, manifest) { XCTFail($0) }.events(), h.events())
+        try FileManager.default.removeItem(at: dir.appendingPathComponent(".dat.nosync1234.history"))
+        XCTAssertTrue(h.add(event(2)))
+        try HistoryStore.save(file, h)
+        XCTAssertEqual(try FileManager.default.contentsOfDirectory(atPath: dir.path), ["history.json"]) // no temporary file left behind
+        XCTAssertEqual(try Data(contentsOf: file), try h.toJson())
+    }
+
+    func testAFailedSaveChangesNothing() throws {
+        let manifest = TestBundles.smallManifest()
+        let dir = try TestBundles.tempDir()
+        let file = dir.appendingPathComponent("history.json")
+        let store = try HistoryStore.open(file, manifest) { XCTFail($0) }
+        defer { store.release() }
+        XCTAssertTrue(try store.record(event(1)))
+        let saved = try Data(contentsOf: file)
+        // Make the write fail: a read-only directory (XCTest does not run as root).
+        try FileManager.default.setAttributes([.posixPermissions: 0o555], ofItemAtPath: dir.path)
+        XCTAssertThrowsError(try store.record(event(2)))
+        XCTAssertThrowsError(try store.clear())
+        XCTAssertEqual(store.events().map { $0.timestamp }, [1])
+        XCTAssertEqual(try Data(contentsOf: file), saved)
+        try FileManager.default.setAttributes([.posixPermissions: 0o755], ofItemAtPath: dir.path)
+        XCTAssertTrue(try store.record(event(2)))
+        XCTAssertEqual(try HistoryStore.load(file, manifest) { XCTFail($0) }.events().map { $0.timestamp }, [1, 2])
+    }
+
+    func testUnreadableFileIsNotResetButReported() throws {
+        let manifest = TestBundles.smallManifest()
+        let dir = try TestBundles.tempDir()
+        // A path that exists but cannot be read as a file.
+        let file = dir.appendingPathComponent("history.json")
+        try FileManager.default.createDirectory(at: file, withIntermediateDirectories: true)
+        for _ in 1...2 {
+            XCTAssertThrowsError(try HistoryStore.open(file, manifest) { XCTFail($0) }) { error in
+                XCTAssertTrue(error is HistoryUnavailableException, "\(error)")
+                XCTAssertTrue("\(error)".contains("cannot read"), "\(error)")
+            }
+            var isDirectory: ObjCBool = false
+            XCTAssertTrue(FileManager.default.fileExists(atPath: file.path, isDirectory: &isDirectory) && isDirectory.boolValue)
+            XCTAssertFalse(FileManager.default.fileExists(atPath: file.path + ".corrupt"))
+        }
+        // A file the process cannot read now (on iOS: data protection before the first unlock).
+        try FileManager.default.removeItem(at: file)
+        let h = HistoryBuffer(userId: 7, capacity: 4)
+        XCTAssertTrue(h.add(event(3)))
+        try HistoryStore.save(file, h)
+        try FileManager.default.setAttributes([.posixPermissions: 0o000], ofItemAtPath: file.path)
+        XCTAssertThrowsError(try HistoryStore.load(file, manifest) { XCTFail($0) }) { error in
+            XCTAssertTrue(error is HistoryUnavailableException, "\(error)")
+        }
+        try FileManager.default.setAttributes([.posixPermissions: 0o644], ofItemAtPath: file.path)
+        // Once it can be read again (storage unlocked), its history is there.
+        XCTAssertEqual(try HistoryStore.load(file, manifest) { XCTFail($0) }.events().map { $0.timestamp }, [3])
+    }
+
+    func testOneStorePerHistoryFile() throws {
+        let manifest = TestBundles.smallManifest()
+        let dir = try TestBundles.tempDir()
+        let file = dir.appendingPathComponent("history.json")
+        let a = try HistoryStore.open(file, manifest) { XCTFail($0) }
+        let b = try HistoryStore.open(dir.appendingPathComponent("../\(dir.lastPathComponent)/./history.json"), manifest) { XCTFail($0) }
+        XCTAssertTrue(a === b)
+        XCTAssertTrue(try a.record(event(1)))
+        XCTAssertEqual(b.events().map { $0.timestamp }, [1])
+        XCTAssertThrowsError(try HistoryStore.open(file, TestBundles.smallManifest(maxHistory: 9)) { _ in }) // another max_history
+        a.release()
+        XCTAssertTrue(try HistoryStore.open(file, manifest) { _ in } === b)
+        b.release()
+        b.release()
+        let c = try HistoryStore.open(file, manifest) { XCTFail($0) }
+        XCTAssertFalse(a === c) // all released: the next open reads the file again
+        XCTAssertEqual(c.events().map { $0.timestamp }, [1])
+        c.release()
     }
 }

@@ -95,7 +95,7 @@ class HistoryTest {
     }
 
     @Test
-    fun saveReplacesTheFileThroughAtomicFile() {
+    fun saveReplacesTheFileAtomically() {
         val manifest = TestBundles.smallManifest()
         val dir = TestBundles.tempDir()
         val file = File(dir, "history.json")
