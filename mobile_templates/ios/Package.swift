@@ -4,9 +4,11 @@ import PackageDescription
 // The ExecuTorch release that exported model.pte (manifest "versions"); runtime and program must match.
 let executorchBranch = "swiftpm-1.5.1"
 
-// Kernel and backend libraries register themselves from static initialisers; -all_load keeps the
-// linker from dropping them ("Backend XnnpackBackend is not registered", "Missing operator").
-let forceLoad: [LinkerSetting] = [.unsafeFlags(["-all_load"])]
+// Kernel and backend libraries register themselves from static initialisers; the linker's -all_load
+// keeps it from dropping them ("Backend XnnpackBackend is not registered", "Missing operator").
+// SwiftPM passes these flags to swiftc, which has no -all_load of its own (`swift test` fails with
+// "unknown argument"): hand it to the linker with -Xlinker, as ExecuTorch's own Package.swift does.
+let forceLoad: [LinkerSetting] = [.unsafeFlags(["-Xlinker", "-all_load"])]
 
 let package = Package(
     name: "TbsmSDK",
