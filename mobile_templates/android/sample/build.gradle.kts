@@ -29,7 +29,9 @@ android {
 }
 
 kotlin {
-    jvmToolchain(17)
+    // Java 17 bytecode without jvmToolchain(17): that would demand a JDK 17 installation (or a toolchain
+    // resolver) and fail on Android Studio's bundled JDK 21. Any JDK 17+ running Gradle builds this.
+    compilerOptions { jvmTarget.set(org.jetbrains.kotlin.gradle.dsl.JvmTarget.JVM_17) }
 }
 
 dependencies {
