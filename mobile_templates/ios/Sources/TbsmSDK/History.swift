@@ -102,7 +102,8 @@ public final class HistoryStore {
 
     /// One store per canonical history path, for the whole process.
     private static var registry: [String: HistoryStore] = [:]
-    private static let registryLock = NSLock()
+    /// Recursive: `load` runs under it and calls `onProblem`, which may itself open a recommender.
+    private static let registryLock = NSRecursiveLock()
 
     private init(file: URL, key: String, buffer: HistoryBuffer) {
         self.file = file

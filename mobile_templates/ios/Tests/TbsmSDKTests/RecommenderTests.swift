@@ -102,6 +102,16 @@ final class RecommenderTests: XCTestCase {
         XCTAssertFalse(FileManager.default.fileExists(atPath: historyFile.path + ".corrupt"))
     }
 
+    func testFailedOpenGivesTheHistoryFileBack() throws {
+        let bundle = try TestBundles.copyOfRealBundle()
+        let historyFile = bundle.deletingLastPathComponent().appendingPathComponent("history.json")
+        XCTAssertThrowsError(try TbsmRecommender.open(bundleDir: bundle, historyFile: historyFile, onHistoryProblem: { XCTFail($0) }, inference: { _ in throw TbsmError.bundle("no model") }))
+        // Nothing holds the file: another bundle (another user, another max_history) may open it.
+        let other = try HistoryStore.open(historyFile, TestBundles.smallManifest()) { _ in }
+        XCTAssertEqual(other.userId, 7)
+        other.release()
+    }
+
     func testCloseWaitsForARunningRankAndIsIdempotent() throws {
         let bundle = try TestBundles.copyOfRealBundle()
         let model = BlockingInference()

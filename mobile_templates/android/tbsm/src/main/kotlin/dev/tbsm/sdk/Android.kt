@@ -8,6 +8,7 @@ import java.io.File
  * filesDir/tbsm/history.json). With [copyFromAssets], the bundle is first copied from that assets
  * folder, unless the copy already there has the same manifest (a copy that fails its sha256 check is
  * replaced). ExecuTorch reads a file path only, so a bundle inside the APK has to be copied out once.
+ * Throws [HistoryUnavailableException] when the history file exists but cannot be read now.
  */
 @JvmOverloads
 fun TbsmRecommender.Companion.open(

@@ -128,6 +128,22 @@ class RecommenderTest {
     }
 
     @Test
+    fun failedOpenGivesTheHistoryFileBack() {
+        val bundle = TestBundles.copyOfRealBundle()
+        val historyFile = File(bundle.parentFile, "history.json")
+        try {
+            TbsmRecommender.open(bundle, historyFile, { fail(it) }, { throw BundleException("no model") })
+            fail("opened without a model")
+        } catch (e: BundleException) {
+            // expected
+        }
+        // Nothing holds the file: another bundle (another user, another max_history) may open it.
+        val other = HistoryStore.open(historyFile, TestBundles.smallManifest()) {}
+        assertEquals(7L, other.userId)
+        other.release()
+    }
+
+    @Test
     fun closeWaitsForARunningRankAndIsIdempotent() {
         val bundle = TestBundles.copyOfRealBundle()
         val model = BlockingInference()
