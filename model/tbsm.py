@@ -31,6 +31,9 @@ RESERVED_ROWS = 2
 _SECONDS_PER_MINUTE = 60.0
 # log1p of a year in minutes is ~13; dividing by 10 keeps the feature near [0, 1.3].
 _TIME_FEATURE_SCALE = 10.0
+EMBEDDING_INITS = ("reference", "normal")
+EMBEDDING_INIT_STD = 0.1
+USER_INIT_STD = 0.1
 
 
 @dataclass
@@ -53,6 +56,7 @@ class TBSMConfig:
     rnn_layers: int = 5
     dense_feature: str = "time"  # time | position
     use_behavior: bool = False  # add a behaviour embedding to each history event's item embedding
+    embedding_init: str = "reference"  # reference: uniform +-sqrt(1/rows) | normal: N(0, EMBEDDING_INIT_STD)
 
     def __post_init__(self) -> None:
         checks = {
@@ -60,6 +64,7 @@ class TBSMConfig:
             "tsl_inner": (self.tsl_inner, ("def", "ind", "dot")),
             "tsl_mechanism": (self.tsl_mechanism, ("mlp", "mul")),
             "dense_feature": (self.dense_feature, ("time", "position")),
+            "embedding_init": (self.embedding_init, EMBEDDING_INITS),
         }
         for name, (value, allowed) in checks.items():
             if value not in allowed:
@@ -107,11 +112,19 @@ def mlp(sizes: tuple[int, ...], *, final_activation: bool) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-def _uniform_table(rows: int, dim: int, *, reserved: int) -> nn.Embedding:
-    """Uniform(+-sqrt(1/rows)) as the reference; the first `reserved` rows (padding, OOV) zero."""
+def _embedding_table(rows: int, dim: int, *, reserved: int, init: str, std: float = EMBEDDING_INIT_STD) -> nn.Embedding:
+    """An id table whose first `reserved` rows (padding, OOV) are zero.
+
+    `reference`: uniform(+-sqrt(1/rows)) as the reference: for a large table every vector is
+    nearly zero, so every event's tower output is nearly the same and some seeds never leave
+    AUC 0.5. `normal`: N(0, std), a scale that keeps the dot-product interactions informative.
+    """
     table = nn.Embedding(rows, dim, sparse=True, padding_idx=PADDING_ROW if reserved else None)
-    bound = math.sqrt(1.0 / rows)
-    nn.init.uniform_(table.weight, -bound, bound)
+    if init == "reference":
+        bound = math.sqrt(1.0 / rows)
+        nn.init.uniform_(table.weight, -bound, bound)
+    else:
+        nn.init.normal_(table.weight, 0.0, std)
     # An unknown id then adds nothing to the interactions, instead of a random vector that no
     # training step ever corrected (no training id maps to the OOV row).
     with torch.no_grad():
@@ -132,11 +145,12 @@ class EventTower(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.bottom = mlp((1, *cfg.bottom_mlp), final_activation=True)
-        self.user_emb = _uniform_table(cfg.num_users, cfg.emb_dim, reserved=0)
-        self.item_emb = _uniform_table(cfg.num_items, cfg.emb_dim, reserved=RESERVED_ROWS)
-        self.cat_emb = _uniform_table(cfg.num_categories, cfg.emb_dim, reserved=RESERVED_ROWS)
+        init = cfg.embedding_init
+        self.user_emb = _embedding_table(cfg.num_users, cfg.emb_dim, reserved=0, init=init, std=USER_INIT_STD)
+        self.item_emb = _embedding_table(cfg.num_items, cfg.emb_dim, reserved=RESERVED_ROWS, init=init)
+        self.cat_emb = _embedding_table(cfg.num_categories, cfg.emb_dim, reserved=RESERVED_ROWS, init=init)
         self.behavior_emb = (
-            _uniform_table(5, cfg.emb_dim, reserved=1) if cfg.use_behavior else None
+            _embedding_table(5, cfg.emb_dim, reserved=1, init=init) if cfg.use_behavior else None
         )
         self.top = mlp((cfg.emb_dim + 6, *cfg.top_mlp), final_activation=True)
 

@@ -29,6 +29,7 @@ class TrainConfig:
     lr: float = 0.05
     seed: int = 0
     eval_every: int = 0  # steps between validations; 0 = once per epoch
+    select_by: str = "val_auc"  # the validation metric that picks the best checkpoint (higher is better)
 
 
 class TBSMOptimizer:
@@ -91,7 +92,14 @@ class TBSMOptimizer:
             mine.copy_(saved)
 
 
-def train_step(model: TBSM, optimizer: TBSMOptimizer, batch: BatchLike) -> float:
+def train_step(model: TBSM, optimizer: TBSMOptimizer, batch: BatchLike, log_q: torch.Tensor | None = None) -> float:
+    """One Adagrad step on the batch's binary cross-entropy.
+
+    `log_q` (one value per item row): log-probability that the negative sampler draws the item.
+    Subtracting it from every candidate's logit (the "logQ correction") makes the model learn the
+    user's preference over all items, popularity included, whatever the sampler; without it,
+    popularity-sampled negatives would teach the model to ignore popularity.
+    """
     user_rows, item_rows, cat_rows, behaviors, timestamps = batch.inputs()
     tower = model.tower
     lookups = [(tower.user_emb, user_rows), (tower.item_emb, item_rows), (tower.cat_emb, cat_rows)]
@@ -106,6 +114,8 @@ def train_step(model: TBSM, optimizer: TBSMOptimizer, batch: BatchLike) -> float
     optimizer.zero_grad()
     logits = model.forward_vectors(*vectors[:3], behaviors, timestamps, item_rows != PADDING_ROW,
                                    behavior_vec=vectors[3] if len(vectors) > 3 else None)
+    if log_q is not None:
+        logits = logits - log_q[item_rows[:, -1]]
     loss = F.binary_cross_entropy_with_logits(logits, batch.labels)
     loss.backward()
     optimizer.step(touched)
@@ -147,11 +157,12 @@ def fit(
     on_epoch_end: Callable[[TrainState], None] = lambda s: None,
     state: TrainState | None = None,
     progress: Callable[[int, float], None] = lambda step, loss: None,
+    log_q: torch.Tensor | None = None,
 ) -> TrainState:
     """Train for cfg.epochs from state.epoch; validate every cfg.eval_every steps and at epoch end.
 
     `train_batches(epoch)` must yield the epoch's batches in a deterministic order. `validate`
-    returns a metrics dict with a "val_auc" key; `on_best` is called when it improves.
+    returns a metrics dict with the `cfg.select_by` key; `on_best` is called when it improves.
     """
     state = state or TrainState()
     model.train()
@@ -163,13 +174,13 @@ def fit(
                   **metrics}
         state.history.append(record)
         recent_losses.clear()
-        if metrics["val_auc"] > state.best_metric:
-            state.best_metric, state.best_step = metrics["val_auc"], state.step
+        if metrics[cfg.select_by] > state.best_metric:
+            state.best_metric, state.best_step = metrics[cfg.select_by], state.step
             on_best(state, metrics)
 
     while state.epoch < cfg.epochs:
         for batch in train_batches(state.epoch):
-            loss = train_step(model, optimizer, batch)
+            loss = train_step(model, optimizer, batch, log_q)
             recent_losses.append(loss)
             state.step += 1
             progress(state.step, loss)

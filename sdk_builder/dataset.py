@@ -4,6 +4,10 @@ A sample is (user row, index of the candidate event in the user-sorted event arr
 row or -1). The history is the up to `history` events of that user before the candidate, left-padded;
 a negative sample keeps the candidate's timestamp (the request time) and swaps in an item the user
 never touched. Everything is numpy: no per-event Python objects.
+
+`holdout_last=K` removes each user's last K events before anything else happens: they are kept
+aside in `PreparedData.future` (for the on-device evaluation) and reach neither the id maps, the
+samples, the popularity counts nor any shard built from the run.
 """
 
 from __future__ import annotations
@@ -20,6 +24,10 @@ from model.tbsm import OOV_ROW, PADDING_ROW, RESERVED_ROWS
 from sdk_builder.events import EventLog
 
 PROTOCOLS = ("holdout", "reference")
+# uniform: the reference's sampler (any item the user never touched); popularity: a mix of uniform
+# and popularity-proportional draws, closer to the popular and co-visited items a shard holds.
+NEGATIVE_SAMPLERS = ("uniform", "popularity")
+POPULARITY_UNIFORM_MIX = 0.5
 
 
 @dataclass(frozen=True)
@@ -79,6 +87,23 @@ class Batch:
 
 
 @dataclass
+class FutureEvents:
+    """Each user's held-out last events (`prepare(holdout_last=K)`), in time order; rows as in
+    `PreparedData`, with ids unknown to the training events mapped to the OOV row."""
+
+    start: np.ndarray  # (U + 1,) offsets
+    item_rows: np.ndarray
+    cat_rows: np.ndarray
+    behaviors: np.ndarray
+    timestamps: np.ndarray
+
+    FIELDS = ("start", "item_rows", "cat_rows", "behaviors", "timestamps")
+
+    def of(self, user_row: int) -> slice:
+        return slice(int(self.start[user_row]), int(self.start[user_row + 1]))
+
+
+@dataclass
 class PreparedData:
     users: IdMap
     items: IdMap
@@ -91,6 +116,7 @@ class PreparedData:
     item_category: np.ndarray  # category row of every item row (last seen)
     splits: dict[str, SampleSet] = field(default_factory=dict)
     info: dict = field(default_factory=dict)
+    future: FutureEvents | None = None
 
     @property
     def num_events(self) -> int:
@@ -112,7 +138,23 @@ class PreparedData:
             h.update(name.encode())
             for arr in (s.user, s.candidate, s.negative_item):
                 h.update(arr.tobytes())
+        if self.future is not None:
+            for name in FutureEvents.FIELDS:
+                h.update(np.ascontiguousarray(getattr(self.future, name)).tobytes())
         return h.hexdigest()
+
+    def user_of_event(self) -> np.ndarray:
+        return np.repeat(np.arange(len(self.users.ids), dtype=np.int64), np.diff(self.user_start))
+
+    def training_event_mask(self) -> np.ndarray:
+        """Events before each user's first validation or test candidate: what training may count
+        (popularity of negatives, shard statistics for validation) without seeing an evaluated event."""
+        first_eval = self.user_start[1:].copy()
+        for name in ("validation", "test"):
+            if name in self.splits and len(self.splits[name]):
+                s = self.splits[name]
+                np.minimum.at(first_eval, s.user, s.candidate)
+        return np.arange(self.num_events) < first_eval[self.user_of_event()]
 
     def collate(self, samples: SampleSet, history: int) -> Batch:
         """Vectorised gather of (B, history + 1) windows, left-padded, candidate last."""
@@ -144,6 +186,8 @@ class PreparedData:
         }
         for name, s in self.splits.items():
             arrays.update({f"{name}.user": s.user, f"{name}.candidate": s.candidate, f"{name}.negative_item": s.negative_item})
+        if self.future is not None:
+            arrays.update({f"future.{name}": getattr(self.future, name) for name in FutureEvents.FIELDS})
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp.npz")
         np.savez(tmp, info=np.frombuffer(json.dumps(self.info, sort_keys=True).encode(), dtype=np.uint8), **arrays)
@@ -164,6 +208,7 @@ class PreparedData:
             item_rows=a["item_rows"], cat_rows=a["cat_rows"], behaviors=a["behaviors"],
             timestamps=a["timestamps"], item_category=a["item_category"], splits=splits,
             info=json.loads(a["info"].tobytes().decode()),
+            future=FutureEvents(*(a[f"future.{n}"] for n in FutureEvents.FIELDS)) if "future.start" in a else None,
         )
 
 
@@ -195,14 +240,51 @@ def index_events(events: EventLog) -> PreparedData:
 
 
 def _touched_keys(data: PreparedData) -> np.ndarray:
-    user_of_event = np.repeat(np.arange(len(data.users.ids), dtype=np.int64), np.diff(data.user_start))
-    return np.unique(user_of_event * data.items.rows + data.item_rows)
+    return np.unique(data.user_of_event() * data.items.rows + data.item_rows)
 
 
-def sample_negatives(data: PreparedData, users: np.ndarray, rng: np.random.Generator, touched: np.ndarray) -> np.ndarray:
-    """A uniformly random real item row per user that the user never touched (rejection sampling)."""
+@dataclass(frozen=True)
+class NegativeSampler:
+    """Where negative candidates come from; `log_q` is the log-probability of drawing each item row
+    (what the trainer subtracts from a candidate's logit so the model still learns popularity)."""
+
+    kind: str = "uniform"
+    per_positive: int = 1
+
+    def __post_init__(self) -> None:
+        if self.kind not in NEGATIVE_SAMPLERS:
+            raise ValueError(f"unknown negative sampler {self.kind!r}; expected one of {NEGATIVE_SAMPLERS}")
+        if self.per_positive < 1:
+            raise ValueError("negatives per positive must be at least 1")
+
+    def probabilities(self, data: PreparedData) -> np.ndarray:
+        """Draw probability of every item row (0 for the reserved rows)."""
+        n_real = data.items.rows - RESERVED_ROWS
+        p = np.zeros(data.items.rows)
+        p[RESERVED_ROWS:] = 1.0 / max(n_real, 1)
+        if self.kind == "popularity":
+            counts = np.bincount(data.item_rows[data.training_event_mask()], minlength=data.items.rows).astype(np.float64)
+            counts[:RESERVED_ROWS] = 0
+            if counts.sum() > 0:
+                p = POPULARITY_UNIFORM_MIX * p + (1 - POPULARITY_UNIFORM_MIX) * counts / counts.sum()
+        return p
+
+    def log_q(self, data: PreparedData) -> np.ndarray:
+        with np.errstate(divide="ignore"):
+            return np.log(self.probabilities(data)).astype(np.float32)
+
+
+def sample_negatives(data: PreparedData, users: np.ndarray, rng: np.random.Generator, touched: np.ndarray,
+                     probabilities: np.ndarray | None = None) -> np.ndarray:
+    """A random real item row per user that the user never touched (rejection sampling); uniform
+    unless `probabilities` (one per item row) is given."""
     lo, hi = RESERVED_ROWS, data.items.rows
-    out = rng.integers(lo, hi, size=len(users))
+    if probabilities is None:
+        draw = lambda k: rng.integers(lo, hi, size=k)  # noqa: E731
+    else:
+        cdf = np.cumsum(probabilities)
+        draw = lambda k: np.minimum(np.searchsorted(cdf, rng.random(k) * cdf[-1], side="right"), hi - 1)  # noqa: E731
+    out = draw(len(users))
     todo = np.arange(len(users))
     for _ in range(100):
         keys = users[todo] * data.items.rows + out[todo]
@@ -211,7 +293,7 @@ def sample_negatives(data: PreparedData, users: np.ndarray, rng: np.random.Gener
         todo = todo[clash]
         if not len(todo):
             return out
-        out[todo] = rng.integers(lo, hi, size=len(todo))
+        out[todo] = draw(len(todo))
     raise ValueError("could not sample negative items: some users touched (almost) every item")
 
 
@@ -232,18 +314,20 @@ def _choose_positions(lengths: np.ndarray, first: np.ndarray, last: np.ndarray, 
     return user_idx[keep], (np.repeat(first, span) + offset_in_user)[keep]
 
 
-def _pos_neg(data, user_idx, position, rng, touched, *, negatives_too=True) -> SampleSet:
+def _pos_neg(data, user_idx, position, rng, touched, per_positive: int = 1, probabilities=None) -> SampleSet:
     cand = data.user_start[user_idx] + position
     pos = SampleSet(user_idx.astype(np.int64), cand.astype(np.int64), np.full(len(cand), -1, np.int64))
-    if not negatives_too:
-        return pos
-    neg = SampleSet(pos.user.copy(), pos.candidate.copy(), sample_negatives(data, pos.user, rng, touched))
+    users, cands = np.tile(pos.user, per_positive), np.tile(pos.candidate, per_positive)
+    neg = SampleSet(users, cands, sample_negatives(data, users, rng, touched, probabilities))
     return SampleSet.concat([pos, neg])
 
 
-def build_holdout(data: PreparedData, *, seed: int, samples_per_user: int, min_history: int = 1) -> None:
+def build_holdout(data: PreparedData, *, seed: int, samples_per_user: int, min_history: int = 1,
+                  sampler: NegativeSampler = NegativeSampler()) -> None:
     """Time-ordered leave-last-out: per user, the last event is test, the one before validation,
-    training candidates come from the events before those (each with a negative twin)."""
+    training candidates come from the events before those. Validation and test candidates get one
+    uniform negative twin each (comparable across samplers); training candidates get
+    `sampler.per_positive` negatives from `sampler`."""
     rng = np.random.default_rng(seed)
     touched = _touched_keys(data)
     n = np.diff(data.user_start)
@@ -253,9 +337,14 @@ def build_holdout(data: PreparedData, *, seed: int, samples_per_user: int, min_h
     data.splits["test"] = _pos_neg(data, users, last, rng, touched)
     data.splits["validation"] = _pos_neg(data, users, last - 1, rng, touched)
     u, p = _choose_positions(n[users], np.full(len(users), min_history), last - 2, samples_per_user, rng)
-    data.splits["train"] = _pos_neg(data, users[u], p, rng, touched)
+    data.splits["train"] = _pos_neg(data, users[u], p, rng, touched, sampler.per_positive, _train_probabilities(data, sampler))
     data.info.update(protocol="holdout", seed=seed, samples_per_user=samples_per_user, min_history=min_history,
                      users_skipped_too_short=int((~eligible).sum()))
+
+
+def _train_probabilities(data: PreparedData, sampler: NegativeSampler) -> np.ndarray | None:
+    # Validation and test are already in data.splits, so the counts exclude their events.
+    return None if sampler.kind == "uniform" else sampler.probabilities(data)
 
 
 # Positives (and as many negatives) per training user, by how many of the user's last
@@ -264,18 +353,20 @@ _REFERENCE_REGIME = (0, 1, 3, 6)
 _REFERENCE_WINDOW = 200
 
 
-def _reference_windows(n: np.ndarray, per_user: int, history: int, rng: np.random.Generator, *, positive: bool):
-    """The reference's window draw: candidates among each user's last 200 events, with replacement.
+def _reference_windows(n: np.ndarray, per_user: int, history: int, rng: np.random.Generator, *, end: np.ndarray,
+                       repeat: int = 1):
+    """The reference's window draw: candidates among each user's last 200 events, with replacement,
+    `repeat` times the reference's count (several negatives per positive).
 
-    Positives never use the user's final event (the reference's training file may have swapped
-    it for a negative); negatives keep the 20-event history and replace the candidate.
+    Candidates stay before `end` (exclusive; the user's validation event); negatives keep the
+    20-event history and replace the candidate.
     """
     recent = np.minimum(n, _REFERENCE_WINDOW)
     regime = (recent - 1) // 10
     count = np.where(regime < len(_REFERENCE_REGIME), np.take(_REFERENCE_REGIME, np.minimum(regime, 3)), per_user)
-    count = np.minimum(count, per_user)
+    count = np.minimum(count, per_user) * repeat
     lo = n - recent + np.minimum(history, recent - 2)
-    hi = n - 1 if positive else n  # exclusive
+    hi = end
     count = np.where(hi > lo, count, 0)
     user_idx = np.repeat(np.arange(len(n)), count)
     position = lo[user_idx] + (rng.random(len(user_idx)) * (hi - lo)[user_idx]).astype(np.int64)
@@ -283,13 +374,16 @@ def _reference_windows(n: np.ndarray, per_user: int, history: int, rng: np.rando
 
 
 def build_reference(data: PreparedData, *, seed: int, samples_per_user: int = 10, history: int = 20,
-                    validation_fraction: float = 0.1) -> None:
+                    sampler: NegativeSampler = NegativeSampler()) -> None:
     """The reference's protocol (tools/taobao_prepare.py + tbsm_data_pytorch.py).
 
     Users whose last event is after the 70th percentile of last-event times are test users: one
     point each, their last event kept or (p = 1/2) swapped for a random other item. The other
-    users give windows drawn from their last 200 events (see `_reference_windows`). Validation
-    is a disjoint slice of those users (the reference reused training users' windows).
+    users train on windows drawn from their last 200 events (see `_reference_windows`), all of them
+    before the user's final event; that final event (with a uniform negative twin) is the
+    validation set. So training uses exactly the reference's users, and validation is later in
+    time than every training window of its user and shares no sample with training (the
+    reference validated on training windows).
     """
     rng = np.random.default_rng(seed)
     touched = _touched_keys(data)
@@ -304,34 +398,61 @@ def build_reference(data: PreparedData, *, seed: int, samples_per_user: int = 10
     random_item = rng.integers(RESERVED_ROWS, data.items.rows - 1, size=len(test_users))
     random_item += random_item >= true_item  # uniform over the other items
     data.splits["test"] = SampleSet(test_users.astype(np.int64), cand.astype(np.int64), np.where(swap, random_item, -1))
-    shuffled = rng.permutation(train_users)
-    n_val = int(round(len(shuffled) * validation_fraction))
-    groups = {"validation": np.sort(shuffled[:n_val]), "train": np.sort(shuffled[n_val:])}
-    for name, group in groups.items():
-        parts = []
-        for positive in (True, False):
-            u, p = _reference_windows(n[group], samples_per_user, history, rng, positive=positive)
-            users = group[u].astype(np.int64)
-            negatives = np.full(len(u), -1, np.int64) if positive else sample_negatives(data, users, rng, touched)
-            parts.append(SampleSet(users, (data.user_start[users] + p).astype(np.int64), negatives))
-        data.splits[name] = SampleSet.concat(parts)
+    # Validation: the final event of every training user who gives training windows (>= 10 events).
+    val_users = train_users[n[train_users] > 10]
+    data.splits["validation"] = _pos_neg(data, val_users, n[val_users] - 1, rng, touched)
+    probabilities = _train_probabilities(data, sampler)
+    parts = []
+    for positive in (True, False):
+        u, p = _reference_windows(n[train_users], samples_per_user, history, rng, end=n[train_users] - 1,
+                                  repeat=1 if positive else sampler.per_positive)
+        users = train_users[u].astype(np.int64)
+        negatives = np.full(len(u), -1, np.int64) if positive else sample_negatives(data, users, rng, touched, probabilities)
+        parts.append(SampleSet(users, (data.user_start[users] + p).astype(np.int64), negatives))
+    data.splits["train"] = SampleSet.concat(parts)
     data.info.update(protocol="reference", seed=seed, samples_per_user=samples_per_user, split_time=int(split_time),
-                     test_users=len(test_users), train_users=len(groups["train"]),
-                     validation_users=len(groups["validation"]))
+                     test_users=len(test_users), train_users=len(train_users), validation_users=len(val_users))
+
+
+def split_future(events: EventLog, holdout_last: int) -> tuple[EventLog, EventLog]:
+    """(kept, held out): each user's last `holdout_last` events (by time) are held out, when the
+    user has more than `holdout_last` events; shorter users keep all of theirs."""
+    order = np.lexsort((events.timestamp, events.user))
+    events = events.take(order)
+    starts = np.flatnonzero(np.r_[True, events.user[1:] != events.user[:-1]])
+    counts = np.diff(np.r_[starts, len(events)])
+    position = np.arange(len(events)) - np.repeat(starts, counts)
+    n = np.repeat(counts, counts)
+    held = (n > holdout_last) & (position >= n - holdout_last)
+    return events.take(~held), events.take(held)
 
 
 def prepare(events: EventLog, *, protocol: str = "holdout", seed: int = 0, samples_per_user: int | None = None,
-            history: int = 20) -> PreparedData:
+            history: int = 20, holdout_last: int = 0, sampler: NegativeSampler = NegativeSampler()) -> PreparedData:
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown protocol {protocol!r}; expected one of {PROTOCOLS}")
     if len(events) == 0:
         raise ValueError("the event log is empty: nothing to train on")
+    if holdout_last < 0:
+        raise ValueError("holdout_last must be >= 0")
+    future = None
+    if holdout_last:
+        events, future = split_future(events, holdout_last)
     data = index_events(events)
+    if future is not None:
+        future_user = data.users.lookup(future.user, unknown=-1)  # every held-out user kept earlier events
+        data.future = FutureEvents(
+            start=np.concatenate([[0], np.cumsum(np.bincount(future_user, minlength=len(data.users.ids)))]).astype(np.int64),
+            item_rows=data.items.lookup(future.item), cat_rows=data.categories.lookup(future.category),
+            behaviors=future.behavior.astype(np.int8), timestamps=future.timestamp.astype(np.int64),
+        )
     if protocol == "holdout":
-        build_holdout(data, seed=seed, samples_per_user=samples_per_user or 20)
+        build_holdout(data, seed=seed, samples_per_user=samples_per_user or 20, sampler=sampler)
     else:
-        build_reference(data, seed=seed, samples_per_user=samples_per_user or 10, history=history)
+        build_reference(data, seed=seed, samples_per_user=samples_per_user or 10, history=history, sampler=sampler)
     data.info.update(history=history, events=data.num_events, users=len(data.users.ids),
                      items=len(data.items.ids), categories=len(data.categories.ids),
-                     split_sizes={k: len(v) for k, v in data.splits.items()})
+                     split_sizes={k: len(v) for k, v in data.splits.items()},
+                     holdout_last=holdout_last, held_out_events=0 if future is None else len(future),
+                     negatives={"sampler": sampler.kind, "per_positive": sampler.per_positive})
     return data

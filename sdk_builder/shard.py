@@ -81,6 +81,12 @@ class ShardIndex:
 
     def select(self, history_items: np.ndarray, history_cats: np.ndarray) -> tuple[np.ndarray, dict[str, int]]:
         """Shard item rows (sorted) for a user whose events so far are given oldest first."""
+        chosen, sources = self.select_ranked(history_items, history_cats)
+        return np.sort(chosen), sources
+
+    def select_ranked(self, history_items: np.ndarray, history_cats: np.ndarray) -> tuple[np.ndarray, dict[str, int]]:
+        """`select`'s items in the policy's own order (source by source, each ranked): a ranking
+        without a model, the baseline a bundle's model must beat."""
         p = self.policy
         size = p.shard_size
         chosen = np.zeros(0, np.int64)
@@ -113,7 +119,7 @@ class ShardIndex:
         take("category", self._category_ranking(history_cats[-p.category_events :]))
         carry = float(size)  # whatever is left goes to popular items
         take("popular", self.popular)
-        return np.sort(chosen), sources
+        return chosen, sources
 
     def _covisit_ranking(self, seeds: np.ndarray) -> np.ndarray:
         if not len(seeds):

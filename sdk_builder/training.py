@@ -26,13 +26,16 @@ import torch
 from model.metrics import classification_report, roc_auc
 from model.tbsm import TBSM, TBSMConfig
 from model.train import TBSMOptimizer, TrainConfig, TrainState, fit, predict
-from sdk_builder.dataset import Batch, IdMap, PreparedData, SampleSet
+from sdk_builder.dataset import Batch, IdMap, NegativeSampler, PreparedData, SampleSet
+from sdk_builder.evaluation import ValidationRanking
 
 CHECKPOINT = "checkpoint.pt"
 LAST = "last.pt"
 DATA = "data.npz"
 EVAL_BATCH = 4096
 TRAIN_AUC_SAMPLE = 20_000
+STALLED_AUC = 0.55  # a run whose best validation AUC stays below this learned nothing usable
+FEW_TEST_POINTS = 100
 
 
 class RunError(RuntimeError):
@@ -151,6 +154,15 @@ def train_run(
         torch.set_rng_state(last["torch_rng"])
     data.save(out_dir / DATA)
 
+    if train_cfg.select_by not in ("val_auc", "val_hr10"):
+        raise RunError(f"select_by {train_cfg.select_by!r}: expected val_auc or val_hr10")
+    ranking = ValidationRanking(data, seed=train_cfg.seed)
+    if train_cfg.select_by == "val_hr10" and not len(ranking):
+        raise RunError("select_by val_hr10: no validation user has a target to rank (too few events per user?)")
+    negatives = data.info.get("negatives", {})
+    log_q = None
+    if negatives.get("sampler", "uniform") != "uniform":
+        log_q = torch.from_numpy(NegativeSampler(negatives["sampler"], negatives.get("per_positive", 1)).log_q(data))
     train = data.splits["train"]
     rng_auc = np.random.default_rng(train_cfg.seed + 1)
     train_auc_subset = train.take(np.sort(rng_auc.choice(len(train), min(len(train), TRAIN_AUC_SAMPLE), replace=False)))
@@ -169,10 +181,13 @@ def train_run(
         metrics = {f"val_{k}": v for k, v in evaluate_split(model, data, "validation").items()}
         labels, probs = predict(model, batches(data, train_auc_subset, EVAL_BATCH, model_cfg.history))
         metrics["train_auc"] = roc_auc(labels, probs)
+        metrics.update(ranking(model))
         return metrics
 
     def on_best(st: TrainState, metrics: dict) -> None:
-        atomic_torch_save(_checkpoint_payload(model, optimizer, model_cfg, train_cfg, data, st, train_cfg.seed), ckpt_path)
+        payload = _checkpoint_payload(model, optimizer, model_cfg, train_cfg, data, st, train_cfg.seed)
+        payload["ranking_validation"] = ranking_summary(metrics)
+        atomic_torch_save(payload, ckpt_path)
 
     def on_epoch_end(st: TrainState) -> None:
         payload = _checkpoint_payload(model, optimizer, model_cfg, train_cfg, data, st, train_cfg.seed)
@@ -182,15 +197,20 @@ def train_run(
     started = time.perf_counter()
     step0 = state.step
     state = fit(model, optimizer, train_cfg, train_batches, steps_per_epoch, validate, on_best, on_epoch_end,
-                state=state, progress=progress)
+                state=state, progress=progress, log_q=log_q)
     elapsed = time.perf_counter() - started
 
     best = load_checkpoint(ckpt_path)
+    best_record = next(h for h in state.history if h["step"] == state.best_step)
+    test = evaluate_split(best.model, data, "test") if "test" in data.splits else None
     metrics = {
         "best_step": state.best_step,
-        "best_validation_auc": state.best_metric,
+        "selected_by": train_cfg.select_by,
+        "best_validation_auc": best_record["val_auc"],
+        "ranking_validation": ranking_summary(best_record),
+        "warnings": run_warnings(state.history, best_record, test),
         "history": state.history,
-        "test": evaluate_split(best.model, data, "test") if "test" in data.splits else None,
+        "test": test,
         "train_seconds": elapsed,
         "samples_per_second": (state.step - step0) * train_cfg.batch_size / max(elapsed, 1e-9),
         "data": data.info,
@@ -201,6 +221,28 @@ def train_run(
     atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=1, default=float) + "\n")
     plot_curve(state.history, out_dir / "training_curve.png")
     return metrics
+
+
+def ranking_summary(record: dict) -> dict | None:
+    """The best checkpoint's on-device-style validation (HR@10 of its shard ranking) next to the
+    popularity order of the same shards: what `build`'s quality gate compares."""
+    if "val_hr10" not in record:
+        return None
+    return {"metric": "hr@10", "model": record["val_hr10"], "popularity": record["val_hr10_popularity"],
+            "users": record["val_ranking_users"]}
+
+
+def run_warnings(history: list[dict], best: dict, test: dict | None) -> list[str]:
+    """Plain-language reasons not to trust a run (printed by `train`, listed in metrics.json)."""
+    warnings = []
+    if len(history) > 1 and best["step"] == history[0]["step"]:
+        warnings.append(f"the best checkpoint is the first evaluation (step {best['step']}): later training only got worse")
+    best_auc = max(h["val_auc"] for h in history)
+    if not best_auc >= STALLED_AUC:
+        warnings.append(f"stalled: validation AUC never reached {STALLED_AUC} (best {best_auc:.3f}); the model learned nothing usable")
+    if test is not None and test["points"] < FEW_TEST_POINTS:
+        warnings.append(f"only {test['points']} test points: the test AUC is too noisy to compare runs (want >= {FEW_TEST_POINTS})")
+    return warnings
 
 
 def plot_curve(history: list[dict], path: Path) -> None:

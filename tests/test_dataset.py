@@ -195,12 +195,17 @@ def test_reference_on_synthetic(synthetic_events):
     assert 0.3 < swapped.mean() < 0.7
     assert np.all(test.negative_item[swapped] != data.item_rows[test.candidate[swapped]])
     assert np.all(test.negative_item[swapped] >= 2)
-    # disjoint user groups
+    # test users are disjoint from the others; validation is each training user's final event,
+    # later than every training window of that user (the reference's training users, all of them)
     groups = {k: set(data.splits[k].user.tolist()) for k in ("train", "validation", "test")}
-    assert not groups["train"] & groups["validation"]
     assert not groups["train"] & groups["test"]
     assert not groups["validation"] & groups["test"]
-    assert groups["validation"]
+    assert groups["validation"] == groups["train"] == set(np.flatnonzero((last_time <= split) & (n > 10)).tolist())
+    val, train = data.splits["validation"], data.splits["train"]
+    assert np.array_equal(val.candidate, data.user_start[val.user + 1] - 1)
+    latest_train = np.full(len(n), -1)
+    np.maximum.at(latest_train, train.user, train.candidate)
+    assert np.all(latest_train[val.user] < val.candidate)
     # no windows for users with fewer than 10 events; windows stay within the user and before the end
     for name in ("train", "validation"):
         s = data.splits[name]
@@ -209,7 +214,8 @@ def test_reference_on_synthetic(synthetic_events):
         assert np.all(s.candidate >= data.user_start[s.user])
         assert np.all(s.candidate < data.user_start[s.user + 1])
         pos = s.negative_item < 0
-        assert np.all(s.candidate[pos] < data.user_start[s.user[pos] + 1] - 1)  # never the final event
+        if name == "train":
+            assert np.all(s.candidate < data.user_start[s.user + 1] - 1)  # never the final (validation) event
         assert pos.sum() == (~pos).sum()
         per_user = np.bincount(s.user[pos], minlength=len(n))
         assert per_user.max() <= 10

@@ -1,0 +1,277 @@
+"""Recommendation quality measured the way the product is used: a user's shard ranked on the phone.
+
+Two measurements share the metric code here:
+- `ValidationRanking` (training time, eager model): each validation user's validation event is the
+  target, the shard is cut from the events before it, the model ranks the shard. Cheap enough to
+  run at every validation, so checkpoints can be chosen by it and the run can store how the model
+  compares with popularity (the build-time quality gate reads that).
+- `evaluate_on_device` (after training, real bundles): each test user's held-out last K events
+  (`prepare(holdout_last=K)`: never trained on, never in a shard) are the targets; the user's real
+  stamped bundle ranks its whole shard in the ExecuTorch runtime from the last <= 20 pre-holdout
+  events, next to popularity, the shard's own order and the full model over the whole catalogue.
+
+Items the user already interacted with are never recommended (removed before ranking); held-out
+events on such items are not targets.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from model.tbsm import PADDING_ROW, RESERVED_ROWS, TBSM
+from sdk_builder.dataset import PreparedData
+from sdk_builder.shard import ShardIndex, ShardPolicy
+
+CUTOFFS = (10, 50)
+PRIMARY_METRIC = "hr@10"
+VALIDATION_USERS = 1000
+EAGER_PAIRS_PER_CALL = 1 << 15
+
+
+def ranking_metrics(ranked: np.ndarray, targets: list[np.ndarray]) -> dict[str, np.ndarray]:
+    """Per-user HR@10, HR@50, NDCG@10 and recall@50 of `ranked` (users x >= 50 item rows, best
+    first, -1 for no item) against each user's distinct target item rows."""
+    out = {"hr@10": [], "hr@50": [], "ndcg@10": [], "recall@50": []}
+    discounts = 1.0 / np.log2(np.arange(2, 12))
+    for row, target in zip(ranked, targets):
+        hit = np.isin(row[: max(CUTOFFS)], target) & (row[: max(CUTOFFS)] >= 0)
+        out["hr@10"].append(float(hit[:10].any()))
+        out["hr@50"].append(float(hit[:50].any()))
+        ideal = discounts[: min(len(target), 10)].sum()
+        out["ndcg@10"].append(float((hit[:10] * discounts).sum() / ideal) if ideal else 0.0)
+        out["recall@50"].append(float(hit[:50].sum() / len(target)) if len(target) else 0.0)
+    return {k: np.asarray(v) for k, v in out.items()}
+
+
+def bootstrap_interval(values: np.ndarray, *, seed: int = 0, rounds: int = 1000) -> tuple[float, float]:
+    """95% percentile bootstrap interval of the mean over users."""
+    if not len(values):
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    means = values[rng.integers(0, len(values), size=(rounds, len(values)))].mean(axis=1)
+    lo, hi = np.percentile(means, [2.5, 97.5])
+    return float(lo), float(hi)
+
+
+def top_unseen(scores: np.ndarray, items: np.ndarray, seen: np.ndarray, k: int = max(CUTOFFS)) -> np.ndarray:
+    """The k best `items` by `scores` (ties by item row), leaving out `seen`; -1 pads."""
+    keep = ~np.isin(items, seen)
+    items, scores = items[keep], scores[keep]
+    best = np.lexsort((items, -scores))[:k]
+    return np.pad(items[best], (0, k - len(best)), constant_values=-1)
+
+
+@dataclass
+class UserRequest:
+    """What the phone knows when it ranks: events before the request, oldest first."""
+
+    user_row: int
+    history_end: int  # index into the event arrays: the events before it are known
+    request_time: int
+    targets: np.ndarray  # distinct item rows the user interacts with next, never seen before
+
+
+def history_tensors(data: PreparedData, requests: list[UserRequest], history: int) -> list[torch.Tensor]:
+    """(users, request times, item/category/behaviour/timestamp windows) of the last `history`
+    known events of each request, left-padded."""
+    ends = np.array([r.history_end for r in requests], np.int64)
+    starts = data.user_start[np.array([r.user_row for r in requests])]
+    idx = ends[:, None] + np.arange(-history, 0)
+    valid = idx >= starts[:, None]
+    idx = np.where(valid, idx, 0)
+    take = lambda a, fill: torch.from_numpy(np.where(valid, a[idx], fill).astype(np.int64))  # noqa: E731
+    return [torch.tensor([r.user_row for r in requests]), take(data.item_rows, PADDING_ROW),
+            take(data.cat_rows, PADDING_ROW), take(data.behaviors, 0), take(data.timestamps, 0),
+            torch.tensor([r.request_time for r in requests])]
+
+
+@torch.no_grad()
+def eager_scores(model: TBSM, data: PreparedData, requests: list[UserRequest], candidates: list[np.ndarray]) -> list[np.ndarray]:
+    """The full eager model's probabilities of each request's candidate item rows."""
+    was_training = model.training
+    model.eval()
+    out: list[np.ndarray] = []
+    i = 0
+    while i < len(requests):
+        width = max(len(candidates[i]), 1)
+        j = min(len(requests), i + max(1, EAGER_PAIRS_PER_CALL // width))
+        users, items, cats, behaviors, stamps, request_time = history_tensors(data, requests[i:j], model.cfg.history)
+        n = max(len(c) for c in candidates[i:j])
+        cand = np.stack([np.pad(c, (0, n - len(c)), constant_values=1) for c in candidates[i:j]]).astype(np.int64)
+        cand_t = torch.from_numpy(cand)
+        scores = model.rank(users, items, cats, behaviors, stamps, request_time, cand_t,
+                            torch.from_numpy(data.item_category[cand])).numpy()
+        out += [scores[k, : len(c)] for k, c in enumerate(candidates[i:j])]
+        i = j
+    model.train(was_training)
+    return out
+
+
+class ValidationRanking:
+    """HR@10 of the eager model ranking each validation user's shard, next to popularity order.
+
+    Targets are validation positives whose item the user has not seen before; shards are cut from
+    `data.training_event_mask()` statistics and the user's events before the target, exactly as a
+    bundle built at that moment would be. Computed once; scoring a model costs one eager pass.
+    """
+
+    def __init__(self, data: PreparedData, policy: ShardPolicy | None = None, *, max_users: int = VALIDATION_USERS,
+                 seed: int = 0) -> None:
+        self.data = data
+        self.policy = policy or ShardPolicy()
+        val = data.splits.get("validation")
+        requests: list[UserRequest] = []
+        if val is not None and len(val):
+            positive = val.negative_item < 0
+            users, cands = val.user[positive], val.candidate[positive]
+            if len(users) > max_users:
+                pick = np.sort(np.random.default_rng(seed).choice(len(users), max_users, replace=False))
+                users, cands = users[pick], cands[pick]
+            for u, c in zip(users.tolist(), cands.tolist()):
+                start = int(data.user_start[u])
+                target = int(data.item_rows[c])
+                if c > start and target not in data.item_rows[start:c]:
+                    requests.append(UserRequest(u, c, int(data.timestamps[c]), np.array([target])))
+        self.requests = requests
+        self.index = ShardIndex(data, self.policy, event_mask=data.training_event_mask()) if requests else None
+        self.shards, self.policy_order = [], []
+        for r in requests:
+            start = int(data.user_start[r.user_row])
+            ranked, _ = self.index.select_ranked(data.item_rows[start : r.history_end], data.cat_rows[start : r.history_end])
+            self.policy_order.append(ranked)
+            self.shards.append(np.sort(ranked))
+        self.seen = [data.item_rows[int(data.user_start[r.user_row]) : r.history_end] for r in requests]
+        self.baselines = {}
+        if requests:
+            pop = [top_unseen(self.index.popularity[s].astype(np.float64), s, seen) for s, seen in zip(self.shards, self.seen)]
+            self.baselines["popularity"] = float(ranking_metrics(np.stack(pop), self._targets())[PRIMARY_METRIC].mean())
+
+    def _targets(self) -> list[np.ndarray]:
+        return [r.targets for r in self.requests]
+
+    def __len__(self) -> int:
+        return len(self.requests)
+
+    def __call__(self, model: TBSM) -> dict[str, float]:
+        if not self.requests:
+            return {}
+        scores = eager_scores(model, self.data, self.requests, self.shards)
+        ranked = np.stack([top_unseen(s, shard, seen) for s, shard, seen in zip(scores, self.shards, self.seen)])
+        return {"val_hr10": float(ranking_metrics(ranked, self._targets())[PRIMARY_METRIC].mean()),
+                "val_hr10_popularity": self.baselines["popularity"], "val_ranking_users": len(self.requests)}
+
+
+def future_requests(data: PreparedData, users: np.ndarray | None = None) -> list[UserRequest]:
+    """One request per user with held-out events: history = every event kept for training, request
+    time = the first held-out event's, targets = held-out items the user had not seen before."""
+    future = data.future
+    if future is None:
+        raise ValueError("the run holds out no events: prepare/train it with --holdout-last K")
+    n_future = np.diff(future.start)
+    candidates = np.flatnonzero(n_future > 0) if users is None else np.asarray(users)
+    requests = []
+    for u in candidates.tolist():
+        sl = data.user_events(u)
+        held = future.item_rows[future.of(u)]
+        targets = np.unique(held[(held >= RESERVED_ROWS) & ~np.isin(held, data.item_rows[sl])])
+        requests.append(UserRequest(u, sl.stop, int(future.timestamps[future.start[u]]), targets))
+    return requests
+
+
+ROWS = {
+    "popularity": "(a) global popularity, whole catalogue",
+    "shard_popularity": "(a') the shard in popularity order",
+    "shard_policy": "(b) the shard in its policy order (no model)",
+    "server": "(c) full model, whole catalogue, eager (server upper bound)",
+    "shard_eager": "full model ranking the shard, eager",
+    "bundle_fp32": "(d) fp32 bundle in the ExecuTorch runtime",
+    "bundle_int8": "(e) int8 bundle in the ExecuTorch runtime",
+}
+
+
+@dataclass
+class OnDeviceReport:
+    users: int
+    skipped_no_target: int
+    targets: int
+    rows: dict[str, dict] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+    shard_coverage: float = float("nan")
+
+    def summary(self) -> dict:
+        return {"users": self.users, "skipped_no_target": self.skipped_no_target, "targets": self.targets,
+                "shard_coverage": self.shard_coverage, "rows": self.rows, "seconds": self.seconds}
+
+
+def _summarise(per_user: dict[str, np.ndarray], seed: int) -> dict:
+    return {name: {"mean": float(v.mean()), "ci95": list(bootstrap_interval(v, seed=seed))} for name, v in per_user.items()}
+
+
+def evaluate_on_device(model: TBSM, data: PreparedData, *, policy: ShardPolicy | None = None,
+                       users: np.ndarray | None = None, max_users: int | None = None, seed: int = 0,
+                       rows: tuple[str, ...] = tuple(ROWS), bundle_ranker: Callable | None = None,
+                       progress: Callable[[int], None] = lambda n: None) -> OnDeviceReport:
+    """The on-device evaluation (module docstring). `bundle_ranker(recipe, requests, shards)` returns
+    each request's shard scores from real bundles (see `sdk_builder.ondevice`); without it the
+    bundle rows are left out."""
+    policy = policy or ShardPolicy()
+    requests = future_requests(data, users)
+    if max_users is not None and len(requests) > max_users:
+        pick = np.sort(np.random.default_rng(seed).choice(len(requests), max_users, replace=False))
+        requests = [requests[i] for i in pick]
+    with_target = [r for r in requests if len(r.targets)]
+    report = OnDeviceReport(users=len(with_target), skipped_no_target=len(requests) - len(with_target),
+                            targets=int(sum(len(r.targets) for r in with_target)))
+    requests = with_target
+    if not requests:
+        return report
+    targets = [r.targets for r in requests]
+    seen = [data.item_rows[data.user_events(r.user_row)] for r in requests]
+    index = ShardIndex(data, policy)  # every kept event: the held-out ones are not in `data`
+    started = time.perf_counter()
+    ordered = [index.select_ranked(*_events(data, r))[0] for r in requests]
+    shards = [np.sort(o) for o in ordered]
+    report.seconds["shards"] = time.perf_counter() - started
+    report.shard_coverage = float(sum(np.isin(t, s).sum() for t, s in zip(targets, shards)) / report.targets)
+    ranked: dict[str, np.ndarray] = {}
+    if "popularity" in rows:
+        ranked["popularity"] = np.stack([top_unseen(-np.arange(len(index.popular), dtype=np.float64), index.popular, s)
+                                         for s in seen])
+    if "shard_popularity" in rows:
+        ranked["shard_popularity"] = np.stack([top_unseen(index.popularity[sh].astype(np.float64), sh, s)
+                                               for sh, s in zip(shards, seen)])
+    if "shard_policy" in rows:
+        ranked["shard_policy"] = np.stack([top_unseen(-np.arange(len(o), dtype=np.float64), o, s) for o, s in zip(ordered, seen)])
+    for name, candidates in (("shard_eager", shards), ("server", None)):
+        if name not in rows:
+            continue
+        started = time.perf_counter()
+        catalogue = np.arange(RESERVED_ROWS, data.items.rows)
+        cands = candidates if candidates is not None else [catalogue] * len(requests)
+        scores = eager_scores(model, data, requests, cands)
+        ranked[name] = np.stack([top_unseen(sc, c, s) for sc, c, s in zip(scores, cands, seen)])
+        report.seconds[name] = time.perf_counter() - started
+    if bundle_ranker is not None:
+        for name, recipe in (("bundle_fp32", "xnnpack"), ("bundle_int8", "int8")):
+            if name not in rows:
+                continue
+            started = time.perf_counter()
+            scores = bundle_ranker(recipe, requests, shards)
+            ranked[name] = np.stack([top_unseen(sc, c, s) for sc, c, s in zip(scores, shards, seen)])
+            report.seconds[name] = time.perf_counter() - started
+    for name in ROWS:
+        if name in ranked:
+            report.rows[name] = _summarise(ranking_metrics(ranked[name], targets), seed)
+    return report
+
+
+def _events(data: PreparedData, request: UserRequest) -> tuple[np.ndarray, np.ndarray]:
+    start = int(data.user_start[request.user_row])
+    return data.item_rows[start : request.history_end], data.cat_rows[start : request.history_end]
