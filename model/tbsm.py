@@ -31,9 +31,11 @@ RESERVED_ROWS = 2
 _SECONDS_PER_MINUTE = 60.0
 # log1p of a year in minutes is ~13; dividing by 10 keeps the feature near [0, 1.3].
 _TIME_FEATURE_SCALE = 10.0
-EMBEDDING_INITS = ("reference", "normal")
-EMBEDDING_INIT_STD = 0.1
-USER_INIT_STD = 0.1
+INITS = ("normal", "reference")
+# Measured on ml-latest-small (docs/benchmarks.md): small enough that ids never trained (a test
+# user's row, a random negative item) stay near neutral, large enough that interactions differ
+# between events from the first step.
+EMBEDDING_INIT_STD = 0.01
 
 
 @dataclass
@@ -56,7 +58,12 @@ class TBSMConfig:
     rnn_layers: int = 5
     dense_feature: str = "time"  # time | position
     use_behavior: bool = False  # add a behaviour embedding to each history event's item embedding
-    embedding_init: str = "reference"  # reference: uniform +-sqrt(1/rows) | normal: N(0, EMBEDDING_INIT_STD)
+    # normal: item/category rows N(0, EMBEDDING_INIT_STD), user rows zero, MLP biases zero |
+    # reference: uniform +-sqrt(1/rows) rows and DLRM's random MLP biases (stalls some seeds)
+    init: str = "normal"
+    # dot: DLRM's pairwise dot products (the reference) | cat: the vectors themselves, concatenated
+    # (DLRM's --arch-interaction-op=cat), so an event's z can carry which item and category it is.
+    interaction: str = "dot"
 
     def __post_init__(self) -> None:
         checks = {
@@ -64,7 +71,8 @@ class TBSMConfig:
             "tsl_inner": (self.tsl_inner, ("def", "ind", "dot")),
             "tsl_mechanism": (self.tsl_mechanism, ("mlp", "mul")),
             "dense_feature": (self.dense_feature, ("time", "position")),
-            "embedding_init": (self.embedding_init, EMBEDDING_INITS),
+            "init": (self.init, INITS),
+            "interaction": (self.interaction, ("dot", "cat")),
         }
         for name, (value, allowed) in checks.items():
             if value not in allowed:
@@ -94,18 +102,22 @@ def taobao_bench_config(**overrides) -> TBSMConfig:
     return TBSMConfig(**{**base, **overrides})
 
 
-def mlp(sizes: tuple[int, ...], *, final_activation: bool) -> nn.Sequential:
-    """Linear+ReLU stack initialised as DLRM's create_mlp: W ~ N(0, sqrt(2/(in+out))), b ~ N(0, sqrt(1/out)).
+def mlp(sizes: tuple[int, ...], *, final_activation: bool, init: str = "normal") -> nn.Sequential:
+    """Linear+ReLU stack, weights as DLRM's create_mlp: W ~ N(0, sqrt(2/(in+out))).
 
-    PyTorch's default init is about half that scale; with it, some seeds sat at AUC 0.5 for a
-    whole epoch (every event's z nearly identical, gradients vanishing).
+    Biases: zero (`normal`), or DLRM's N(0, sqrt(1/out)) (`reference`). A random negative bias
+    can switch a ReLU of a 15-wide layer off for every input from the start; with that, 2 of 5
+    seeds on ml-latest-small never left validation AUC ~0.54.
     """
     layers: list[nn.Module] = []
     for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
         linear = nn.Linear(n_in, n_out)
         with torch.no_grad():
             linear.weight.normal_(0.0, math.sqrt(2.0 / (n_in + n_out)))
-            linear.bias.normal_(0.0, math.sqrt(1.0 / n_out))
+            if init == "reference":
+                linear.bias.normal_(0.0, math.sqrt(1.0 / n_out))
+            else:
+                linear.bias.zero_()
         layers.append(linear)
         if i < len(sizes) - 2 or final_activation:
             layers.append(nn.ReLU())
@@ -115,9 +127,7 @@ def mlp(sizes: tuple[int, ...], *, final_activation: bool) -> nn.Sequential:
 def _embedding_table(rows: int, dim: int, *, reserved: int, init: str, std: float = EMBEDDING_INIT_STD) -> nn.Embedding:
     """An id table whose first `reserved` rows (padding, OOV) are zero.
 
-    `reference`: uniform(+-sqrt(1/rows)) as the reference: for a large table every vector is
-    nearly zero, so every event's tower output is nearly the same and some seeds never leave
-    AUC 0.5. `normal`: N(0, std), a scale that keeps the dot-product interactions informative.
+    `reference`: uniform(+-sqrt(1/rows)) as the reference. `normal`: N(0, std).
     """
     table = nn.Embedding(rows, dim, sparse=True, padding_idx=PADDING_ROW if reserved else None)
     if init == "reference":
@@ -144,15 +154,18 @@ class EventTower(nn.Module):
     def __init__(self, cfg: TBSMConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.bottom = mlp((1, *cfg.bottom_mlp), final_activation=True)
-        init = cfg.embedding_init
-        self.user_emb = _embedding_table(cfg.num_users, cfg.emb_dim, reserved=0, init=init, std=USER_INIT_STD)
+        self.bottom = mlp((1, *cfg.bottom_mlp), final_activation=True, init=cfg.init)
+        init = cfg.init
+        # `normal` starts user rows at zero: a user the model never trained on (a later user, a
+        # new install) is then the average user instead of random noise in every interaction.
+        self.user_emb = _embedding_table(cfg.num_users, cfg.emb_dim, reserved=0, init=init, std=0.0)
         self.item_emb = _embedding_table(cfg.num_items, cfg.emb_dim, reserved=RESERVED_ROWS, init=init)
         self.cat_emb = _embedding_table(cfg.num_categories, cfg.emb_dim, reserved=RESERVED_ROWS, init=init)
         self.behavior_emb = (
             _embedding_table(5, cfg.emb_dim, reserved=1, init=init) if cfg.use_behavior else None
         )
-        self.top = mlp((cfg.emb_dim + 6, *cfg.top_mlp), final_activation=True)
+        top_in = cfg.emb_dim + 6 if cfg.interaction == "dot" else 4 * cfg.emb_dim
+        self.top = mlp((top_in, *cfg.top_mlp), final_activation=True, init=cfg.init)
 
     def forward_embedded(
         self, dense: torch.Tensor, user_vec: torch.Tensor, item_vec: torch.Tensor, cat_vec: torch.Tensor
@@ -165,6 +178,10 @@ class EventTower(nn.Module):
         """
         x = self.bottom(dense.unsqueeze(-1))
         u = user_vec.unsqueeze(-2)
+        if self.cfg.interaction == "cat":
+            shape = item_vec.shape
+            z = self.top(torch.cat([x.expand(shape), u.expand(shape), item_vec, cat_vec], dim=-1))
+            return F.normalize(z, dim=-1)
         interactions = torch.stack(
             [
                 (x * u).sum(-1).expand(item_vec.shape[:-1]),
@@ -191,11 +208,11 @@ class TSLHead(nn.Module):
         if self.A is not None:
             nn.init.uniform_(self.A, -math.sqrt(1.0 / z), math.sqrt(1.0 / z))
         self.attention = (
-            nn.Sequential(mlp((t, *cfg.tsl_mlp, t), final_activation=False), nn.Sigmoid())
+            nn.Sequential(mlp((t, *cfg.tsl_mlp, t), final_activation=False, init=cfg.init), nn.Sigmoid())
             if cfg.tsl_mechanism == "mlp"
             else None
         )
-        self.head = mlp((2 * z, *cfg.head_mlp), final_activation=False)
+        self.head = mlp((2 * z, *cfg.head_mlp), final_activation=False, init=cfg.init)
 
     def query(self, w: torch.Tensor) -> torch.Tensor:
         if self.cfg.tsl_inner == "dot":
@@ -224,7 +241,7 @@ class MHAHead(nn.Module):
         self.q = nn.Linear(z, d, bias=False)
         self.k = nn.Linear(z, d, bias=False)
         self.v = nn.Linear(z, d, bias=False)
-        self.head = mlp((d + z, *cfg.head_mlp), final_activation=False)
+        self.head = mlp((d + z, *cfg.head_mlp), final_activation=False, init=cfg.init)
 
     def forward(self, history: torch.Tensor, w: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         b, t, _ = history.shape
@@ -243,7 +260,7 @@ class RNNHead(nn.Module):
         super().__init__()
         z = cfg.z_dim
         self.lstm = nn.LSTM(z, z, num_layers=cfg.rnn_layers, batch_first=True)
-        self.head = mlp((2 * z, *cfg.head_mlp), final_activation=False)
+        self.head = mlp((2 * z, *cfg.head_mlp), final_activation=False, init=cfg.init)
 
     def forward(self, history: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         out, _ = self.lstm(history)
@@ -258,7 +275,7 @@ class TBSM(nn.Module):
         if cfg.model_type == "tsl":
             self.heads = nn.ModuleList(TSLHead(cfg) for _ in range(cfg.tsl_num_heads))
             k = cfg.tsl_num_heads
-            self.combine = mlp((k, k + 4, 1), final_activation=False) if k > 1 else None
+            self.combine = mlp((k, k + 4, 1), final_activation=False, init=cfg.init) if k > 1 else None
         elif cfg.model_type == "mha":
             self.mha = MHAHead(cfg)
         else:
@@ -351,9 +368,10 @@ class TBSM(nn.Module):
         request_time: torch.Tensor,
         cand_items: torch.Tensor,
         cand_cats: torch.Tensor,
+        logits: bool = False,
     ) -> torch.Tensor:
-        """Probabilities of N candidates per history: (C,) users, (C, T) histories, (C,) request
-        times, (C, N) candidates -> (C, N). Equal to `score` on C*N samples that repeat each
+        """Probabilities (or logits) of N candidates per history: (C,) users, (C, T) histories, (C,)
+        request times, (C, N) candidates -> (C, N). Equal to `score` on C*N samples that repeat each
         history, but the event tower runs once per history event instead of once per sample."""
         tower = self.tower
         c, n = cand_items.shape
@@ -367,9 +385,9 @@ class TBSM(nn.Module):
             cand_dense = self.position_feature[-1:].expand(c, n)
         w = tower.forward_embedded(cand_dense, user_vec, tower.item_emb(cand_items), tower.cat_emb(cand_cats))
         t = history.shape[1]
-        logits = self.attend(history.unsqueeze(1).expand(c, n, t, -1).reshape(c * n, t, -1), w.reshape(c * n, -1),
-                             (item_rows != PADDING_ROW).unsqueeze(1).expand(c, n, t).reshape(c * n, t))
-        return torch.sigmoid(logits).reshape(c, n)
+        out = self.attend(history.unsqueeze(1).expand(c, n, t, -1).reshape(c * n, t, -1), w.reshape(c * n, -1),
+                          (item_rows != PADDING_ROW).unsqueeze(1).expand(c, n, t).reshape(c * n, t))
+        return (out if logits else torch.sigmoid(out)).reshape(c, n)
 
     def embedding_tables(self) -> dict[str, nn.Embedding]:
         tables = {"user": self.tower.user_emb, "item": self.tower.item_emb, "category": self.tower.cat_emb}

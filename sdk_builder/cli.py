@@ -71,18 +71,25 @@ def data_options(f):
         click.option("--samples-per-user", type=int, help="Training positives per user (holdout 20, reference 10)."),
         click.option("--synthetic-users", type=int, default=2000, show_default=True,
                      help="With no INPUTS: users of the built-in synthetic Taobao-format data."),
+        click.option("--holdout-last", type=click.IntRange(min=0), default=0, show_default=True,
+                     help="Hold each user's last K events out of everything (for `evaluate --on-device`)."),
+        click.option("--negatives", type=click.Choice(["uniform", "popularity"]), default="popularity", show_default=True,
+                     help="Training negatives: uniform (the reference) or half popularity-proportional (closer to a shard)."),
+        click.option("--negatives-per-positive", type=click.IntRange(min=1), default=4, show_default=True),
     ]
     for option in reversed(options):
         f = option(f)
     return f
 
 
-def _prepare(inputs, fmt, columns, strict, time_range, protocol, samples_per_user, synthetic_users, seed, quiet):
-    from sdk_builder.dataset import prepare
+def _prepare(inputs, fmt, columns, strict, time_range, protocol, samples_per_user, synthetic_users, holdout_last,
+             negatives, negatives_per_positive, seed, quiet):
+    from sdk_builder.dataset import NegativeSampler, prepare
 
     events, report = _load_events(inputs, fmt, columns, strict, time_range, synthetic_users, seed, quiet)
     try:
-        data = prepare(events, protocol=protocol, seed=seed, samples_per_user=samples_per_user)
+        data = prepare(events, protocol=protocol, seed=seed, samples_per_user=samples_per_user, holdout_last=holdout_last,
+                       sampler=NegativeSampler(negatives, negatives_per_positive))
     except ValueError as exc:
         _fail(str(exc))
     data.info["source"] = list(inputs) or f"synthetic:{synthetic_users}"
@@ -109,14 +116,16 @@ def main() -> None:
 @click.option("--seed", type=int, default=DEFAULT_SEED, show_default=True)
 @click.option("--out", type=click.Path(dir_okay=False), required=True, help="Prepared dataset (.npz).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable summary.")
-def prepare_cmd(inputs, fmt, columns, strict, time_range, protocol, samples_per_user, synthetic_users, seed, out, as_json):
+def prepare_cmd(inputs, fmt, columns, strict, time_range, protocol, samples_per_user, synthetic_users, holdout_last,
+                negatives, negatives_per_positive, seed, out, as_json):
     """Read event logs, remap ids and build train/validation/test samples.
 
     \b
     Example:
       tbsm-sdk prepare ../shared/data/ml-latest-small/UserBehavior.csv --protocol reference --out ml.npz
     """
-    data = _prepare(inputs, fmt, columns, strict, time_range, protocol, samples_per_user, synthetic_users, seed, as_json)
+    data = _prepare(inputs, fmt, columns, strict, time_range, protocol, samples_per_user, synthetic_users, holdout_last,
+                    negatives, negatives_per_positive, seed, as_json)
     data.save(Path(out))
     _emit(as_json, {"out": out, **data.info}, f"wrote {out}: " + ", ".join(f"{k} {v:,}" for k, v in data.info["split_sizes"].items()) + " samples")
 
@@ -138,13 +147,19 @@ def prepare_cmd(inputs, fmt, columns, strict, time_range, protocol, samples_per_
 @click.option("--dense-feature", type=click.Choice(["time", "position"]), default="time", show_default=True,
               help="time: log-scaled age of each event at request time; position: the reference's t/21.")
 @click.option("--use-behavior", is_flag=True, help="Embed the behaviour (pv/buy/cart/fav) of history events.")
+@click.option("--init", type=click.Choice(["normal", "reference"]), default="normal", show_default=True,
+              help="normal: item/category rows N(0, 0.01), zero user rows and MLP biases; reference: the "
+                   "reference's uniform +-sqrt(1/rows) and random biases (stalls some seeds).")
+@click.option("--select-by", type=click.Choice(["val_hr10", "val_auc"]), default="val_hr10", show_default=True,
+              help="Best checkpoint by the on-device-style validation ranking (HR@10 of each user's shard) or by AUC.")
 @click.option("--threads", type=int, help="torch intra-op threads.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last finished epoch.")
 @click.option("--force", is_flag=True, help="Overwrite an existing checkpoint in --out.")
 @click.option("--json", "as_json", is_flag=True)
-def train_cmd(inputs, fmt, columns, strict, time_range, protocol, samples_per_user, synthetic_users, prepared, out,
-              epochs, batch_size, lr, seed, eval_every, model_type, tsl_inner, tsl_mechanism, tsl_num_heads, tsl_seq,
-              dense_feature, use_behavior, threads, resume, force, as_json):
+def train_cmd(inputs, fmt, columns, strict, time_range, protocol, samples_per_user, synthetic_users, holdout_last,
+              negatives, negatives_per_positive, prepared, out, epochs, batch_size, lr, seed, eval_every, model_type,
+              tsl_inner, tsl_mechanism, tsl_num_heads, tsl_seq, dense_feature, use_behavior, init, select_by,
+              threads, resume, force, as_json):
     """Train TBSM (Adagrad, best-validation-AUC checkpoint) into a run directory.
 
     \b
@@ -165,14 +180,16 @@ def train_cmd(inputs, fmt, columns, strict, time_range, protocol, samples_per_us
     if prepared:
         data = PreparedData.load(Path(prepared))
     else:
-        data = _prepare(inputs, fmt, columns, strict, time_range, protocol, samples_per_user, synthetic_users, seed, as_json)
+        data = _prepare(inputs, fmt, columns, strict, time_range, protocol, samples_per_user, synthetic_users, holdout_last,
+                        negatives, negatives_per_positive, seed, as_json)
     try:
         model_cfg = TBSMConfig(**data.table_sizes(), history=data.info.get("history", 20), model_type=model_type,
                                tsl_inner=tsl_inner, tsl_mechanism=tsl_mechanism, tsl_num_heads=tsl_num_heads,
-                               tsl_seq=tsl_seq, dense_feature=dense_feature, use_behavior=use_behavior)
+                               tsl_seq=tsl_seq, dense_feature=dense_feature, use_behavior=use_behavior,
+                               init=init)
     except ValueError as exc:
         _fail(str(exc))
-    train_cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, eval_every=eval_every)
+    train_cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, eval_every=eval_every, select_by=select_by)
     bar = tqdm(total=0, unit="step", disable=as_json or not sys.stderr.isatty(), desc="train", leave=False)
 
     def progress(step: int, loss: float) -> None:
@@ -196,26 +213,75 @@ def train_cmd(inputs, fmt, columns, strict, time_range, protocol, samples_per_us
              f"{metrics['samples_per_second']:,.0f} samples/s; best validation AUC {metrics['best_validation_auc']:.4f} "
              f"(step {metrics['best_step']}); test AUC {test.get('auc', float('nan')):.4f} on {test.get('points', 0):,} points\n"
              f"checkpoint: {Path(out) / 'checkpoint.pt'}; curve: {Path(out) / 'training_curve.png'}")
+    ranking = metrics["ranking_validation"]
+    if ranking:
+        human += (f"\non-device-style validation (shard ranking, {ranking['users']:,} users): HR@10 {ranking['model']:.4f} "
+                  f"vs popularity {ranking['popularity']:.4f}")
+    for warning in metrics["warnings"]:
+        click.echo(f"warning: {warning}", err=True)
     _emit(as_json, {k: v for k, v in metrics.items() if k != "history"}, human)
 
 
 @main.command("evaluate")
 @click.argument("run", type=click.Path(exists=True))
 @click.option("--split", default="test", show_default=True, type=click.Choice(["test", "validation", "train"]))
+@click.option("--on-device", is_flag=True,
+              help="Rank each test user's shard with the user's real bundle in ExecuTorch, against popularity, the "
+                   "shard's own order and the full model; targets are the events held out by --holdout-last.")
+@click.option("--max-users", type=click.IntRange(min=1), help="--on-device: a seeded sample of at most N test users.")
+@click.option("--no-bundles", is_flag=True, help="--on-device: leave out the bundle rows (d, e) (eager rows only).")
+@click.option("--report-dir", type=click.Path(file_okay=False),
+              help="--on-device: where ondevice.json and ondevice.png go (default: the run directory).")
+@click.option("--seed", type=int, default=DEFAULT_SEED, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
-def evaluate_cmd(run, split, as_json):
-    """AUC, accuracy and log-loss of a run's best checkpoint on a split of its data.
+def evaluate_cmd(run, split, on_device, max_users, no_bundles, report_dir, seed, as_json):
+    """AUC, accuracy and log-loss of a run's best checkpoint on a split of its data; or, with
+    --on-device, the ranking quality of its bundles on each user's held-out events.
 
     \b
-    Example:
+    Examples:
       tbsm-sdk evaluate runs/ml --json
+      tbsm-sdk train ../shared/data/ml-latest-small/UserBehavior.csv --holdout-last 10 --out runs/ml10
+      tbsm-sdk evaluate runs/ml10 --on-device --max-users 1000
     """
     from sdk_builder.training import evaluate_split
 
     ckpt, data = _open_run(run)
+    if on_device:
+        _evaluate_on_device(ckpt, data, Path(report_dir or ckpt.path.parent), max_users, not no_bundles, seed, as_json)
+        return
     metrics = evaluate_split(ckpt.model, data, split)
     _emit(as_json, {"split": split, **metrics},
           f"{split}: AUC {metrics['auc']:.4f}  accuracy {metrics['accuracy']:.4f}  log-loss {metrics['log_loss']:.4f}  ({metrics['points']:,} points)")
+
+
+def _evaluate_on_device(ckpt, data, report_dir: Path, max_users, with_bundles: bool, seed: int, as_json: bool) -> None:
+    from tqdm import tqdm
+
+    from sdk_builder.evaluation import evaluate_on_device, format_table, plot_report, ratios
+    from sdk_builder.ondevice import BundleRanker
+
+    if data.future is None:
+        _fail(f"{ckpt.path.parent}: the run holds out no events; train it with --holdout-last K (e.g. 10)")
+    bar = tqdm(unit="bundle", desc="on-device", disable=as_json or not with_bundles, leave=False)
+    ranker = BundleRanker(ckpt, data, seed=seed, progress=bar.update) if with_bundles else None
+    try:
+        report = evaluate_on_device(ckpt.model, data, max_users=max_users, seed=seed, bundle_ranker=ranker)
+    finally:
+        bar.close()
+    payload = {"run": str(ckpt.path.parent), "holdout_last": data.info.get("holdout_last"), **report.summary(),
+               "ratios_hr@10": ratios(report),
+               "int8_fallbacks": ranker.fallbacks.get("int8") if ranker else None}
+    report_dir.mkdir(parents=True, exist_ok=True)
+    from sdk_builder.training import atomic_write_text
+
+    atomic_write_text(report_dir / "ondevice.json", json.dumps(_json_safe(payload), indent=1) + "\n")
+    plot_report(report, report_dir / "ondevice.png")
+    human = (f"{report.users:,} users ({report.skipped_no_target:,} without a new held-out item skipped), "
+             f"{report.targets:,} held-out items; shard coverage {report.shard_coverage:.3f}\n{format_table(report)}\n"
+             + ", ".join(f"{k} {v:.3f}" for k, v in payload["ratios_hr@10"].items())
+             + f"\nwrote {report_dir / 'ondevice.json'} and {report_dir / 'ondevice.png'}")
+    _emit(as_json, payload, human)
 
 
 def _open_run(run: str):
@@ -419,10 +485,11 @@ def demo_cmd(out, users, seed):
     run_dir = Path(out) / "run"
     click.echo(f"[1/3] training on synthetic Taobao-format data ({users:,} users) -> {run_dir}")
     ctx.invoke(train_cmd, inputs=(), fmt="auto", columns=None, strict=False, time_range=None, protocol="holdout",
-               samples_per_user=None, synthetic_users=users, prepared=None, out=str(run_dir), epochs=1, batch_size=256,
+               samples_per_user=None, synthetic_users=users, holdout_last=0, negatives="popularity",
+               negatives_per_positive=4, prepared=None, out=str(run_dir), epochs=1, batch_size=256,
                lr=0.05, seed=seed, eval_every=0, model_type="tsl", tsl_inner="def", tsl_mechanism="mlp",
-               tsl_num_heads=1, tsl_seq=False, dense_feature="time", use_behavior=False, threads=None, resume=False,
-               force=True, as_json=False)
+               tsl_num_heads=1, tsl_seq=False, dense_feature="time", use_behavior=False, init="normal",
+               select_by="val_hr10", threads=None, resume=False, force=True, as_json=False)
     from sdk_builder.training import load_checkpoint
 
     user_id = int(load_checkpoint(run_dir).users.ids[0])

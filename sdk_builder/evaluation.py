@@ -27,12 +27,13 @@ import torch
 
 from model.tbsm import PADDING_ROW, RESERVED_ROWS, TBSM
 from sdk_builder.dataset import PreparedData
-from sdk_builder.shard import ShardIndex, ShardPolicy
+from sdk_builder.shard import ShardIndex, ShardPolicy, policy_prior
 
 CUTOFFS = (10, 50)
 PRIMARY_METRIC = "hr@10"
 VALIDATION_USERS = 1000
 EAGER_PAIRS_PER_CALL = 1 << 15
+BLEND_WEIGHTS = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 64.0)
 
 
 def ranking_metrics(ranked: np.ndarray, targets: list[np.ndarray]) -> dict[str, np.ndarray]:
@@ -93,8 +94,9 @@ def history_tensors(data: PreparedData, requests: list[UserRequest], history: in
 
 
 @torch.no_grad()
-def eager_scores(model: TBSM, data: PreparedData, requests: list[UserRequest], candidates: list[np.ndarray]) -> list[np.ndarray]:
-    """The full eager model's probabilities of each request's candidate item rows."""
+def eager_scores(model: TBSM, data: PreparedData, requests: list[UserRequest], candidates: list[np.ndarray], *,
+                 logits: bool = False) -> list[np.ndarray]:
+    """The full eager model's probabilities (or logits) of each request's candidate item rows."""
     was_training = model.training
     model.eval()
     out: list[np.ndarray] = []
@@ -107,7 +109,7 @@ def eager_scores(model: TBSM, data: PreparedData, requests: list[UserRequest], c
         cand = np.stack([np.pad(c, (0, n - len(c)), constant_values=1) for c in candidates[i:j]]).astype(np.int64)
         cand_t = torch.from_numpy(cand)
         scores = model.rank(users, items, cats, behaviors, stamps, request_time, cand_t,
-                            torch.from_numpy(data.item_category[cand])).numpy()
+                            torch.from_numpy(data.item_category[cand]), logits=logits).numpy()
         out += [scores[k, : len(c)] for k, c in enumerate(candidates[i:j])]
         i = j
     model.train(was_training)
@@ -162,10 +164,23 @@ class ValidationRanking:
     def __call__(self, model: TBSM) -> dict[str, float]:
         if not self.requests:
             return {}
-        scores = eager_scores(model, self.data, self.requests, self.shards)
+        logits = eager_scores(model, self.data, self.requests, self.shards, logits=True)
+        return {"val_hr10": self.hr10(logits), "val_hr10_popularity": self.baselines["popularity"],
+                "val_ranking_users": len(self.requests)}
+
+    def hr10(self, scores: list[np.ndarray]) -> float:
         ranked = np.stack([top_unseen(s, shard, seen) for s, shard, seen in zip(scores, self.shards, self.seen)])
-        return {"val_hr10": float(ranking_metrics(ranked, self._targets())[PRIMARY_METRIC].mean()),
-                "val_hr10_popularity": self.baselines["popularity"], "val_ranking_users": len(self.requests)}
+        return float(ranking_metrics(ranked, self._targets())[PRIMARY_METRIC].mean())
+
+    def choose_blend(self, model: TBSM) -> dict[str, float]:
+        """The weight of the shard policy's prior in the shipped score, sigmoid(logit + weight *
+        prior), chosen on validation HR@10 (ties: the smaller weight, so the model keeps the most say)."""
+        logits = eager_scores(model, self.data, self.requests, self.shards, logits=True)
+        priors = [policy_prior(order)[1] for order in self.policy_order]
+        results = {w: self.hr10([lg + w * pr for lg, pr in zip(logits, priors)]) for w in BLEND_WEIGHTS}
+        best = max(BLEND_WEIGHTS, key=lambda w: (results[w], -w))
+        policy = self.hr10([pr for pr in priors])
+        return {"blend_weight": best, "blended": results[best], "model_alone": results[0.0], "policy_order": policy}
 
 
 def future_requests(data: PreparedData, users: np.ndarray | None = None) -> list[UserRequest]:
@@ -190,7 +205,8 @@ ROWS = {
     "shard_popularity": "(a') the shard in popularity order",
     "shard_policy": "(b) the shard in its policy order (no model)",
     "server": "(c) full model, whole catalogue, eager (server upper bound)",
-    "shard_eager": "full model ranking the shard, eager",
+    "shard_eager": "the model alone ranking the shard, eager",
+    "shard_blend": "model + shard policy prior (what a bundle ranks by), eager",
     "bundle_fp32": "(d) fp32 bundle in the ExecuTorch runtime",
     "bundle_int8": "(e) int8 bundle in the ExecuTorch runtime",
 }
@@ -217,10 +233,10 @@ def _summarise(per_user: dict[str, np.ndarray], seed: int) -> dict:
 def evaluate_on_device(model: TBSM, data: PreparedData, *, policy: ShardPolicy | None = None,
                        users: np.ndarray | None = None, max_users: int | None = None, seed: int = 0,
                        rows: tuple[str, ...] = tuple(ROWS), bundle_ranker: Callable | None = None,
-                       progress: Callable[[int], None] = lambda n: None) -> OnDeviceReport:
+                       blend_weight: float = 0.0) -> OnDeviceReport:
     """The on-device evaluation (module docstring). `bundle_ranker(recipe, requests, shards)` returns
     each request's shard scores from real bundles (see `sdk_builder.ondevice`); without it the
-    bundle rows are left out."""
+    bundle rows are left out. `blend_weight`: the run's weight of the policy prior (`shard_blend`)."""
     policy = policy or ShardPolicy()
     requests = future_requests(data, users)
     if max_users is not None and len(requests) > max_users:
@@ -249,15 +265,20 @@ def evaluate_on_device(model: TBSM, data: PreparedData, *, policy: ShardPolicy |
                                                for sh, s in zip(shards, seen)])
     if "shard_policy" in rows:
         ranked["shard_policy"] = np.stack([top_unseen(-np.arange(len(o), dtype=np.float64), o, s) for o, s in zip(ordered, seen)])
-    for name, candidates in (("shard_eager", shards), ("server", None)):
-        if name not in rows:
-            continue
+    if "shard_eager" in rows or "shard_blend" in rows:
+        started = time.perf_counter()
+        logits = eager_scores(model, data, requests, shards, logits=True)
+        ranked["shard_eager"] = np.stack([top_unseen(lg, sh, s) for lg, sh, s in zip(logits, shards, seen)])
+        priors = [policy_prior(o)[1] for o in ordered]
+        ranked["shard_blend"] = np.stack([top_unseen(lg + blend_weight * pr, sh, s)
+                                          for lg, pr, sh, s in zip(logits, priors, shards, seen)])
+        report.seconds["shard_eager"] = time.perf_counter() - started
+    if "server" in rows:
         started = time.perf_counter()
         catalogue = np.arange(RESERVED_ROWS, data.items.rows)
-        cands = candidates if candidates is not None else [catalogue] * len(requests)
-        scores = eager_scores(model, data, requests, cands)
-        ranked[name] = np.stack([top_unseen(sc, c, s) for sc, c, s in zip(scores, cands, seen)])
-        report.seconds[name] = time.perf_counter() - started
+        scores = eager_scores(model, data, requests, [catalogue] * len(requests), logits=True)
+        ranked["server"] = np.stack([top_unseen(sc, catalogue, s) for sc, s in zip(scores, seen)])
+        report.seconds["server"] = time.perf_counter() - started
     if bundle_ranker is not None:
         for name, recipe in (("bundle_fp32", "xnnpack"), ("bundle_int8", "int8")):
             if name not in rows:
@@ -275,3 +296,59 @@ def evaluate_on_device(model: TBSM, data: PreparedData, *, policy: ShardPolicy |
 def _events(data: PreparedData, request: UserRequest) -> tuple[np.ndarray, np.ndarray]:
     start = int(data.user_start[request.user_row])
     return data.item_rows[start : request.history_end], data.cat_rows[start : request.history_end]
+
+
+METRICS = ("hr@10", "hr@50", "ndcg@10", "recall@50")
+
+
+def format_table(report: OnDeviceReport) -> str:
+    """A markdown table: one row per ranking, each metric with its 95% interval."""
+    head = "| ranking | " + " | ".join(METRICS) + " |\n|---|" + "---:|" * len(METRICS)
+    lines = [head]
+    for name, metrics in report.rows.items():
+        cells = [f"{m['mean']:.3f} [{m['ci95'][0]:.3f}, {m['ci95'][1]:.3f}]" for m in (metrics[k] for k in METRICS)]
+        lines.append(f"| {ROWS[name]} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def ratios(report: OnDeviceReport, metric: str = PRIMARY_METRIC) -> dict[str, float]:
+    """The quality issue's targets as ratios of `metric`: bundle vs popularity, vs the shard's own
+    order, vs the server; int8 minus fp32."""
+    mean = {name: r[metric]["mean"] for name, r in report.rows.items()}
+    out = {}
+    bundle = mean.get("bundle_fp32", mean.get("shard_blend"))
+    if bundle is None:
+        return out
+    for name, key in (("popularity", "vs_popularity"), ("shard_policy", "vs_shard_policy"), ("server", "vs_server")):
+        if mean.get(name):
+            out[key] = bundle / mean[name]
+    if "bundle_int8" in mean and "bundle_fp32" in mean:
+        out["int8_minus_fp32"] = mean["bundle_int8"] - mean["bundle_fp32"]
+    return out
+
+
+def plot_report(report: OnDeviceReport, path: Path, title: str = "") -> None:
+    """Grouped bars of every metric per ranking, with the bootstrap intervals as error bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(report.rows)
+    fig, ax = plt.subplots(figsize=(11, 4.5))
+    width = 0.8 / max(len(names), 1)
+    for k, name in enumerate(names):
+        means = [report.rows[name][m]["mean"] for m in METRICS]
+        lo = [mu - report.rows[name][m]["ci95"][0] for mu, m in zip(means, METRICS)]
+        hi = [report.rows[name][m]["ci95"][1] - mu for mu, m in zip(means, METRICS)]
+        ax.bar(np.arange(len(METRICS)) + k * width, means, width, yerr=[lo, hi], capsize=2, label=ROWS[name])
+    ax.set_xticks(np.arange(len(METRICS)) + 0.4 - width / 2, METRICS)
+    ax.set_ylabel("mean over users (95% bootstrap interval)")
+    ax.set_title(title or f"On-device ranking of held-out events, {report.users} users")
+    ax.legend(fontsize=7, loc="upper left")
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=90, metadata={"Software": None})
+    plt.close(fig)
+    tmp.replace(path)

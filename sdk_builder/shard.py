@@ -193,3 +193,10 @@ def coverage(data: PreparedData, policy: ShardPolicy, held_out: int = 10) -> dic
     ours, base = hits / max(total, 1), base_hits / max(total, 1)
     return {"users": int(len(users)), "held_out_events": int(total), "policy_coverage": ours,
             "popular_coverage": base, "ratio": ours / base if base else float("inf")}
+
+
+def policy_prior(ranked: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(sorted shard items, their prior): -log(1 + position in the policy order), the policy's
+    own ranking as a score the model's logit can be blended with (0 for its first item)."""
+    order = np.argsort(ranked, kind="stable")
+    return ranked[order], -np.log1p(order.astype(np.float64)).astype(np.float32)

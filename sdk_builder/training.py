@@ -181,7 +181,8 @@ def train_run(
         metrics = {f"val_{k}": v for k, v in evaluate_split(model, data, "validation").items()}
         labels, probs = predict(model, batches(data, train_auc_subset, EVAL_BATCH, model_cfg.history))
         metrics["train_auc"] = roc_auc(labels, probs)
-        metrics.update(ranking(model))
+        if train_cfg.select_by == "val_hr10":  # otherwise measured once, for the best checkpoint
+            metrics.update(ranking(model))
         return metrics
 
     def on_best(st: TrainState, metrics: dict) -> None:
@@ -202,12 +203,18 @@ def train_run(
 
     best = load_checkpoint(ckpt_path)
     best_record = next(h for h in state.history if h["step"] == state.best_step)
+    ranking_validation = ranking_summary({**ranking(best.model), **best_record})
+    if ranking_validation is not None:
+        # What the phone ranks by: the model's logit plus a weight times the shard policy's prior.
+        ranking_validation.update(ranking.choose_blend(best.model))
+        best.payload["ranking_validation"] = ranking_validation
+        atomic_torch_save(best.payload, ckpt_path)
     test = evaluate_split(best.model, data, "test") if "test" in data.splits else None
     metrics = {
         "best_step": state.best_step,
         "selected_by": train_cfg.select_by,
         "best_validation_auc": best_record["val_auc"],
-        "ranking_validation": ranking_summary(best_record),
+        "ranking_validation": ranking_validation,
         "warnings": run_warnings(state.history, best_record, test),
         "history": state.history,
         "test": test,
@@ -225,7 +232,8 @@ def train_run(
 
 def ranking_summary(record: dict) -> dict | None:
     """The best checkpoint's on-device-style validation (HR@10 of its shard ranking) next to the
-    popularity order of the same shards: what `build`'s quality gate compares."""
+    popularity order of the same shards; after training also the blend with the shard policy's
+    prior and its HR@10 (`blended`): what `build`'s quality gate compares with `popularity`."""
     if "val_hr10" not in record:
         return None
     return {"metric": "hr@10", "model": record["val_hr10"], "popularity": record["val_hr10_popularity"],

@@ -1,0 +1,120 @@
+"""On-device recommendation quality: each test user's real bundle ranking its shard in ExecuTorch.
+
+Per data set: hold each user's last K events out of everything (`--holdout-last`), train the
+default model, then `evaluate_on_device` with real stamped fp32 and int8 bundles next to global
+popularity, the shard in popularity and in policy order, and the full model over the whole
+catalogue. Prints the table with 95% bootstrap intervals, writes JSON and a PNG bar chart beside
+docs/benchmarks.md and appends the table there.
+
+    python benchmarks/on_device.py                      # ml-latest-small (../shared) and synthetic
+    python benchmarks/on_device.py --only synthetic --synthetic-users 20000 --max-users 2000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import ML_SMALL, REPO, append_to_doc, context_line  # noqa: E402
+
+SECTION = "## On-device ranking quality (held-out last events)"
+TARGETS = {"vs_popularity": 1.5, "vs_shard_policy": 1.0, "vs_server": 0.95}
+INT8_TOLERANCE = 0.005
+
+
+def run_one(name: str, events, args) -> dict:
+    from model.tbsm import TBSMConfig
+    from model.train import TrainConfig
+    from sdk_builder.dataset import NegativeSampler, prepare
+    from sdk_builder.evaluation import evaluate_on_device, format_table, plot_report, ratios
+    from sdk_builder.ondevice import BundleRanker
+    from sdk_builder.training import load_checkpoint, train_run
+
+    started = time.perf_counter()
+    data = prepare(events, protocol="holdout", seed=args.seed, holdout_last=args.holdout_last,
+                   sampler=NegativeSampler(args.negatives, args.negatives_per_positive))
+    with tempfile.TemporaryDirectory(prefix="tbsm-ondevice-bench-") as out:
+        metrics = train_run(data, Path(out), TBSMConfig(**data.table_sizes(), init=args.init),
+                            TrainConfig(epochs=args.epochs, seed=args.seed, select_by=args.select_by))
+        ckpt = load_checkpoint(Path(out))
+        train_seconds = time.perf_counter() - started
+        ranker = BundleRanker(ckpt, data, seed=args.seed)
+        report = evaluate_on_device(ckpt.model, data, max_users=args.max_users, seed=args.seed, bundle_ranker=ranker)
+    result = {"data": name, "train_seconds": train_seconds, "validation": metrics["ranking_validation"],
+              "warnings": metrics["warnings"], "test_auc": (metrics["test"] or {}).get("auc"), **report.summary(),
+              "ratios_hr@10": ratios(report), "int8_fallbacks": ranker.fallbacks.get("int8")}
+    table = format_table(report)
+    png = REPO / "docs" / f"ondevice-{name}.png"
+    plot_report(report, png, f"{name}: on-device ranking of each user's held-out last {args.holdout_last} events, "
+                             f"{report.users:,} users")
+    (REPO / "docs" / f"ondevice-{name}.json").write_text(json.dumps(result, indent=1, default=float) + "\n")
+    return {"result": result, "table": table, "png": png}
+
+
+def verdict(result: dict) -> str:
+    r = result["ratios_hr@10"]
+    parts = []
+    for key, target in TARGETS.items():
+        if key in r:
+            parts.append(f"{key.replace('_', ' ')} {r[key]:.2f}x (target >= {target}x: {'met' if r[key] >= target else 'NOT met'})")
+    if "int8_minus_fp32" in r:
+        d = r["int8_minus_fp32"]
+        parts.append(f"int8 - fp32 HR@10 {d:+.4f} (target within {INT8_TOLERANCE}: {'met' if abs(d) <= INT8_TOLERANCE else 'NOT met'})")
+    return "; ".join(parts)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--only", choices=["ml-small", "synthetic"])
+    parser.add_argument("--data", type=Path, default=ML_SMALL, help="A Taobao-format CSV (default: ../shared's ml-latest-small).")
+    parser.add_argument("--synthetic-users", type=int, default=20_000)
+    parser.add_argument("--max-users", type=int, default=2000, help="Seeded sample of test users per data set.")
+    parser.add_argument("--holdout-last", type=int, default=10)
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--init", default="normal")
+    parser.add_argument("--negatives", default="popularity")
+    parser.add_argument("--negatives-per-positive", type=int, default=4)
+    parser.add_argument("--select-by", default="val_hr10")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+
+    import torch
+
+    from sdk_builder.events import read_taobao_csv
+    from sdk_builder.synthetic import generate_taobao_events
+
+    torch.set_num_threads(args.threads)
+    ctx = context_line("benchmarks/on_device.py " + " ".join(sys.argv[1:]))
+    sets = []
+    if args.only in (None, "ml-small"):
+        if args.data.is_file():
+            sets.append(("ml-small", read_taobao_csv(args.data)[0]))
+        else:
+            print(f"{args.data}: not found; skipping ml-latest-small", file=sys.stderr)
+    if args.only in (None, "synthetic"):
+        sets.append((f"synthetic-{args.synthetic_users}", generate_taobao_events(args.synthetic_users, seed=args.seed)))
+    entries = []
+    for name, events in sets:
+        out = run_one(name, events, args)
+        r = out["result"]
+        text = (f"**{name}**: {r['users']:,} test users ({r['skipped_no_target']:,} with no new held-out item skipped), "
+                f"{r['targets']:,} held-out items, shard coverage {r['shard_coverage']:.3f}; validation HR@10 "
+                f"{r['validation']['model']:.4f} vs popularity {r['validation']['popularity']:.4f}; int8 fp32 fallbacks "
+                f"{r['int8_fallbacks']}; seconds {', '.join(f'{k} {v:.0f}' for k, v in r['seconds'].items())}, "
+                f"training {r['train_seconds']:.0f}.\n\n{out['table']}\n\n{verdict(r)}. Chart: `docs/{out['png'].name}`.")
+        print(text, flush=True)
+        entries.append(text)
+    settings = (f"holdout last {args.holdout_last}, {args.epochs} epoch(s), init {args.init}, negatives {args.negatives} "
+                f"x{args.negatives_per_positive}, checkpoint by {args.select_by}, seed {args.seed}, <= {args.max_users} users")
+    append_to_doc(SECTION, f"{ctx}; {settings}.\n\n" + "\n\n".join(entries))
+
+
+if __name__ == "__main__":
+    main()
