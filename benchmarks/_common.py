@@ -79,9 +79,9 @@ def ml_small_run(out: Path) -> Path:
 
     from model.tbsm import TBSMConfig
     from model.train import TrainConfig
-    from sdk_builder.dataset import prepare
-    from sdk_builder.events import read_taobao_csv
-    from sdk_builder.training import train_run
+    from sdk_builder.data.dataset import prepare
+    from sdk_builder.data.events import read_taobao_csv
+    from sdk_builder.runs import train_run
 
     if not ML_SMALL.exists():
         sys.exit(f"{ML_SMALL} is absent: pass --run or provide ../shared/data")

@@ -57,12 +57,12 @@ def main() -> None:
 
     portable_lib._unsafe_reset_threadpool(1)
 
-    from sdk_builder.bundle import BundleBuilder
+    from sdk_builder.bundle.build import BundleBuilder
     from sdk_builder.client import Bundle, encode
-    from sdk_builder.dataset import PreparedData
+    from sdk_builder.data.dataset import PreparedData
     from sdk_builder.formats import Event, EventHistory
     from sdk_builder.shard import ShardPolicy, coverage
-    from sdk_builder.training import DATA, load_checkpoint
+    from sdk_builder.runs import DATA, load_checkpoint
 
     tmp = Path(tempfile.mkdtemp(prefix="tbsm-bundle-bench-"))
     run = args.run or ml_small_run(tmp / "run")
@@ -120,7 +120,7 @@ def main() -> None:
                   data.timestamps[sl][-20:])]
     history = EventHistory(user_id=r0.user_id, events=events)
     request_time = events[-1].timestamp + 60
-    from sdk_builder.export import UserProgram
+    from sdk_builder.program import UserProgram
 
     sliced = UserProgram.for_shard(builder.model, shard, ckpt.item_category).eval()
     latency = {}

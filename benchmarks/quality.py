@@ -31,8 +31,8 @@ REFERENCE_MEAN, REFERENCE_RANGE, TARGET = 0.639, (0.596, 0.693), 0.70
 def run(events, protocol: str, dense_feature: str, seed: int, epochs: int) -> dict:
     from model.tbsm import taobao_bench_config
     from model.train import TrainConfig
-    from sdk_builder.dataset import prepare
-    from sdk_builder.training import train_run
+    from sdk_builder.data.dataset import prepare
+    from sdk_builder.runs import train_run
 
     data = prepare(events, protocol=protocol, seed=seed)
     cfg = taobao_bench_config(**data.table_sizes(), dense_feature=dense_feature)
@@ -55,7 +55,7 @@ def main() -> None:
 
     import torch
 
-    from sdk_builder.events import read_taobao_csv
+    from sdk_builder.data.events import read_taobao_csv
 
     torch.set_num_threads(args.threads)
     ctx = context_line("benchmarks/quality.py " + " ".join(sys.argv[1:]))

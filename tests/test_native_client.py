@@ -212,8 +212,8 @@ def _portable_bundle(tmp: Path, builder) -> Path:
     again costs ~50 s); through the public function if the builder's internals have moved."""
     try:
         from sdk_builder.bundle import BundleBuilder
-        from sdk_builder.dataset import PreparedData
-        from sdk_builder.training import DATA, load_checkpoint
+        from sdk_builder.data.dataset import PreparedData
+        from sdk_builder.runs import DATA, load_checkpoint
 
         run = tmp / "xnnpack" / "run"
         ckpt = load_checkpoint(run)

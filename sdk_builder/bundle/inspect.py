@@ -18,7 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from sdk_builder.client import GOLDEN, MANIFEST, PROGRAM, SCHEMA, BundleError
+from sdk_builder.formats import GOLDEN, MANIFEST, PROGRAM, SCHEMA, BundleError
+from sdk_builder.program import program_spec
 
 TABLE_OF_INPUT = {
     "hist_items": "item_table",
@@ -26,7 +27,7 @@ TABLE_OF_INPUT = {
     "hist_behaviors": "behavior_table",
     "candidates": "candidate_features",
 }
-INPUT_NAMES = ("hist_items", "hist_categories", "hist_behaviors", "hist_timestamps", "request_time", "candidates")
+INPUT_NAMES = tuple(t.name for t in program_spec().inputs)
 _DTYPES = {"FLOAT": "float32", "HALF": "float16", "DOUBLE": "float64", "CHAR": "int8", "BYTE": "uint8",
            "SHORT": "int16", "INT": "int32", "LONG": "int64", "BOOL": "bool"}
 
