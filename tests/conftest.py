@@ -50,3 +50,20 @@ def builder(trained_run):
 def built_bundle(builder, tmp_path_factory) -> Path:
     user_id = int(builder.ckpt.users.ids[7])
     return builder.build(user_id, tmp_path_factory.mktemp("bundles")).path
+
+
+@pytest.fixture(scope="session")
+def client_bundles(builder, built_bundle, tmp_path_factory) -> list[Path]:
+    """Real bundles for the client tests (C++, Kotlin, the template contract): three users with the
+    xnnpack recipe, one portable (`built_bundle`) and one int8 (the quantized kernels)."""
+    from sdk_builder.bundle.build import BundleBuilder
+
+    out = tmp_path_factory.mktemp("client-bundles")
+    users = [int(u) for u in builder.ckpt.users.ids[:3]]
+    paths = []
+    for recipe, ids in (("xnnpack", users), ("int8", users[:1])):
+        recipe_builder = BundleBuilder(builder.ckpt, builder.data, builder.policy, recipe=recipe, stamping=False)
+        for result in recipe_builder.build_many(ids, out / recipe):
+            assert result.recipe == recipe, (result.recipe, result.note)
+            paths.append(result.path)
+    return paths[:3] + [Path(built_bundle)] + paths[3:]
