@@ -20,7 +20,6 @@ import argparse
 import base64
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -32,7 +31,7 @@ import torch  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks._common import ml_small_run  # noqa: E402
+from benchmarks._common import one_thread_run  # noqa: E402
 from benchmarks.report import append_report  # noqa: E402
 
 SIZE_TARGET = 48 * 1024
@@ -104,25 +103,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=500)
     parser.add_argument("--no-report", action="store_true", help="Do not append to docs/benchmarks.md.")
     args = parser.parse_args()
-    torch.set_num_threads(1)
-
-    from executorch.extension.pybindings import portable_lib
-
-    portable_lib._unsafe_reset_threadpool(1)
+    tmp, ckpt, data = one_thread_run(args.run, "tbsm-int8-bench-")
 
     from model.metrics import roc_auc
     from sdk_builder.bundle.build import BundleBuilder
-    from sdk_builder.client import Bundle, encode
-    from sdk_builder.data.dataset import PreparedData
-    from sdk_builder.formats import Event, EventHistory
     from sdk_builder.bundle.inspect import inspect_bundle
+    from sdk_builder.client import Bundle, encode
+    from sdk_builder.formats import Event, EventHistory
     from sdk_builder.shard import ShardPolicy
-    from sdk_builder.runs import DATA, load_checkpoint
-
-    tmp = Path(tempfile.mkdtemp(prefix="tbsm-int8-bench-"))
-    run = args.run or ml_small_run(tmp / "run")
-    ckpt = load_checkpoint(run)
-    data = PreparedData.load(Path(run) / DATA)
     test = data.splits["test"]
     test_users = np.unique(test.user)
     rng = np.random.default_rng(0)

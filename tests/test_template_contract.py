@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import re
 import typing
-from pathlib import Path
 
 import pytest
 from pydantic import BaseModel

@@ -160,11 +160,15 @@ def _fragment(key: str, value: Any) -> int:
     return len(json.dumps({key: value}, sort_keys=True, separators=(",", ":")).encode()) - 2
 
 
-def inspect_manifest(data: bytes) -> list[dict[str, Any]]:
+def _json(data: bytes, name: str) -> Any:
     try:
-        doc = json.loads(data)
+        return json.loads(data)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BundleError(f"{MANIFEST}: not valid JSON ({exc})") from None
+        raise BundleError(f"{name}: not valid JSON ({exc})") from None
+
+
+def inspect_manifest(data: bytes) -> list[dict[str, Any]]:
+    doc = _json(data, MANIFEST)
     parts = []
     for key in sorted(doc):
         value = doc[key]
@@ -180,10 +184,7 @@ def inspect_manifest(data: bytes) -> list[dict[str, Any]]:
 
 
 def inspect_golden(data: bytes) -> list[dict[str, Any]]:
-    try:
-        doc = json.loads(data)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BundleError(f"{GOLDEN}: not valid JSON ({exc})") from None
+    doc = _json(data, GOLDEN)
     parts = []
     for case in doc.get("cases", []):
         size = len(json.dumps(case, sort_keys=True, separators=(",", ":")).encode())
