@@ -53,17 +53,16 @@ def built_bundle(builder, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def client_bundles(builder, built_bundle, tmp_path_factory) -> list[Path]:
+def client_bundles(trained_run, builder, built_bundle, tmp_path_factory) -> list[Path]:
     """Real bundles for the client tests (C++, Kotlin, the template contract): three users with the
-    xnnpack recipe, one portable (`built_bundle`) and one int8 (the quantized kernels)."""
+    xnnpack recipe (stamped, as `tbsm-sdk build` makes them for many users: `demo.build_demo_bundles`),
+    one portable (`built_bundle`) and one int8 (the quantized kernels)."""
     from sdk_builder.bundle.build import BundleBuilder
+    from sdk_builder.demo import build_demo_bundles
 
     out = tmp_path_factory.mktemp("client-bundles")
-    users = [int(u) for u in builder.ckpt.users.ids[:3]]
-    paths = []
-    for recipe, ids in (("xnnpack", users), ("int8", users[:1])):
-        recipe_builder = BundleBuilder(builder.ckpt, builder.data, builder.policy, recipe=recipe, stamping=False)
-        for result in recipe_builder.build_many(ids, out / recipe):
-            assert result.recipe == recipe, (result.recipe, result.note)
-            paths.append(result.path)
-    return paths[:3] + [Path(built_bundle)] + paths[3:]
+    xnnpack = build_demo_bundles(out / "xnnpack", n_users=3, recipe="xnnpack", run=trained_run)
+    int8 = BundleBuilder(builder.ckpt, builder.data, builder.policy, recipe="int8", stamping=False)
+    result = int8.build(int(builder.ckpt.users.ids[0]), out / "int8")
+    assert result.recipe == "int8", result.note
+    return [*xnnpack, Path(built_bundle), result.path]

@@ -23,6 +23,7 @@ LAYERS: dict[str, int] = {
     "sdk_builder.data": 2, "sdk_builder.data.events": 2, "sdk_builder.data.synthetic": 3, "sdk_builder.data.dataset": 3,
     "sdk_builder.runs": 4,
     "sdk_builder.shard": 5,
+    "sdk_builder.evaluation": 5,  # ranking evaluation (on main, not yet merged here)
     "sdk_builder.program": 6,
     "sdk_builder.recipes": 7, "sdk_builder.recipes.base": 7, "sdk_builder.recipes.fp32": 7, "sdk_builder.recipes.int8": 7,
     "sdk_builder.stamp": 8,
@@ -31,6 +32,7 @@ LAYERS: dict[str, int] = {
     "sdk_builder.bundle.build": 11,
     "sdk_builder.bundle.many": 12, "sdk_builder.bundle": 12,
     "sdk_builder.demo": 13,
+    "sdk_builder.ondevice": 13,  # on-device evaluation through bundles (on main, not yet merged here)
     "sdk_builder.cli": 14,
 }
 # The phone side: what a phone does must not pull in the exporter, the model or the builder.
