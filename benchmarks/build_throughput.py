@@ -77,7 +77,7 @@ def main() -> None:
     from sdk_builder.bundle.verify import verify_bundle
     from sdk_builder.client import encode
     from sdk_builder.program import slice_constants
-    from sdk_builder.recipes import compile_program
+    from sdk_builder.recipes.base import compile_program
     from sdk_builder.runtime import load_runtime_method
 
     tmp = Path(tempfile.mkdtemp(prefix="tbsm-build-bench-"))

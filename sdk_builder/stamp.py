@@ -18,7 +18,8 @@ import torch
 
 from model.tbsm import TBSM
 from sdk_builder.program import USER_CONSTANTS, Shard, SliceLayout, slice_constants
-from sdk_builder.recipes import Recipe, get_recipe
+from sdk_builder.recipes import get_recipe
+from sdk_builder.recipes.base import Recipe
 from sdk_builder.runtime import load_runtime_method
 
 SENTINEL_SEED = 0x7B5_5EED

@@ -19,7 +19,7 @@ from sdk_builder.bundle.verify import verify_bundle
 from sdk_builder.client import encode
 from sdk_builder.formats import BundleError
 from sdk_builder.program import slice_constants
-from sdk_builder.recipes import compile_program
+from sdk_builder.recipes.base import compile_program
 from sdk_builder.runtime import load_runtime_method
 from sdk_builder.stamp import build_template
 

@@ -163,3 +163,20 @@ if __name__ == "__main__":
     print(f"{len(circles)} import circle(s)")
     for circle in circles:
         print("  " + " <-> ".join(circle))
+
+
+def test_every_listed_recipe_registers_itself_and_nothing_else():
+    import importlib
+
+    from sdk_builder.recipes import RECIPE_MODULES, RECIPE_NAMES, RECIPES, get_recipe
+
+    for module in set(RECIPE_MODULES.values()):
+        importlib.import_module(module)
+    assert tuple(sorted(RECIPES)) == tuple(sorted(RECIPE_NAMES))
+    assert all(get_recipe(name).name == name for name in RECIPE_NAMES)
+
+
+def test_the_cli_starts_without_torch():
+    code = "import sys, sdk_builder.cli; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True).stdout
+    assert out.strip() == "False"

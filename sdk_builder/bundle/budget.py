@@ -19,7 +19,8 @@ from torch import nn
 from sdk_builder.bundle.golden import Request
 from sdk_builder.client import encode
 from sdk_builder.formats import BundleError, GoldenCase, Quantization
-from sdk_builder.recipes import DEFAULT_ACCURACY_BUDGET, ON_BUDGET_EXCEEDED, Recipe
+from sdk_builder.recipes import DEFAULT_ACCURACY_BUDGET, ON_BUDGET_EXCEEDED
+from sdk_builder.recipes.base import Recipe
 from sdk_builder.runtime import load_runtime_method
 
 

@@ -1,4 +1,4 @@
-"""What a recipe is, and the registry of recipes by name.
+"""What a recipe is, and `register` (the registry itself, torch-free, is `sdk_builder.recipes`).
 
 A recipe turns one user's constants into a `.pte`: which eager program to build from them (the fp32
 `UserProgram`, or one with int8 tables), how its per-user constants are stored in the program (so a
@@ -16,6 +16,7 @@ from torch import nn
 
 from model.tbsm import TBSM
 from sdk_builder.program import Shard, SliceLayout, UserProgram, export_program, slice_constants
+from sdk_builder.recipes import DEFAULT_RECIPE, RECIPES, get_recipe
 
 Constants = dict[str, torch.Tensor]
 
@@ -59,28 +60,11 @@ class Recipe:
         return self.to_pte(self.program(model, constants))
 
 
-RECIPES: dict[str, Recipe] = {}
-DEFAULT_RECIPE = "xnnpack"
-# Lossy recipes: the default max |score drift| vs the fp32 model, and what to do beyond it
-# (refuse the bundle, or build it with the recipe's fallback); applied by sdk_builder/bundle/budget.py.
-DEFAULT_ACCURACY_BUDGET = 0.01
-ON_BUDGET_EXCEEDED = ("fail", "fp32")
-
-
 def register(recipe: Recipe) -> Recipe:
     if recipe.name in RECIPES:
         raise ValueError(f"recipe {recipe.name!r} is registered twice")
     RECIPES[recipe.name] = recipe
     return recipe
-
-
-def get_recipe(recipe: str | Recipe) -> Recipe:
-    if isinstance(recipe, Recipe):
-        return recipe
-    try:
-        return RECIPES[recipe]
-    except KeyError:
-        raise ValueError(f"unknown recipe {recipe!r}; expected one of {tuple(RECIPES)}") from None
 
 
 def compile_program(model: TBSM, shard: Shard, item_category: np.ndarray, recipe: str | Recipe = DEFAULT_RECIPE,
