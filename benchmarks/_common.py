@@ -79,9 +79,9 @@ def ml_small_run(out: Path) -> Path:
 
     from model.tbsm import TBSMConfig
     from model.train import TrainConfig
-    from sdk_builder.dataset import prepare
-    from sdk_builder.events import read_taobao_csv
-    from sdk_builder.training import train_run
+    from sdk_builder.data.dataset import prepare
+    from sdk_builder.data.events import read_taobao_csv
+    from sdk_builder.runs import train_run
 
     if not ML_SMALL.exists():
         sys.exit(f"{ML_SMALL} is absent: pass --run or provide ../shared/data")
@@ -89,3 +89,21 @@ def ml_small_run(out: Path) -> Path:
     data = prepare(events, protocol="holdout", seed=0)
     train_run(data, out, TBSMConfig(**data.table_sizes()), TrainConfig(epochs=1, seed=0))
     return out
+
+
+def one_thread_run(run: Path | None, prefix: str):
+    """One thread everywhere (torch and the ExecuTorch pool), then (tmp dir, checkpoint, data) of `run`,
+    or of a fresh ml-latest-small run in the tmp dir when `run` is None."""
+    import tempfile
+
+    import torch
+    from executorch.extension.pybindings import portable_lib
+
+    from sdk_builder.data.dataset import PreparedData
+    from sdk_builder.runs import DATA, load_checkpoint
+
+    torch.set_num_threads(1)
+    portable_lib._unsafe_reset_threadpool(1)
+    tmp = Path(tempfile.mkdtemp(prefix=prefix))
+    run = run or ml_small_run(tmp / "run")
+    return tmp, load_checkpoint(run), PreparedData.load(Path(run) / DATA)

@@ -36,9 +36,9 @@ TAOBAO = {"num_users": 987_994, "num_items": 4_162_024, "num_categories": 9_439}
 
 def make_taobao_sized_run(run: Path, users: int) -> None:
     from model.tbsm import TBSM, TBSMConfig
-    from sdk_builder.dataset import prepare
-    from sdk_builder.synthetic import generate_taobao_events
-    from sdk_builder.training import CHECKPOINT, DATA, versions
+    from sdk_builder.data.dataset import prepare
+    from sdk_builder.data.synthetic import generate_taobao_events
+    from sdk_builder.runs import CHECKPOINT, DATA, versions
 
     data = prepare(generate_taobao_events(users, n_items=100_000, n_categories=2_000, seed=0), seed=0)
     data.save(run / DATA)
@@ -54,7 +54,7 @@ def make_taobao_sized_run(run: Path, users: int) -> None:
 
 
 def build(run: Path, out: Path, users: list[int], jobs: int, backend: str = "local") -> dict:
-    from sdk_builder.batch import BuildSpec, build_many
+    from sdk_builder.bundle.many import BuildSpec, build_many
 
     if out.exists():
         shutil.rmtree(out)
@@ -71,10 +71,14 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
 
-    from sdk_builder.bundle import BundleBuilder, _ShardManifest, verify_bundle
+    from sdk_builder.bundle.build import BundleBuilder
+    from sdk_builder.bundle.golden import ShardView
+    from sdk_builder.bundle.many import BuildSpec, make_builder
+    from sdk_builder.bundle.verify import verify_bundle
     from sdk_builder.client import encode
-    from sdk_builder.export import compile_program, load_runtime_method, slice_constants
-    from sdk_builder.batch import make_builder, BuildSpec
+    from sdk_builder.program import slice_constants
+    from sdk_builder.recipes.base import compile_program
+    from sdk_builder.runtime import load_runtime_method
 
     tmp = Path(tempfile.mkdtemp(prefix="tbsm-build-bench-"))
     run = tmp / "run"
@@ -121,7 +125,7 @@ def main() -> None:
         stamped = load_runtime_method(builder.template.stamp(slice_constants(builder.model, shard, builder.ckpt.item_category, builder.layout)))
         exported = load_runtime_method(compile_program(builder.model, shard, builder.ckpt.item_category, builder.recipe, builder.layout))
         for case in builder.golden_requests(u, shard):
-            request = encode(_ShardManifest(builder.ckpt, shard), case.history, case.request_time, case.candidates).tensors()
+            request = encode(ShardView(builder.ckpt, shard), case.history, case.request_time, case.candidates).tensors()
             worst_stamp = max(worst_stamp, float((stamped.execute(request)[0] - exported.execute(request)[0]).abs().max()))
 
     lines = ["| run | bundles | bundles/s (after export) | per core | export + guard (s) | peak RSS main / worker (MB) |",

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -28,7 +27,7 @@ import torch  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks._common import ml_small_run  # noqa: E402
+from benchmarks._common import one_thread_run  # noqa: E402
 from benchmarks.report import append_report  # noqa: E402
 
 
@@ -51,23 +50,12 @@ def main() -> None:
     parser.add_argument("--recipe", default="xnnpack")
     parser.add_argument("--repeats", type=int, default=500)
     args = parser.parse_args()
-    torch.set_num_threads(1)
+    tmp, ckpt, data = one_thread_run(args.run, "tbsm-bundle-bench-")
 
-    from executorch.extension.pybindings import portable_lib
-
-    portable_lib._unsafe_reset_threadpool(1)
-
-    from sdk_builder.bundle import BundleBuilder
+    from sdk_builder.bundle.build import BundleBuilder
     from sdk_builder.client import Bundle, encode
-    from sdk_builder.dataset import PreparedData
     from sdk_builder.formats import Event, EventHistory
     from sdk_builder.shard import ShardPolicy, coverage
-    from sdk_builder.training import DATA, load_checkpoint
-
-    tmp = Path(tempfile.mkdtemp(prefix="tbsm-bundle-bench-"))
-    run = args.run or ml_small_run(tmp / "run")
-    ckpt = load_checkpoint(run)
-    data = PreparedData.load(Path(run) / DATA)
     builder = BundleBuilder(ckpt, data, ShardPolicy(), recipe=args.recipe)
     rng = np.random.default_rng(0)
     users = rng.choice(ckpt.users.ids, min(args.users, len(ckpt.users.ids)), replace=False)
@@ -120,7 +108,7 @@ def main() -> None:
                   data.timestamps[sl][-20:])]
     history = EventHistory(user_id=r0.user_id, events=events)
     request_time = events[-1].timestamp + 60
-    from sdk_builder.export import UserProgram
+    from sdk_builder.program import UserProgram
 
     sliced = UserProgram.for_shard(builder.model, shard, ckpt.item_category).eval()
     latency = {}

@@ -28,7 +28,7 @@ SEED = 0
 
 GENERATE = """
 import math, sys
-from sdk_builder.synthetic import generate_taobao_events, write_taobao_csv
+from sdk_builder.data.synthetic import generate_taobao_events, write_taobao_csv
 rows, seed, path = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 n_items = min(1_000_000, max(1_000, rows // 10))
 # 70 events per user on average (generator default 20..120); 5% spare, then cut to exactly `rows`.
@@ -43,7 +43,7 @@ write_taobao_csv(events.take(slice(0, rows)), path)
 MEASURE = """
 import json, resource, sys, time
 import pyarrow
-from sdk_builder.events import read_taobao_csv
+from sdk_builder.data.events import read_taobao_csv
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 start = time.perf_counter()
 log, report = read_taobao_csv(sys.argv[1])

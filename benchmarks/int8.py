@@ -20,7 +20,6 @@ import argparse
 import base64
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -32,7 +31,7 @@ import torch  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks._common import ml_small_run  # noqa: E402
+from benchmarks._common import one_thread_run  # noqa: E402
 from benchmarks.report import append_report  # noqa: E402
 
 SIZE_TARGET = 48 * 1024
@@ -78,9 +77,10 @@ def dynamic_linear_variant(builder, shard, requests) -> bytes:
     )
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
-    from sdk_builder.export import example_inputs, lower, slice_constants
     from sdk_builder.formats import MAX_CANDIDATES
-    from sdk_builder.quantize import int8_program
+    from sdk_builder.program import example_inputs, slice_constants
+    from sdk_builder.recipes import get_recipe
+    from sdk_builder.recipes.int8 import int8_program
 
     program = int8_program(builder.model, slice_constants(builder.model, shard, builder.ckpt.item_category, builder.layout))
     shapes = (None,) * 5 + ({0: torch.export.Dim("n_candidates", min=1, max=MAX_CANDIDATES)},)
@@ -93,7 +93,7 @@ def dynamic_linear_variant(builder, shard, requests) -> bytes:
         module(*request)
     module = convert_pt2e(module)
     exported = torch.export.export(module, example_inputs(), dynamic_shapes=shapes, strict=False)
-    return bytes(lower(exported, "int8").buffer)
+    return bytes(get_recipe("int8").lower(exported).buffer)
 
 
 def main() -> None:
@@ -103,25 +103,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=500)
     parser.add_argument("--no-report", action="store_true", help="Do not append to docs/benchmarks.md.")
     args = parser.parse_args()
-    torch.set_num_threads(1)
-
-    from executorch.extension.pybindings import portable_lib
-
-    portable_lib._unsafe_reset_threadpool(1)
+    tmp, ckpt, data = one_thread_run(args.run, "tbsm-int8-bench-")
 
     from model.metrics import roc_auc
-    from sdk_builder.bundle import BundleBuilder
+    from sdk_builder.bundle.build import BundleBuilder
+    from sdk_builder.bundle.inspect import inspect_bundle
     from sdk_builder.client import Bundle, encode
-    from sdk_builder.dataset import PreparedData
     from sdk_builder.formats import Event, EventHistory
-    from sdk_builder.inspect_bundle import inspect_bundle
     from sdk_builder.shard import ShardPolicy
-    from sdk_builder.training import DATA, load_checkpoint
-
-    tmp = Path(tempfile.mkdtemp(prefix="tbsm-int8-bench-"))
-    run = args.run or ml_small_run(tmp / "run")
-    ckpt = load_checkpoint(run)
-    data = PreparedData.load(Path(run) / DATA)
     test = data.splits["test"]
     test_users = np.unique(test.user)
     rng = np.random.default_rng(0)
@@ -184,7 +173,7 @@ def main() -> None:
     history = EventHistory(user_id=user_id, events=events)
     request_time = events[-1].timestamp + 60
     # The optional dynamic-int8 linears, on the same user: size, drift vs fp32, latency (same loop).
-    from sdk_builder.export import load_runtime_method
+    from sdk_builder.runtime import load_runtime_method
 
     int8_builder = builders["int8"]
     shard, _ = int8_builder.shard_for(int8_builder.user_row(user_id))

@@ -31,10 +31,10 @@ INT8_TOLERANCE = 0.005
 def run_one(name: str, events, args) -> dict:
     from model.tbsm import TBSMConfig
     from model.train import TrainConfig
-    from sdk_builder.dataset import NegativeSampler, prepare
+    from sdk_builder.data.dataset import NegativeSampler, prepare
     from sdk_builder.evaluation import evaluate_on_device, format_table, plot_report, ratios
     from sdk_builder.ondevice import BundleRanker
-    from sdk_builder.training import load_checkpoint, train_run
+    from sdk_builder.runs import load_checkpoint, train_run
 
     started = time.perf_counter()
     data = prepare(events, protocol="holdout", seed=args.seed, holdout_last=args.holdout_last,
@@ -87,8 +87,8 @@ def main() -> None:
 
     import torch
 
-    from sdk_builder.events import read_taobao_csv
-    from sdk_builder.synthetic import generate_taobao_events
+    from sdk_builder.data.events import read_taobao_csv
+    from sdk_builder.data.synthetic import generate_taobao_events
 
     torch.set_num_threads(args.threads)
     ctx = context_line("benchmarks/on_device.py " + " ".join(sys.argv[1:]))

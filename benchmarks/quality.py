@@ -37,8 +37,8 @@ REFERENCE = {"init": "reference", "negatives": "uniform", "per_positive": 1}
 def train(events, protocol: str, seed: int, variant: dict, *, bench: bool) -> tuple[dict, object]:
     from model.tbsm import TBSMConfig, taobao_bench_config
     from model.train import TrainConfig
-    from sdk_builder.dataset import NegativeSampler, prepare
-    from sdk_builder.training import train_run
+    from sdk_builder.data.dataset import NegativeSampler, prepare
+    from sdk_builder.runs import train_run
 
     data = prepare(events, protocol=protocol, seed=seed, sampler=NegativeSampler(variant["negatives"], variant["per_positive"]))
     make = taobao_bench_config if bench else TBSMConfig
@@ -93,7 +93,7 @@ def auc_table(events, seeds: list[int]) -> tuple[str, str]:
 
 
 def stall_table(ml_events, synthetic_events, seeds: list[int]) -> tuple[str, str]:
-    from sdk_builder.training import STALLED_AUC
+    from sdk_builder.runs import STALLED_AUC
 
     settings = [("ml-latest-small, reference protocol, bench config", ml_events, "reference", True),
                 ("ml-latest-small, holdout protocol, default config", ml_events, "holdout", False),
@@ -128,8 +128,8 @@ def main() -> None:
 
     import torch
 
-    from sdk_builder.events import read_taobao_csv
-    from sdk_builder.synthetic import generate_taobao_events
+    from sdk_builder.data.events import read_taobao_csv
+    from sdk_builder.data.synthetic import generate_taobao_events
 
     torch.set_num_threads(args.threads)
     ctx = context_line("benchmarks/quality.py " + " ".join(sys.argv[1:]))

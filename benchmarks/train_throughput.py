@@ -52,8 +52,8 @@ def _load_data():
     import torch
 
     from model.tbsm import taobao_bench_config
-    from sdk_builder.dataset import prepare
-    from sdk_builder.synthetic import generate_taobao_events
+    from sdk_builder.data.dataset import prepare
+    from sdk_builder.data.synthetic import generate_taobao_events
 
     events = generate_taobao_events(USERS, n_items=N_ITEMS, n_categories=N_CATEGORIES, seed=0)
     data = prepare(events, protocol="holdout", seed=0)

@@ -28,9 +28,10 @@ from torch import nn
 PADDING_ROW = 0
 OOV_ROW = 1
 RESERVED_ROWS = 2
-_SECONDS_PER_MINUTE = 60.0
+BEHAVIOR_ROWS = 5  # behaviour embedding rows: 0 padding, then pv, buy, cart, fav (sdk_builder.formats.BEHAVIORS)
+SECONDS_PER_MINUTE = 60.0
 # log1p of a year in minutes is ~13; dividing by 10 keeps the feature near [0, 1.3].
-_TIME_FEATURE_SCALE = 10.0
+TIME_FEATURE_SCALE = 10.0
 INITS = ("normal", "reference")
 # Measured on ml-latest-small (docs/benchmarks.md): small enough that ids never trained (a test
 # user's row, a random negative item) stay near neutral, large enough that interactions differ
@@ -145,7 +146,7 @@ def _embedding_table(rows: int, dim: int, *, reserved: int, init: str, std: floa
 def time_feature(timestamps: torch.Tensor, request_time: torch.Tensor) -> torch.Tensor:
     """log-scaled minutes from each event to the request; integer subtraction keeps full precision."""
     seconds = (request_time.unsqueeze(-1) - timestamps).clamp(min=0).to(torch.float32)
-    return torch.log1p(seconds / _SECONDS_PER_MINUTE) / _TIME_FEATURE_SCALE
+    return torch.log1p(seconds / SECONDS_PER_MINUTE) / TIME_FEATURE_SCALE
 
 
 class EventTower(nn.Module):
@@ -162,7 +163,7 @@ class EventTower(nn.Module):
         self.item_emb = _embedding_table(cfg.num_items, cfg.emb_dim, reserved=RESERVED_ROWS, init=init)
         self.cat_emb = _embedding_table(cfg.num_categories, cfg.emb_dim, reserved=RESERVED_ROWS, init=init)
         self.behavior_emb = (
-            _embedding_table(5, cfg.emb_dim, reserved=1, init=init) if cfg.use_behavior else None
+            _embedding_table(BEHAVIOR_ROWS, cfg.emb_dim, reserved=1, init=init) if cfg.use_behavior else None
         )
         top_in = cfg.emb_dim + 6 if cfg.interaction == "dot" else 4 * cfg.emb_dim
         self.top = mlp((top_in, *cfg.top_mlp), final_activation=True, init=cfg.init)

@@ -9,6 +9,9 @@ from pathlib import Path
 import click
 import numpy as np
 
+from sdk_builder.formats import BUNDLE_FILES
+from sdk_builder.recipes import DEFAULT_ACCURACY_BUDGET, DEFAULT_RECIPE, ON_BUDGET_EXCEEDED, RECIPE_NAMES, get_recipe
+
 DEFAULT_SEED = 0
 
 
@@ -40,8 +43,8 @@ def _set_threads(threads: int | None) -> None:
 
 def _load_events(inputs: tuple[str, ...], fmt: str, columns: str | None, strict: bool, time_range: str | None,
                  synthetic_users: int, seed: int, quiet: bool):
-    from sdk_builder.events import ColumnMapping, IngestError, parse_time_range, read_event_log
-    from sdk_builder.synthetic import generate_taobao_events
+    from sdk_builder.data.events import ColumnMapping, IngestError, parse_time_range, read_event_log
+    from sdk_builder.data.synthetic import generate_taobao_events
 
     if not inputs:
         if not quiet:
@@ -84,7 +87,7 @@ def data_options(f):
 
 def _prepare(inputs, fmt, columns, strict, time_range, protocol, samples_per_user, synthetic_users, holdout_last,
              negatives, negatives_per_positive, seed, quiet):
-    from sdk_builder.dataset import NegativeSampler, prepare
+    from sdk_builder.data.dataset import NegativeSampler, prepare
 
     events, report = _load_events(inputs, fmt, columns, strict, time_range, synthetic_users, seed, quiet)
     try:
@@ -173,8 +176,8 @@ def train_cmd(inputs, fmt, columns, strict, time_range, protocol, samples_per_us
 
     from model.tbsm import TBSMConfig
     from model.train import TrainConfig
-    from sdk_builder.dataset import PreparedData
-    from sdk_builder.training import RunError, train_run
+    from sdk_builder.data.dataset import PreparedData
+    from sdk_builder.runs import RunError, train_run
 
     _set_threads(threads)
     if prepared:
@@ -244,7 +247,7 @@ def evaluate_cmd(run, split, on_device, max_users, no_bundles, report_dir, seed,
       tbsm-sdk train ../shared/data/ml-latest-small/UserBehavior.csv --holdout-last 10 --out runs/ml10
       tbsm-sdk evaluate runs/ml10 --on-device --max-users 1000
     """
-    from sdk_builder.training import evaluate_split
+    from sdk_builder.runs import evaluate_split
 
     ckpt, data = _open_run(run)
     if on_device:
@@ -273,7 +276,7 @@ def _evaluate_on_device(ckpt, data, report_dir: Path, max_users, with_bundles: b
                "ratios_hr@10": ratios(report),
                "int8_fallbacks": ranker.fallbacks.get("int8") if ranker else None}
     report_dir.mkdir(parents=True, exist_ok=True)
-    from sdk_builder.training import atomic_write_text
+    from sdk_builder.runs import atomic_write_text
 
     atomic_write_text(report_dir / "ondevice.json", json.dumps(_json_safe(payload), indent=1) + "\n")
     plot_report(report, report_dir / "ondevice.png")
@@ -285,8 +288,8 @@ def _evaluate_on_device(ckpt, data, report_dir: Path, max_users, with_bundles: b
 
 
 def _open_run(run: str):
-    from sdk_builder.dataset import PreparedData
-    from sdk_builder.training import DATA, RunError, load_checkpoint
+    from sdk_builder.data.dataset import PreparedData
+    from sdk_builder.runs import DATA, RunError, load_checkpoint
 
     try:
         ckpt = load_checkpoint(Path(run))
@@ -308,11 +311,11 @@ def _open_run(run: str):
 @click.option("--all", "all_users", is_flag=True, help="Every user of the checkpoint.")
 @click.option("--out", type=click.Path(file_okay=False), required=True,
               help="Output root: bundles go to OUT/<h>/<h>/<user_id>/, listed in OUT/bundles.jsonl.")
-@click.option("--recipe", type=click.Choice(["xnnpack", "portable", "int8"]), default="xnnpack", show_default=True,
+@click.option("--recipe", type=click.Choice(RECIPE_NAMES), default=DEFAULT_RECIPE, show_default=True,
               help="int8: per-row int8 per-user tables + XNNPACK, checked against --accuracy-budget.")
-@click.option("--accuracy-budget", type=click.FloatRange(min=0), default=0.01, show_default=True,
+@click.option("--accuracy-budget", type=click.FloatRange(min=0), default=DEFAULT_ACCURACY_BUDGET, show_default=True,
               help="int8: max |score drift| vs the fp32 model on the user's golden histories.")
-@click.option("--on-budget-exceeded", type=click.Choice(["fail", "fp32"]), default="fail", show_default=True,
+@click.option("--on-budget-exceeded", type=click.Choice(ON_BUDGET_EXCEEDED), default="fail", show_default=True,
               help="int8: refuse the bundle, or build it fp32 (recorded in the manifest).")
 @click.option("--shard-size", type=int, default=1000, show_default=True, help="Items per bundle.")
 @click.option("--category-capacity", type=int, default=256, show_default=True, help="Max categories per bundle.")
@@ -324,7 +327,7 @@ def _open_run(run: str):
 @click.option("--fsync", is_flag=True, help="fsync every file (survives power loss; slower).")
 @click.option("--json", "as_json", is_flag=True)
 def build_cmd(run, users, users_file, all_users, out, recipe, shard_size, category_capacity, seed, jobs, backend,
-              ray_address, skip_unknown, fsync, as_json, accuracy_budget=0.01, on_budget_exceeded="fail"):
+              ray_address, skip_unknown, fsync, as_json, accuracy_budget=DEFAULT_ACCURACY_BUDGET, on_budget_exceeded="fail"):
     """Cut per-user slices of a trained run and compile them to ExecuTorch bundles.
 
     One program is exported per run and stamped with each user's constants (checked against a
@@ -338,9 +341,9 @@ def build_cmd(run, users, users_file, all_users, out, recipe, shard_size, catego
     """
     from tqdm import tqdm
 
-    from sdk_builder.batch import BuildSpec, all_user_ids, build_many, read_user_file
-    from sdk_builder.bundle import parse_user_id
-    from sdk_builder.client import BundleError
+    from sdk_builder.bundle.many import BuildSpec, all_user_ids, build_many, read_user_file
+    from sdk_builder.bundle.store import parse_user_id
+    from sdk_builder.formats import BundleError
 
     try:
         requested = [parse_user_id(u) for u in users]
@@ -374,8 +377,8 @@ def build_cmd(run, users, users_file, all_users, out, recipe, shard_size, catego
              f"skipped; {speed}; index {summary.index}")
     if len(summary.rows) <= 10:
         human = "\n".join(f"{r['path']}: {r['bytes']:,} B" for r in summary.rows) + "\n" + human
-    if recipe == "int8":  # measured drift vs budget of each bundle (up to 10 bundles) and every fp32 fallback
-        fallbacks = [r for r in summary.rows if r.get("recipe", "int8") != "int8"]
+    if get_recipe(recipe).lossy:  # measured drift vs budget of each bundle (up to 10 bundles) and every fp32 fallback
+        fallbacks = [r for r in summary.rows if r.get("recipe", recipe) != recipe]
         shown = [r for r in summary.rows if r.get("note")] if len(summary.rows) <= 10 else fallbacks
         lines = [f"{r['path']}: recipe {r['recipe']}: {r['note']}" for r in shown[:10]]
         lines += [f"... {len(shown) - 10:,} more"] * (len(shown) > 10) + [f"{len(fallbacks):,} fp32 fallback(s)"] * bool(fallbacks)
@@ -393,8 +396,8 @@ def verify_cmd(bundle, as_json):
     Example:
       tbsm-sdk verify bundles/1234 --json
     """
-    from sdk_builder.bundle import verify_bundle
-    from sdk_builder.client import BundleError
+    from sdk_builder.bundle.verify import verify_bundle
+    from sdk_builder.formats import BundleError
 
     try:
         report = verify_bundle(Path(bundle))
@@ -414,8 +417,8 @@ def inspect_cmd(bundle, as_json):
     Example:
       tbsm-sdk inspect bundles/ab/cd/1234 --json
     """
-    from sdk_builder.client import BundleError
-    from sdk_builder.inspect_bundle import format_report, inspect_bundle
+    from sdk_builder.formats import BundleError
+    from sdk_builder.bundle.inspect import format_report, inspect_bundle
 
     try:
         report = inspect_bundle(Path(bundle))
@@ -441,7 +444,8 @@ def rank_cmd(bundle, events_file, candidates, request_time, top, as_json):
     """
     import time
 
-    from sdk_builder.client import Bundle, BundleError, parse_history
+    from sdk_builder.client import Bundle, parse_history
+    from sdk_builder.formats import BundleError
 
     try:
         text = Path(events_file).read_text()
@@ -490,14 +494,14 @@ def demo_cmd(out, users, seed):
                lr=0.05, seed=seed, eval_every=0, model_type="tsl", tsl_inner="def", tsl_mechanism="mlp",
                tsl_num_heads=1, tsl_seq=False, dense_feature="time", use_behavior=False, init="normal",
                select_by="val_hr10", threads=None, resume=False, force=True, as_json=False)
-    from sdk_builder.training import load_checkpoint
+    from sdk_builder.runs import load_checkpoint
 
     user_id = int(load_checkpoint(run_dir).users.ids[0])
     click.echo(f"[2/3] building the bundle of user {user_id}")
     ctx.invoke(build_cmd, run=str(run_dir), users=(str(user_id),), users_file=None, all_users=False,
-               out=str(Path(out) / "bundles"), recipe="xnnpack", shard_size=1000, category_capacity=256, seed=seed,
+               out=str(Path(out) / "bundles"), recipe=DEFAULT_RECIPE, shard_size=1000, category_capacity=256, seed=seed,
                jobs=1, backend="local", ray_address=None, skip_unknown=False, fsync=False, as_json=False)
-    from sdk_builder.bundle import bundle_path
+    from sdk_builder.bundle.store import bundle_path
 
     click.echo("[3/3] verifying it in the ExecuTorch runtime")
     ctx.invoke(verify_cmd, bundle=str(bundle_path(Path(out) / "bundles", user_id)), as_json=False)
@@ -523,8 +527,8 @@ def init_mobile_cmd(platform, dest, bundle, force):
     """
     import shutil
 
-    from sdk_builder.bundle import verify_bundle
-    from sdk_builder.client import BundleError
+    from sdk_builder.bundle.verify import verify_bundle
+    from sdk_builder.formats import BundleError
 
     source = TEMPLATES / platform
     if not source.is_dir():
@@ -542,7 +546,7 @@ def init_mobile_cmd(platform, dest, bundle, force):
         target = dest_path / BUNDLE_DESTINATION[platform]
         shutil.rmtree(target, ignore_errors=True)
         target.mkdir(parents=True)
-        for name in ("model.pte", "manifest.json", "events.schema.json", "golden.json"):
+        for name in BUNDLE_FILES:
             shutil.copy2(Path(bundle) / name, target / name)
     click.echo(f"created the {platform} project in {dest_path}" + (f" with the bundle in {BUNDLE_DESTINATION[platform]}" if bundle else "")
                + f"; next: docs/{platform}.md")
@@ -561,7 +565,7 @@ def synth_cmd(out, users, items, categories, seed):
     Example:
       tbsm-sdk synth data/UserBehavior.csv --users 20000
     """
-    from sdk_builder.synthetic import generate_taobao_events, write_taobao_csv
+    from sdk_builder.data.synthetic import generate_taobao_events, write_taobao_csv
 
     events = generate_taobao_events(users, n_items=items, n_categories=categories, seed=seed)
     write_taobao_csv(events, out)

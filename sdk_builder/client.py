@@ -3,11 +3,11 @@
 Parse the history with the pydantic models (the same ones the JSON Schema is generated from), map
 global ids to local rows by binary search over the manifest's sorted ids (unknown -> OOV row),
 left-pad to the program's history length and run `model.pte` in the ExecuTorch runtime.
+Depends on `formats`, `runtime` and `util` only (never on the exporter).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,23 +17,11 @@ import torch
 from pydantic import ValidationError
 
 from sdk_builder.formats import (
-    BUNDLE_FORMAT_VERSION, EventHistory, GoldenSet, IdShard, Manifest,
+    BUNDLE_FORMAT_VERSION, GOLDEN, MANIFEST, PROGRAM, BundleError, EventHistory, GoldenSet, IdShard, Manifest,
+    validation_message,
 )
-
-MANIFEST = "manifest.json"
-PROGRAM = "model.pte"
-SCHEMA = "events.schema.json"
-GOLDEN = "golden.json"
-
-
-class BundleError(ValueError):
-    """A bundle, history or request that cannot be used. The message is one line."""
-
-
-def validation_message(source: str, exc: ValidationError) -> str:
-    err = exc.errors()[0]
-    where = ".".join(str(p) for p in err["loc"]) or "(root)"
-    return f"{source}: {where}: {err['msg']}"
+from sdk_builder.runtime import load_runtime_method
+from sdk_builder.util import sha256_file, sorted_lookup
 
 
 def parse_history(text: str, source: str = "history") -> EventHistory:
@@ -44,10 +32,7 @@ def parse_history(text: str, source: str = "history") -> EventHistory:
 
 
 def local_rows(shard: IdShard, global_ids) -> np.ndarray:
-    ids = np.asarray(shard.ids, dtype=np.int64)
-    query = np.asarray(global_ids, dtype=np.int64).reshape(-1)
-    pos = np.searchsorted(ids, query)
-    found = (pos < len(ids)) & (ids[np.minimum(pos, max(len(ids) - 1, 0))] == query) if len(ids) else np.zeros(len(query), bool)
+    pos, found = sorted_lookup(shard.ids, global_ids)
     return np.where(found, pos + shard.first_row, shard.oov_row).astype(np.int64)
 
 
@@ -86,10 +71,6 @@ def encode(manifest: Manifest, history: EventHistory, request_time: int, candida
                           local_rows(manifest.items, candidates))
 
 
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
 def read_manifest(bundle: Path) -> Manifest:
     path = bundle / MANIFEST
     if not path.is_file():
@@ -110,8 +91,6 @@ class Bundle:
     """An opened bundle: manifest checked, files hashed, program loaded in the ExecuTorch runtime."""
 
     def __init__(self, path: Path, *, check_hashes: bool = True) -> None:
-        from sdk_builder.export import load_runtime_method
-
         self.path = Path(path)
         self.manifest = read_manifest(self.path)
         if check_hashes:
@@ -119,7 +98,7 @@ class Bundle:
                 file = self.path / name
                 if not file.is_file():
                     raise BundleError(f"{file}: listed in the manifest but missing")
-                if sha256_bytes(file.read_bytes()) != digest:
+                if sha256_file(file) != digest:
                     raise BundleError(f"{file}: sha256 does not match the manifest (corrupted or modified)")
         try:
             self.method = load_runtime_method(str(self.path / PROGRAM))

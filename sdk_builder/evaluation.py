@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from model.tbsm import PADDING_ROW, RESERVED_ROWS, TBSM
-from sdk_builder.dataset import PreparedData
+from sdk_builder.data.dataset import PreparedData
 from sdk_builder.shard import ShardIndex, ShardPolicy, policy_prior
 
 CUTOFFS = (10, 50)

@@ -1,8 +1,11 @@
-"""File formats of a bundle: the single source of truth.
+"""File formats of a bundle: the single source of truth (no torch: the phone-side client uses it).
 
 `events.schema.json` and the manifest's shape are generated from these pydantic models; the
 templates (Kotlin, Swift, C++) read exactly the field names defined here, and a test checks that
-they do not drift.
+they do not drift. This module also owns the bundle's file names, the behaviour codes and
+`BundleError`. The row codes of the contract (padding, OOV, first real row) are the model's
+(`model.tbsm`); a test checks that the copies below, which the file format needs without torch,
+agree with them.
 """
 
 from __future__ import annotations
@@ -11,14 +14,32 @@ import json
 from enum import Enum
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 BUNDLE_FORMAT_VERSION = 1
 MAX_HISTORY = 20
 MAX_CANDIDATES = 4096
+# The on-device row codes: model.tbsm.PADDING_ROW, OOV_ROW and RESERVED_ROWS (tests/test_layering.py).
 PADDING_ROW = 0
 OOV_ROW = 1
 FIRST_REAL_ROW = 2
+
+# The files of a bundle directory.
+MANIFEST = "manifest.json"
+PROGRAM = "model.pte"
+SCHEMA = "events.schema.json"
+GOLDEN = "golden.json"
+BUNDLE_FILES = (PROGRAM, MANIFEST, SCHEMA, GOLDEN)
+
+
+class BundleError(ValueError):
+    """A bundle, history or request that cannot be used. The message is one line."""
+
+
+def validation_message(source: str, exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    where = ".".join(str(p) for p in err["loc"]) or "(root)"
+    return f"{source}: {where}: {err['msg']}"
 
 
 class Behavior(str, Enum):
@@ -30,7 +51,9 @@ class Behavior(str, Enum):
     fav = "fav"
 
 
-BEHAVIOR_CODES: dict[str, int] = {b.value: i + 1 for i, b in enumerate(Behavior)}
+BEHAVIORS: tuple[str, ...] = tuple(b.value for b in Behavior)
+BEHAVIOR_CODES: dict[str, int] = {b: i + 1 for i, b in enumerate(BEHAVIORS)}
+BEHAVIOR_NAMES: dict[int, str] = {code: name for name, code in BEHAVIOR_CODES.items()}
 
 NonNegativeInt = Annotated[int, Field(ge=0)]
 
@@ -117,7 +140,9 @@ class IdShard(BaseModel):
     oov_row: int = OOV_ROW
 
 
-class ShardPolicy(BaseModel):
+class ShardPolicyRecord(BaseModel):
+    """The shard policy as recorded in a manifest (the policy itself: `sdk_builder.shard.ShardPolicy`)."""
+
     name: str
     shard_size: int
     weights: dict[str, float]
@@ -147,7 +172,7 @@ class Manifest(BaseModel):
     items: IdShard
     categories: IdShard
     behaviors: dict[str, int] = Field(default_factory=lambda: dict(BEHAVIOR_CODES))
-    shard_policy: ShardPolicy
+    shard_policy: ShardPolicyRecord
     seeds: dict[str, int]
     golden_tolerance: float
     files: dict[str, str] = Field(description="sha256 of every other file in the bundle.")

@@ -16,11 +16,11 @@ import numpy as np
 
 from sdk_builder.bundle import BundleBuilder
 from sdk_builder.client import Bundle
-from sdk_builder.dataset import PreparedData
+from sdk_builder.data.dataset import PreparedData
 from sdk_builder.evaluation import UserRequest
 from sdk_builder.formats import Event, EventHistory, MAX_HISTORY
 from sdk_builder.shard import ShardPolicy
-from sdk_builder.training import LoadedCheckpoint
+from sdk_builder.runs import LoadedCheckpoint
 
 CHUNK = 64
 _BEHAVIOR_NAMES = ("", "pv", "buy", "cart", "fav")

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from model.tbsm import RESERVED_ROWS
-from sdk_builder.dataset import PreparedData
+from sdk_builder.data.dataset import PreparedData
 
 
 @dataclass(frozen=True)

@@ -1,27 +1,28 @@
-"""Export once per checkpoint, stamp per user.
+"""Export once per checkpoint, stamp per user: one `ProgramTemplate` for every recipe.
 
 All users' programs share one graph and one set of tensor shapes (a fixed `SliceLayout`); only the
 per-user constants differ. The template is exported with a distinct random pattern in each
 per-user constant, the pattern is found in the serialized program (exactly once, or we refuse),
 and a user's program is the template's bytes with that user's constants written over the
-patterns. `check_against_export` guards the shortcut: stamped and fully exported programs of the
-same users must give the same outputs in the ExecuTorch runtime.
+patterns. A recipe says how the constants are stored (`Recipe.stored_constants`: fp32 as they
+are, int8 as quantized rows plus scales). `check_against_export` guards the shortcut: stamped and
+fully exported programs of the same users must give the same outputs in the ExecuTorch runtime.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch
 
 from model.tbsm import TBSM
-from sdk_builder.export import (
-    USER_CONSTANTS, Shard, SliceLayout, UserProgram, export_program, load_runtime_method, lower, slice_constants,
-)
+from sdk_builder.program import USER_CONSTANTS, Shard, SliceLayout, slice_constants
+from sdk_builder.recipes import get_recipe
+from sdk_builder.recipes.base import Recipe
+from sdk_builder.runtime import load_runtime_method
 
-_SENTINEL_SEED = 0x7B5_5EED
+SENTINEL_SEED = 0x7B5_5EED
 
 
 class StampingError(RuntimeError):
@@ -31,29 +32,40 @@ class StampingError(RuntimeError):
 @dataclass(frozen=True)
 class ProgramTemplate:
     program: bytes
-    offsets: dict[str, int]  # byte offset of each per-user constant in `program`
+    offsets: dict[str, int]  # byte offset of each stored per-user constant in `program`
     shapes: dict[str, tuple[int, ...]]
+    dtypes: dict[str, str]  # stored constant name -> numpy dtype name
     layout: SliceLayout
     recipe: str
 
     def stamp(self, constants: dict[str, torch.Tensor]) -> bytes:
+        """The program of one user from its fp32 constants (`slice_constants`)."""
+        stored = get_recipe(self.recipe).stored_constants(constants)
         out = bytearray(self.program)
         for name, offset in self.offsets.items():
-            tensor = constants[name]
-            if tuple(tensor.shape) != self.shapes[name] or tensor.dtype != torch.float32:
-                raise StampingError(f"constant {name}: shape {tuple(tensor.shape)} / {tensor.dtype} does not fit the template {self.shapes[name]}")
-            raw = tensor.detach().contiguous().numpy().tobytes()
+            array = stored[name].detach().contiguous().numpy()
+            if tuple(array.shape) != self.shapes[name] or str(array.dtype) != self.dtypes[name]:
+                raise StampingError(f"constant {name}: shape {tuple(array.shape)} / {array.dtype} does not fit the "
+                                    f"template {self.shapes[name]} / {self.dtypes[name]}")
+            raw = array.tobytes()
             out[offset : offset + len(raw)] = raw
         return bytes(out)
 
 
-def build_template(model: TBSM, layout: SliceLayout, recipe: str, example: Shard, item_category: np.ndarray) -> ProgramTemplate:
+def build_template(model: TBSM, layout: SliceLayout, recipe: str | Recipe, example: Shard,
+                   item_category: np.ndarray) -> ProgramTemplate:
+    recipe = get_recipe(recipe)
     shapes = {name: tuple(t.shape) for name, t in slice_constants(model, example, item_category, layout).items()}
-    rng = np.random.default_rng(_SENTINEL_SEED)
+    rng = np.random.default_rng(SENTINEL_SEED)
     sentinels = {name: torch.from_numpy(rng.standard_normal(shape).astype(np.float32)) for name, shape in shapes.items()}
-    program = bytes(lower(export_program(UserProgram(model, sentinels)), recipe).buffer)
-    offsets = {name: offset_once(program, sentinels[name].numpy().tobytes(), name, recipe) for name in USER_CONSTANTS}
-    return ProgramTemplate(program, offsets, shapes, layout, recipe)
+    program = recipe.compile(model, sentinels)
+    stored = recipe.stored_constants({name: sentinels[name] for name in USER_CONSTANTS})
+    offsets, stored_shapes, dtypes = {}, {}, {}
+    for name, tensor in stored.items():
+        array = tensor.detach().contiguous().numpy()
+        offsets[name] = offset_once(program, array.tobytes(), name, recipe.name)
+        stored_shapes[name], dtypes[name] = tuple(array.shape), str(array.dtype)
+    return ProgramTemplate(program, offsets, stored_shapes, dtypes, layout, recipe.name)
 
 
 def offset_once(program: bytes, raw: bytes, name: str, recipe: str) -> int:
@@ -66,14 +78,14 @@ def offset_once(program: bytes, raw: bytes, name: str, recipe: str) -> int:
 
 
 def check_against_export(template: ProgramTemplate, model: TBSM, shards: list[Shard], item_category: np.ndarray,
-                         requests: list[list[torch.Tensor]],
-                         make_program: Callable[[TBSM, dict[str, torch.Tensor]], torch.nn.Module] = UserProgram) -> float:
+                         requests: list[list[torch.Tensor]]) -> float:
     """Max abs difference between stamped and fully exported programs over `requests`; raises on any."""
+    recipe = get_recipe(template.recipe)
     worst = 0.0
     for shard in shards:
         constants = slice_constants(model, shard, item_category, template.layout)
         stamped = load_runtime_method(template.stamp(constants))
-        exported = load_runtime_method(bytes(lower(export_program(make_program(model, constants)), template.recipe).buffer))
+        exported = load_runtime_method(recipe.compile(model, constants))
         for request in requests:
             a = stamped.execute(request)[0]
             b = exported.execute(request)[0]

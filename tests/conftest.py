@@ -24,9 +24,9 @@ def trained_run(tmp_path_factory) -> Path:
     """A small model trained on synthetic data, shared by the bundle tests."""
     from model.tbsm import TBSMConfig
     from model.train import TrainConfig
-    from sdk_builder.dataset import prepare
-    from sdk_builder.synthetic import generate_taobao_events
-    from sdk_builder.training import train_run
+    from sdk_builder.data.dataset import prepare
+    from sdk_builder.data.synthetic import generate_taobao_events
+    from sdk_builder.runs import train_run
 
     out = tmp_path_factory.mktemp("run")
     data = prepare(generate_taobao_events(300, n_items=3000, n_categories=40, seed=3), seed=3)
@@ -37,10 +37,10 @@ def trained_run(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def builder(trained_run):
-    from sdk_builder.bundle import BundleBuilder
-    from sdk_builder.dataset import PreparedData
+    from sdk_builder.bundle.build import BundleBuilder
+    from sdk_builder.data.dataset import PreparedData
     from sdk_builder.shard import ShardPolicy
-    from sdk_builder.training import DATA, load_checkpoint
+    from sdk_builder.runs import DATA, load_checkpoint
 
     ckpt = load_checkpoint(trained_run)
     return BundleBuilder(ckpt, PreparedData.load(trained_run / DATA), ShardPolicy(shard_size=300), recipe="portable")
@@ -50,3 +50,19 @@ def builder(trained_run):
 def built_bundle(builder, tmp_path_factory) -> Path:
     user_id = int(builder.ckpt.users.ids[7])
     return builder.build(user_id, tmp_path_factory.mktemp("bundles")).path
+
+
+@pytest.fixture(scope="session")
+def client_bundles(trained_run, builder, built_bundle, tmp_path_factory) -> list[Path]:
+    """Real bundles for the client tests (C++, Kotlin, the template contract): three users with the
+    xnnpack recipe (stamped, as `tbsm-sdk build` makes them for many users: `demo.build_demo_bundles`),
+    one portable (`built_bundle`) and one int8 (the quantized kernels)."""
+    from sdk_builder.bundle.build import BundleBuilder
+    from sdk_builder.demo import build_demo_bundles
+
+    out = tmp_path_factory.mktemp("client-bundles")
+    xnnpack = build_demo_bundles(out / "xnnpack", n_users=3, recipe="xnnpack", run=trained_run)
+    int8 = BundleBuilder(builder.ckpt, builder.data, builder.policy, recipe="int8", stamping=False)
+    result = int8.build(int(builder.ckpt.users.ids[0]), out / "int8")
+    assert result.recipe == "int8", result.note
+    return [*xnnpack, Path(built_bundle), result.path]

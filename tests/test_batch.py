@@ -13,10 +13,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sdk_builder.batch import CheckpointWatch
-from sdk_builder.bundle import verify_bundle
-from sdk_builder.client import BundleError, encode
-from sdk_builder.export import compile_program, load_runtime_method
+from sdk_builder.bundle.golden import ShardView
+from sdk_builder.bundle.many import CheckpointWatch
+from sdk_builder.bundle.verify import verify_bundle
+from sdk_builder.client import encode
+from sdk_builder.formats import BundleError
+from sdk_builder.program import slice_constants
+from sdk_builder.recipes.base import compile_program
+from sdk_builder.runtime import load_runtime_method
 from sdk_builder.stamp import build_template
 
 CLI = [sys.executable, "-m", "sdk_builder.cli"]
@@ -37,22 +41,19 @@ def test_stamped_program_equals_full_export(builder):
     user_ids = [int(u) for u in builder.ckpt.users.ids[20:22]]
     shards = [builder.shard_for(builder.user_row(u))[0] for u in user_ids]
     template = build_template(builder.model, builder.layout, "portable", shards[0], builder.ckpt.item_category)
-    from sdk_builder.export import slice_constants
 
     for user_id, shard in zip(user_ids, shards):
         stamped = load_runtime_method(template.stamp(slice_constants(builder.model, shard, builder.ckpt.item_category, builder.layout)))
         exported = load_runtime_method(compile_program(builder.model, shard, builder.ckpt.item_category, "portable", builder.layout))
         for case in builder.golden_cases(user_id, shard):
-            from sdk_builder.bundle import _ShardManifest
-
-            request = encode(_ShardManifest(builder.ckpt, shard), case.history, case.request_time, case.candidates).tensors()
+            request = encode(ShardView(builder.ckpt, shard), case.history, case.request_time, case.candidates).tensors()
             a, b = stamped.execute(request)[0], exported.execute(request)[0]
             assert float((a - b).abs().max()) == 0.0
             assert np.abs(a.numpy() - np.asarray(case.scores)).max() <= 1e-5
 
 
 def test_batch_build_two_jobs_then_rerun_skips(trained_run, tmp_path):
-    from sdk_builder.training import load_checkpoint
+    from sdk_builder.runs import load_checkpoint
 
     ids = [int(u) for u in load_checkpoint(trained_run).users.ids[:12]]
     out = tmp_path / "out"
@@ -74,7 +75,7 @@ def test_batch_build_two_jobs_then_rerun_skips(trained_run, tmp_path):
 
 
 def test_kill_minus_nine_leaves_only_whole_bundles_and_rerun_completes(trained_run, tmp_path):
-    from sdk_builder.training import load_checkpoint
+    from sdk_builder.runs import load_checkpoint
 
     ids = [int(u) for u in load_checkpoint(trained_run).users.ids[:120]]
     out = tmp_path / "out"
@@ -98,7 +99,7 @@ def test_kill_minus_nine_leaves_only_whole_bundles_and_rerun_completes(trained_r
 
 
 def test_unknown_users_are_listed_and_skipped_only_when_asked(trained_run, tmp_path):
-    from sdk_builder.training import load_checkpoint
+    from sdk_builder.runs import load_checkpoint
 
     known = int(load_checkpoint(trained_run).users.ids[0])
     users = user_file(tmp_path, [known, 987654321, 123456789])
@@ -139,7 +140,7 @@ def test_checkpoint_change_is_detected(tmp_path):
 
 def test_ray_backend_on_local_two_cpus(trained_run, tmp_path):
     pytest.importorskip("ray")
-    from sdk_builder.training import load_checkpoint
+    from sdk_builder.runs import load_checkpoint
 
     ids = [int(u) for u in load_checkpoint(trained_run).users.ids[30:38]]
     out = tmp_path / "out"

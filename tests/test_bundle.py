@@ -12,9 +12,13 @@ import pytest
 import torch
 from jsonschema import Draft202012Validator
 
-from sdk_builder.bundle import BundleBuilder, parse_user_id, verify_bundle, write_bundle_atomically
-from sdk_builder.client import Bundle, BundleError, parse_history
-from sdk_builder.export import UserProgram
+from sdk_builder.bundle.build import BundleBuilder
+from sdk_builder.bundle.golden import ShardView
+from sdk_builder.bundle.store import parse_user_id, write_bundle_atomically
+from sdk_builder.bundle.verify import verify_bundle
+from sdk_builder.client import Bundle, encode, parse_history
+from sdk_builder.formats import BundleError
+from sdk_builder.program import UserProgram
 from sdk_builder.formats import EventHistory, events_json_schema
 
 CLI = [sys.executable, "-m", "sdk_builder.cli"]
@@ -36,8 +40,6 @@ def test_sliced_program_matches_full_model_in_eager(builder):
     shard_ids = builder.ckpt.items.global_id(shard.item_rows)
     cat_ids = builder.ckpt.categories.global_id(shard.category_rows)
     rng = np.random.default_rng(0)
-    from sdk_builder.bundle import _ShardManifest
-    from sdk_builder.client import encode
     from sdk_builder.formats import Event
 
     worst = 0.0
@@ -48,7 +50,7 @@ def test_sliced_program_matches_full_model_in_eager(builder):
                   for k, t in enumerate(stamps)]
         history = EventHistory(user_id=user_id, events=events)
         candidates = [int(x) for x in rng.choice(shard_ids, 30)] + [10**9 + 99]
-        request = encode(_ShardManifest(builder.ckpt, shard), history, 1_512_100_000, candidates)
+        request = encode(ShardView(builder.ckpt, shard), history, 1_512_100_000, candidates)
         with torch.no_grad():
             sliced = program(*request.tensors()).numpy()
         full = builder.eager_scores(shard, history, 1_512_100_000, candidates)

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from model.tbsm import PADDING_ROW
-from sdk_builder.dataset import PreparedData, SampleSet, prepare
-from sdk_builder.events import EventLog
-from sdk_builder.synthetic import generate_taobao_events
+from sdk_builder.data.dataset import PreparedData, SampleSet, prepare
+from sdk_builder.data.events import EventLog
+from sdk_builder.data.synthetic import generate_taobao_events
 
 HIST = 20
 

@@ -10,14 +10,14 @@ import pytest
 from click.testing import CliRunner
 
 from model.tbsm import RESERVED_ROWS
-from sdk_builder.dataset import NegativeSampler, PreparedData, prepare
+from sdk_builder.data.dataset import NegativeSampler, PreparedData, prepare
 from sdk_builder.evaluation import (
     ValidationRanking, bootstrap_interval, evaluate_on_device, future_requests, ranking_metrics, top_unseen,
 )
-from sdk_builder.events import EventLog
+from sdk_builder.data.events import EventLog
 from sdk_builder.shard import ShardIndex, ShardPolicy
-from sdk_builder.synthetic import generate_taobao_events
-from sdk_builder.training import run_warnings
+from sdk_builder.data.synthetic import generate_taobao_events
+from sdk_builder.runs import run_warnings
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 K = 5
@@ -131,7 +131,7 @@ def test_run_warnings():
 def held_run(tmp_path_factory, events):
     from model.tbsm import TBSMConfig
     from model.train import TrainConfig
-    from sdk_builder.training import train_run
+    from sdk_builder.runs import train_run
 
     out = tmp_path_factory.mktemp("held-run")
     data = prepare(events, seed=5, holdout_last=K, sampler=NegativeSampler("popularity", 2))
@@ -141,7 +141,7 @@ def held_run(tmp_path_factory, events):
 
 
 def test_training_records_the_ranking_validation(held_run):
-    from sdk_builder.training import load_checkpoint
+    from sdk_builder.runs import load_checkpoint
 
     out, metrics = held_run
     rv = metrics["ranking_validation"]
@@ -154,7 +154,7 @@ def test_training_records_the_ranking_validation(held_run):
 def test_on_device_bundles_rank_like_the_eager_model(held_run):
     """fp32 and int8 bundles in the ExecuTorch runtime against the eager model on the same shards."""
     from sdk_builder.ondevice import BundleRanker
-    from sdk_builder.training import DATA, load_checkpoint
+    from sdk_builder.runs import DATA, load_checkpoint
 
     out, _ = held_run
     ckpt = load_checkpoint(out)

@@ -8,8 +8,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from sdk_builder import events
-from sdk_builder.events import (
+from sdk_builder.data import events
+from sdk_builder.data.events import (
     BEHAVIORS,
     ColumnMapping,
     EventLog,
@@ -19,7 +19,7 @@ from sdk_builder.events import (
     read_event_log,
     read_taobao_csv,
 )
-from sdk_builder.synthetic import generate_taobao_events, write_taobao_csv
+from sdk_builder.data.synthetic import generate_taobao_events, write_taobao_csv
 
 FIELDS = ("user", "item", "category", "behavior", "timestamp")
 ML_SMALL = (

@@ -11,10 +11,17 @@ import numpy as np
 import pytest
 import torch
 
-from sdk_builder.bundle import BundleBuilder, verify_bundle
-from sdk_builder.client import Bundle, BundleError
+from sdk_builder.bundle.budget import BudgetExceeded
+from sdk_builder.bundle.build import BundleBuilder
+from sdk_builder.bundle.golden import ShardView
+from sdk_builder.bundle.verify import verify_bundle
+from sdk_builder.client import Bundle, encode
+from sdk_builder.formats import BundleError
+from sdk_builder.program import slice_constants
+from sdk_builder.runtime import load_runtime_method
+from sdk_builder.stamp import build_template
 from sdk_builder.formats import Event, EventHistory
-from sdk_builder.quantize import BudgetExceeded, int8_program, quantize_rows
+from sdk_builder.recipes.int8 import int8_program, quantize_rows
 
 CLI = [sys.executable, "-m", "sdk_builder.cli"]
 SHARD = "300"
@@ -120,8 +127,6 @@ def test_int8_bundle_ranks_like_any_bundle(int8_bundle, builder):
 
 
 def test_padding_row_is_exactly_zero(int8_builder, user_id):
-    from sdk_builder.export import slice_constants
-
     shard, _ = int8_builder.shard_for(int8_builder.user_row(user_id))
     program = int8_program(int8_builder.model, slice_constants(int8_builder.model, shard, int8_builder.ckpt.item_category,
                                                                int8_builder.layout))
@@ -137,7 +142,7 @@ def test_int8_is_smaller_than_fp32_with_the_same_contract(int8_bundle, fallback_
     assert verify_bundle(fp32)["ok"]
     int8_pte, fp32_pte = int8_bundle.path / "model.pte", fp32 / "model.pte"
     assert int8_pte.stat().st_size < fp32_pte.stat().st_size
-    from sdk_builder.inspect_bundle import inspect_program
+    from sdk_builder.bundle.inspect import inspect_program
 
     tables = ("item_table", "category_table", "candidate_features")
     table_bytes = lambda pte, names: sum(p["bytes"] for p in inspect_program(pte.read_bytes()) if p["name"] in names)  # noqa: E731
@@ -179,7 +184,7 @@ def test_inspect_json_adds_up_to_the_file_sizes(int8_bundle):
         assert program[table]["dtype"] == "int8" and program[f"{table}.scales"]["dtype"] == "float32"
         assert program[table]["bytes"] == int(np.prod(program[table]["shape"]))
     assert any(p["kind"] == "delegate" for p in program.values())
-    from sdk_builder.inspect_bundle import format_report
+    from sdk_builder.bundle.inspect import format_report
 
     human = format_report(report)
     assert "item_table" in human and "manifest.json" in human and f"{report['total_bytes']:,}" in human
@@ -188,20 +193,15 @@ def test_inspect_json_adds_up_to_the_file_sizes(int8_bundle):
 def test_stamped_int8_program_matches_the_full_export(int8_builder, int8_bundle, user_id):
     """The default path for many users: one int8 template, each user's constants stamped in. The
     stamped program must run exactly like the fully exported one of the same user."""
-    from sdk_builder.bundle import _ShardManifest
-    from sdk_builder.client import encode
-    from sdk_builder.export import load_runtime_method, slice_constants
-    from sdk_builder.quantize import build_int8_template
-
     builder = int8_builder
     shard, _ = builder.shard_for(builder.user_row(user_id))
     other, _ = builder.shard_for(builder.user_row(int(builder.ckpt.users.ids[9])))
-    template = build_int8_template(builder.model, builder.layout, "int8", other, builder.ckpt.item_category)
+    template = build_template(builder.model, builder.layout, "int8", other, builder.ckpt.item_category)
     stamped = template.stamp(slice_constants(builder.model, shard, builder.ckpt.item_category, builder.layout))
     exported = (int8_bundle.path / "model.pte").read_bytes()
     assert len(stamped) == len(exported)
     a, b = load_runtime_method(stamped), load_runtime_method(exported)
-    view = _ShardManifest(builder.ckpt, shard)
+    view = ShardView(builder.ckpt, shard)
     for case in builder.golden_requests(user_id, shard):
         request = encode(view, case.history, case.request_time, list(view.items.ids) + [10**12]).tensors()
         assert torch.equal(a.execute(request)[0], b.execute(request)[0])

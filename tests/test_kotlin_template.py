@@ -1,11 +1,12 @@
 """The Android template's Kotlin, compiled and unit-tested on a plain JVM (no Android SDK, no Gradle).
 
 - kotlinc comes from the npm package `kotlin-compiler` (the version the Gradle build pins), installed
-  into build/kotlinc/<version>/; JUnit 4, Hamcrest and Android's org.json come from Debian packages
-  (junit4, libandroid-json-java), installed with apt-get when missing and possible.
+  into a tool cache in the system's temporary directory (tests.support.TOOL_CACHE); JUnit 4, Hamcrest
+  and Android's org.json come from Debian packages (junit4, libandroid-json-java), installed with
+  apt-get when missing.
 - Every Kotlin source of the template (library, sample app, unit and device tests) is compiled in one
   go against compile-only stubs of the Android and ExecuTorch APIs (mobile_templates/android/compile-stubs).
-- The JUnit tests run against each test bundle, and GoldenInputsDumpKt prints the input tensors the
+- The JUnit tests run against each test bundle (`client_bundles`: xnnpack, portable, int8), and GoldenInputsDumpKt prints the input tensors the
   Kotlin logic builds for every golden case (plus harder extra cases); they must equal the Python
   reference mapping exactly.
 """
@@ -17,15 +18,11 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_native_client import (  # noqa: E402
-    BUILD, REPO, _tree_hash, bundle_dirs, load_json, prune_stale, reference_inputs,
-)
+from tests.support import REPO, TOOL_CACHE, ensure_debian_packages, extra_cases, load_json, reference_inputs
 
 ANDROID = REPO / "mobile_templates" / "android"
 SOURCE_DIRS = [
@@ -54,7 +51,7 @@ def kotlinc() -> tuple[Path, Path]:
     if shutil.which("java") is None:
         pytest.skip("no java on PATH")
     version = kotlin_version()
-    prefix = BUILD / "kotlinc" / version
+    prefix = TOOL_CACHE / "kotlinc" / version
     home = prefix / "node_modules" / "kotlin-compiler"
     exe = home / "bin" / "kotlinc"
     if not exe.exists():
@@ -85,47 +82,25 @@ def _find_jars() -> dict[str, Path] | None:
 
 def debian_jars() -> dict[str, Path]:
     """JUnit 4, Hamcrest and org.json jars from Debian, installed with apt-get when missing."""
-    jars = _find_jars()
-    if jars is not None:
-        return jars
-    apt = shutil.which("apt-get")
-    if apt is None or os.geteuid() != 0:
-        pytest.skip("junit4 / libandroid-json-java are missing and apt-get is not usable")
-    packages = sorted({pkg for pkg, _ in JARS.values()})
-    install = [apt, "install", "-y", "--no-install-recommends", *packages]
-    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    run = dict(capture_output=True, text=True, env=env, timeout=600, stdin=subprocess.DEVNULL)
-    if subprocess.run(install, **run).returncode != 0:
-        subprocess.run([apt, "update"], **run)
-        proc = subprocess.run(install, **run)
-        assert proc.returncode == 0, f"apt-get install {' '.join(packages)} failed:\n{proc.stderr[-3000:]}"
+    packages = {pkg: (lambda cands=cands: any(Path(c).exists() for c in cands)) for pkg, cands in JARS.values()}
+    ensure_debian_packages(packages)
     jars = _find_jars()
     assert jars is not None, "Debian packages installed but their jars were not found"
     return jars
 
 
 @pytest.fixture(scope="module")
-def compiled() -> dict[str, str]:
-    """Compiles every template source once per source state; the class path to run the result."""
+def compiled(tmp_path_factory) -> dict[str, str]:
+    """Compiles every template source once, into a temporary directory; the class path to run the result."""
     exe, stdlib = kotlinc()
     jars = debian_jars()
     lib_cp = os.pathsep.join(str(j) for j in jars.values())
-    key = _tree_hash(SOURCE_DIRS, f"{exe} {lib_cp}")
-    out = BUILD / "kotlin-template" / key
-    if not (out / "DONE").exists():
-        shutil.rmtree(out, ignore_errors=True)
-        out.mkdir(parents=True)
-        cmd = [str(exe), "-jvm-target", "17", "-cp", lib_cp, "-d", str(out / "classes"), *map(str, SOURCE_DIRS)]
-        env = dict(os.environ, JAVA_OPTS="-Xmx2g")
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
-        assert proc.returncode == 0, f"kotlinc failed:\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}"
-        (out / "kotlinc.log").write_text(proc.stderr)
-        (out / "DONE").write_text("ok\n")
-        prune_stale(out.parent, out)
-    return {
-        "classpath": os.pathsep.join([str(out / "classes"), str(stdlib), lib_cp]),
-        "log": (out / "kotlinc.log").read_text(),
-    }
+    out = tmp_path_factory.mktemp("kotlin-template")
+    cmd = [str(exe), "-jvm-target", "17", "-cp", lib_cp, "-d", str(out / "classes"), *map(str, SOURCE_DIRS)]
+    env = dict(os.environ, JAVA_OPTS="-Xmx2g")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
+    assert proc.returncode == 0, f"kotlinc failed:\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}"
+    return {"classpath": os.pathsep.join([str(out / "classes"), str(stdlib), lib_cp]), "log": proc.stderr}
 
 
 @pytest.fixture(scope="module")
@@ -134,8 +109,8 @@ def classpath(compiled) -> str:
 
 
 @pytest.fixture(scope="module")
-def bundles() -> list[Path]:
-    return bundle_dirs()
+def bundles(client_bundles) -> list[Path]:
+    return client_bundles
 
 
 def junit_classes() -> list[str]:
@@ -165,40 +140,7 @@ def test_junit_unit_tests_pass_on_each_bundle(classpath, bundles):
         assert proc.returncode == 0, f"{bundle.name}:\n{proc.stdout[-6000:]}\n{proc.stderr[-3000:]}"
         m = re.search(r"^OK \((\d+) tests?\)", proc.stdout, re.M)
         assert m and int(m.group(1)) >= 15, proc.stdout
-        print(f"kotlin junit on {bundle.relative_to(BUILD)}: {m.group(0)}")
-
-
-def extra_cases(manifest: dict, golden: dict) -> dict:
-    """Harder requests than the golden ones: a history longer than max_history, ids outside the shard,
-    ids next to shard boundaries, every behaviour."""
-    items, cats = manifest["items"]["ids"], manifest["categories"]["ids"]
-    behaviors = sorted(manifest["behaviors"])
-    user = manifest["user_id"]
-    t = manifest["program"]["max_history"]
-    base = 1_600_000_000
-    long_events = [
-        {
-            "item_id": items[(7 * k) % len(items)] if k % 3 else items[-1] + 1 + k,
-            "category_id": cats[(5 * k) % len(cats)] if k % 4 else 2**40 + k,
-            "behavior": behaviors[k % len(behaviors)],
-            "timestamp": base + 60 * (k // 2),
-        }
-        for k in range(t + 11)
-    ]
-    edge_ids = [items[0], items[-1], max(items[0] - 1, 0), items[-1] + 1, 0, 2**40, items[len(items) // 2]]
-    edge_ids += [i + 1 for i in items[:5]] + items[-5:]
-    cases = [
-        {"name": "longer_than_max_history", "history": {"user_id": user, "events": long_events},
-         "request_time": base + 10_000, "candidates": edge_ids},
-        {"name": "exactly_max_history", "history": {"user_id": user, "events": long_events[-t:]},
-         "request_time": base + 10_000, "candidates": items[:3]},
-        {"name": "single_candidate_oov", "history": {"user_id": user, "events": long_events[:2]},
-         "request_time": base, "candidates": [items[-1] + 12345]},
-        {"name": "no_events_key", "history": {"user_id": user}, "request_time": base, "candidates": items[-2:]},
-    ]
-    for case in cases:
-        case["scores"] = [0.0] * len(case["candidates"])
-    return {"tolerance": golden["tolerance"], "cases": cases}
+        print(f"kotlin junit on {bundle}: {m.group(0)}")
 
 
 def test_kotlin_inputs_equal_the_python_reference(classpath, bundles, tmp_path):

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from model.tbsm import OOV_ROW, PADDING_ROW, TBSM, TBSMConfig, taobao_bench_config
 from model.train import TBSMOptimizer, train_step
-from sdk_builder.dataset import Batch
+from sdk_builder.data.dataset import Batch
 
 HIST = 20
 T0 = 1_511_568_000

@@ -10,17 +10,13 @@ the Kotlin library (same types, same test names).
 from __future__ import annotations
 
 import re
-import sys
 import typing
-from pathlib import Path
 
 import pytest
 from pydantic import BaseModel
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_native_client import REPO, bundle_dirs, load_json  # noqa: E402
-
-from sdk_builder import formats  # noqa: E402
+from sdk_builder import formats
+from tests.support import REPO, load_json
 
 TEMPLATES = REPO / "mobile_templates"
 KOTLIN_MAIN = TEMPLATES / "android" / "tbsm" / "src" / "main" / "kotlin"
@@ -140,12 +136,12 @@ def _quoted_list(text: str, start: str) -> list[str]:
     return re.findall(r'"([^"]+)"', body)
 
 
-def test_clients_agree_on_input_names_and_the_bundle_lists_them_in_that_order():
+def test_clients_agree_on_input_names_and_the_bundle_lists_them_in_that_order(client_bundles):
     kotlin = _quoted_list(source_text("kotlin"), "INPUT_NAMES = listOf(")
     swift = _quoted_list(source_text("swift"), "inputNames = [")
     cpp = _quoted_list(source_text("cpp"), "names = {")
     assert kotlin == swift == cpp, (kotlin, swift, cpp)
-    for bundle in bundle_dirs():
+    for bundle in client_bundles:
         manifest = load_json(bundle / "manifest.json")
         assert [spec["name"] for spec in manifest["program"]["inputs"]] == kotlin, bundle
 
@@ -158,10 +154,10 @@ def test_clients_agree_on_the_format_version():
 
 
 @pytest.mark.parametrize("lang", ["kotlin", "swift", "cpp"])
-def test_file_names_the_clients_open_exist_in_bundles(lang):
+def test_file_names_the_clients_open_exist_in_bundles(lang, client_bundles):
     names = set(re.findall(r'"/?([\w.-]+\.(?:json|pte))"', source_text(lang))) - {"history.json", "tbsm-history.json"}
     assert {"manifest.json", "model.pte"} <= names, names
-    for bundle in bundle_dirs():
+    for bundle in client_bundles:
         present = {p.name for p in bundle.iterdir()}
         assert names <= present, (lang, names - present)
 

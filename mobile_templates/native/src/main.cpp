@@ -21,11 +21,13 @@
 
 #include <executorch/extension/threadpool/threadpool_guard.h>
 
-#include "json.hpp"
-#include "sha256.hpp"
+#include <nlohmann/json.hpp>
+
 #include "tbsm.hpp"
 
 namespace {
+
+using nlohmann::json;
 
 struct Options {
   std::string bundle;
@@ -110,7 +112,7 @@ std::string floats_json(const std::vector<float>& v) {
   return out + "]";
 }
 
-tbsm::History history_for(const tbsm::Bundle& bundle, const tbsm::json::Value& doc) {
+tbsm::History history_for(const tbsm::Bundle& bundle, const json& doc) {
   tbsm::History h = tbsm::parse_history(doc);
   if (h.user_id != bundle.manifest().user_id) {
     throw std::runtime_error("history user_id " + std::to_string(h.user_id) + " is not the bundle's user_id " +
@@ -120,22 +122,21 @@ tbsm::History history_for(const tbsm::Bundle& bundle, const tbsm::json::Value& d
 }
 
 int run_golden(tbsm::Bundle& bundle) {
-  const tbsm::json::Value golden = tbsm::json::parse(tbsm::read_file(bundle.dir() + "/golden.json"));
-  const double tolerance = golden.at("tolerance").as_double();
+  const json golden = json::parse(tbsm::read_file(bundle.dir() + "/golden.json"));
+  const double tolerance = golden.at("tolerance").get<double>();
   double worst = 0.0;
   size_t n_cases = 0, n_failed = 0;
-  for (const auto& c : golden.at("cases").as_array()) {
-    const std::string& name = c.at("name").as_string();
+  for (const auto& c : golden.at("cases")) {
+    const std::string name = c.at("name").get<std::string>();
     tbsm::History history = history_for(bundle, c.at("history"));
-    std::vector<int64_t> candidates;
-    for (const auto& id : c.at("candidates").as_array()) candidates.push_back(id.as_int());
-    const auto& expected = c.at("scores").as_array();
-    tbsm::Inputs in = tbsm::build_inputs(bundle.manifest(), history, c.at("request_time").as_int(), candidates);
+    const auto candidates = c.at("candidates").get<std::vector<int64_t>>();
+    const auto expected = c.at("scores").get<std::vector<double>>();
+    tbsm::Inputs in = tbsm::build_inputs(bundle.manifest(), history, c.at("request_time").get<int64_t>(), candidates);
     std::vector<float> scores = bundle.score(in);
     if (expected.size() != scores.size()) throw std::runtime_error("golden case " + name + ": score count differs");
     double diff = 0.0;
     for (size_t i = 0; i < scores.size(); ++i) {
-      double d = std::fabs(static_cast<double>(scores[i]) - expected[i].as_double());
+      double d = std::fabs(static_cast<double>(scores[i]) - expected[i]);
       if (!(d <= diff)) diff = d;  // also catches NaN
     }
     const bool ok = diff <= tolerance;
@@ -143,7 +144,7 @@ int run_golden(tbsm::Bundle& bundle) {
     ++n_cases;
     n_failed += ok ? 0 : 1;
     std::printf("{\"case\":%s,\"n\":%zu,\"max_abs_diff\":%.9g,\"ok\":%s,\"scores\":%s}\n",
-                tbsm::json::quote(name).c_str(), scores.size(), diff, ok ? "true" : "false",
+                json(name).dump().c_str(), scores.size(), diff, ok ? "true" : "false",
                 floats_json(scores).c_str());
   }
   std::printf("{\"summary\":true,\"cases\":%zu,\"failed\":%zu,\"max_abs_diff\":%.9g,\"tolerance\":%.9g,\"ok\":%s}\n",
@@ -152,7 +153,7 @@ int run_golden(tbsm::Bundle& bundle) {
 }
 
 int run_events(tbsm::Bundle& bundle, const Options& o) {
-  tbsm::History history = history_for(bundle, tbsm::json::parse(tbsm::read_file(o.events_path)));
+  tbsm::History history = history_for(bundle, json::parse(tbsm::read_file(o.events_path)));
   const int64_t now = o.has_request_time ? o.request_time : static_cast<int64_t>(std::time(nullptr));
   size_t rank = 0;
   for (const tbsm::Scored& s : bundle.rank(history, o.candidates, now)) {
@@ -175,8 +176,8 @@ int run_bench(tbsm::Bundle& bundle, const Options& o) {
   tbsm::History history;
   history.user_id = bundle.manifest().user_id;
   try {  // the longest golden history, when there is one: a full history is the realistic case
-    const tbsm::json::Value golden = tbsm::json::parse(tbsm::read_file(bundle.dir() + "/golden.json"));
-    for (const auto& c : golden.at("cases").as_array()) {
+    const json golden = json::parse(tbsm::read_file(bundle.dir() + "/golden.json"));
+    for (const auto& c : golden.at("cases")) {
       tbsm::History h = tbsm::parse_history(c.at("history"));
       if (h.events.size() > history.events.size()) history = h;
     }
@@ -220,9 +221,6 @@ int main(int argc, char** argv) {
   // and everything here runs on this thread).
   executorch::extension::threadpool::NoThreadPoolGuard::set_enabled(!o.all_threads);
   try {
-    if (tbsm::sha256_hex("abc") != "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad") {
-      throw std::runtime_error("sha256 self-test failed");
-    }
     tbsm::Bundle bundle(o.bundle);
     if (o.mode == "golden") return run_golden(bundle);
     if (o.mode == "events") return run_events(bundle, o);

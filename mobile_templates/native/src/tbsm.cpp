@@ -7,10 +7,11 @@
 
 #include <executorch/extension/module/module.h>
 #include <executorch/extension/tensor/tensor.h>
-
-#include "sha256.hpp"
+#include <openssl/evp.h>
 
 namespace tbsm {
+
+using nlohmann::json;
 
 using executorch::extension::from_blob;
 using executorch::extension::TensorPtr;
@@ -37,52 +38,66 @@ std::string read_file(const std::string& path) {
   return out.str();
 }
 
-static IdShard parse_shard(const json::Value& v) {
+std::string sha256_file(const std::string& path) {
+  const std::string bytes = read_file(path);
+  unsigned char digest[EVP_MAX_MD_SIZE];
+  unsigned int size = 0;
+  if (EVP_Digest(bytes.data(), bytes.size(), digest, &size, EVP_sha256(), nullptr) != 1) {
+    throw std::runtime_error("sha256 of " + path + " failed");
+  }
+  static const char hex[] = "0123456789abcdef";
+  std::string out;
+  for (unsigned int i = 0; i < size; ++i) {
+    out += hex[digest[i] >> 4];
+    out += hex[digest[i] & 15];
+  }
+  return out;
+}
+
+static IdShard parse_shard(const json& v) {
   IdShard s;
-  for (const auto& id : v.at("ids").as_array()) s.ids.push_back(id.as_int());
-  s.first_row = v.at("first_row").as_int();
-  s.oov_row = v.at("oov_row").as_int();
-  s.padding_row = v.at("padding_row").as_int();
+  s.ids = v.at("ids").get<std::vector<int64_t>>();
+  s.first_row = v.at("first_row").get<int64_t>();
+  s.oov_row = v.at("oov_row").get<int64_t>();
+  s.padding_row = v.at("padding_row").get<int64_t>();
   if (!std::is_sorted(s.ids.begin(), s.ids.end())) throw std::runtime_error("manifest ids are not sorted");
   return s;
 }
 
-Manifest parse_manifest(const json::Value& doc) {
+Manifest parse_manifest(const json& doc) {
   Manifest m;
-  m.format_version = doc.at("format_version").as_int();
+  m.format_version = doc.at("format_version").get<int64_t>();
   if (m.format_version != kFormatVersion) {
     throw std::runtime_error("unsupported bundle format_version " + std::to_string(m.format_version) +
                              " (this client reads " + std::to_string(kFormatVersion) + ")");
   }
-  m.user_id = doc.at("user_id").as_int();
+  m.user_id = doc.at("user_id").get<int64_t>();
   m.items = parse_shard(doc.at("items"));
   m.categories = parse_shard(doc.at("categories"));
-  const json::Value& behaviors = doc.at("behaviors");
-  for (size_t i = 0; i < behaviors.keys.size(); ++i) m.behaviors[behaviors.keys[i]] = behaviors.values[i].as_int();
-  const json::Value& program = doc.at("program");
-  m.method = program.at("method").as_string();
-  m.max_history = program.at("max_history").as_int();
-  m.max_candidates = program.at("max_candidates").as_int();
-  for (const auto& spec : program.at("inputs").as_array()) m.input_names.push_back(spec.at("name").as_string());
+  m.behaviors = doc.at("behaviors").get<std::map<std::string, int64_t>>();
+  const json& program = doc.at("program");
+  m.method = program.at("method").get<std::string>();
+  m.max_history = program.at("max_history").get<int64_t>();
+  m.max_candidates = program.at("max_candidates").get<int64_t>();
+  for (const auto& spec : program.at("inputs")) m.input_names.push_back(spec.at("name").get<std::string>());
   if (m.input_names != contract_input_names()) {
     throw std::runtime_error("manifest program.inputs differ from the inputs this client builds");
   }
-  const json::Value& files = doc.at("files");
-  for (size_t i = 0; i < files.keys.size(); ++i) m.files[files.keys[i]] = files.values[i].as_string();
+  m.files = doc.at("files").get<std::map<std::string, std::string>>();
   return m;
 }
 
-History parse_history(const json::Value& doc) {
+History parse_history(const json& doc) {
   History h;
-  h.user_id = doc.at("user_id").as_int();
-  const json::Value* events = doc.find("events");  // may be absent: the schema's default is []
-  if (events == nullptr) return h;
-  for (const auto& e : events->as_array()) {
+  h.user_id = doc.at("user_id").get<int64_t>();
+  const auto events = doc.find("events");  // may be absent: the schema's default is []
+  if (events == doc.end()) return h;
+  for (const auto& e : *events) {
     Event ev;
-    ev.item_id = e.at("item_id").as_int();
-    ev.category_id = e.at("category_id").as_int();
-    ev.behavior = e.at("behavior").as_string();
-    ev.timestamp = e.at("timestamp").as_int();
+    ev.item_id = e.at("item_id").get<int64_t>();
+    ev.category_id = e.at("category_id").get<int64_t>();
+    ev.behavior = e.at("behavior").get<std::string>();
+    ev.timestamp = e.at("timestamp").get<int64_t>();
     if (ev.item_id < 0 || ev.category_id < 0 || ev.timestamp < 0) {
       throw std::runtime_error("history ids and timestamps must be >= 0");
     }

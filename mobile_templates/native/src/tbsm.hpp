@@ -16,7 +16,7 @@
 #include <string>
 #include <vector>
 
-#include "json.hpp"
+#include <nlohmann/json.hpp>
 
 namespace executorch::extension::module {
 class Module;
@@ -75,13 +75,15 @@ struct Scored {
 // The expected input names, in order; a manifest listing others is refused.
 const std::vector<std::string>& contract_input_names();
 
-Manifest parse_manifest(const json::Value& doc);
+Manifest parse_manifest(const nlohmann::json& doc);
 // Parses an EventHistory document; throws if events are not oldest first or a field is missing.
-History parse_history(const json::Value& doc);
+History parse_history(const nlohmann::json& doc);
 Inputs build_inputs(const Manifest& m, const History& h, int64_t request_time,
                     const std::vector<int64_t>& candidate_ids);
 
 std::string read_file(const std::string& path);
+// Lowercase hex SHA-256 of the file at `path` (OpenSSL EVP); throws if it cannot be read.
+std::string sha256_file(const std::string& path);
 
 class Bundle {
  public:

@@ -6,7 +6,8 @@ candidate's dense feature is a constant: age 0, or position 20/21). At request t
 history events go through the event tower; each candidate costs a lookup, one attention pass and
 the head.
 
-Recipes, one function per step: `slice_model` -> `export_program` -> `lower(recipe)` -> bytes.
+`slice_constants` -> `UserProgram` -> `export_program`; lowering to bytes is a recipe's job
+(`sdk_builder.recipes`).
 """
 
 from __future__ import annotations
@@ -18,11 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.tbsm import OOV_ROW, PADDING_ROW, RESERVED_ROWS, TBSM, TSLHead
+from model.tbsm import OOV_ROW, PADDING_ROW, RESERVED_ROWS, SECONDS_PER_MINUTE, TBSM, TIME_FEATURE_SCALE, TSLHead
 from sdk_builder.formats import MAX_CANDIDATES, MAX_HISTORY, ProgramSpec, TensorSpec
-
-RECIPES = ("xnnpack", "portable", "int8")  # int8: per-row int8 per-user tables + XNNPACK (sdk_builder/quantize.py)
-INPUT_NAMES = ("hist_items", "hist_categories", "hist_behaviors", "hist_timestamps", "request_time", "candidates")
+from sdk_builder.util import sorted_lookup
 
 
 def program_spec() -> ProgramSpec:
@@ -98,8 +97,7 @@ def slice_constants(model: TBSM, shard: Shard, item_category: np.ndarray, layout
     cats[OOV_ROW] = tower.cat_emb.weight[OOV_ROW]
     # Local category row of every local item row (OOV when the category is not in the shard).
     item_cat_full = np.asarray(item_category)[np.asarray(shard.item_rows, dtype=np.int64)]
-    pos = np.searchsorted(shard.category_rows, item_cat_full)
-    found = (pos < n_cats) & (np.asarray(shard.category_rows)[np.minimum(pos, max(n_cats - 1, 0))] == item_cat_full)
+    pos, found = sorted_lookup(shard.category_rows, item_cat_full)
     local_cat = np.full(layout.item_rows, OOV_ROW, dtype=np.int64)
     local_cat[PADDING_ROW] = PADDING_ROW
     local_cat[RESERVED_ROWS : RESERVED_ROWS + n_items] = np.where(found, pos + RESERVED_ROWS, OOV_ROW)
@@ -170,7 +168,7 @@ class UserProgram(nn.Module):
             dense = self.position_feature
         else:
             seconds = (request_time - hist_timestamps).clamp(min=0).to(torch.float32)
-            dense = torch.log1p(seconds / 60.0) / 10.0
+            dense = torch.log1p(seconds / SECONDS_PER_MINUTE) / TIME_FEATURE_SCALE
         item_vec = self.item_table[hist_items]
         if self.behavior_table is not None:
             item_vec = item_vec + self.behavior_table[hist_behaviors]
@@ -242,51 +240,3 @@ def export_program(program: UserProgram) -> torch.export.ExportedProgram:
     shapes = (None, None, None, None, None, {0: n})
     with torch.no_grad():
         return torch.export.export(program.eval(), example_inputs(), dynamic_shapes=shapes, strict=False)
-
-
-def lower(exported: torch.export.ExportedProgram, recipe: str):
-    from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
-
-    if recipe not in RECIPES:
-        raise ValueError(f"unknown recipe {recipe!r}; expected one of {RECIPES}")
-    if recipe in ("xnnpack", "int8"):
-        from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
-
-        edge = to_edge_transform_and_lower(exported, partitioner=[XnnpackPartitioner()])
-    else:
-        # Keep aten.linear whole so the runtime uses its optimized kernel instead of portable addmm.
-        config = EdgeCompileConfig(preserve_ops=[torch.ops.aten.linear.default],
-                                   _core_aten_ops_exception_list=[torch.ops.aten.linear.default])
-        edge = to_edge_transform_and_lower(exported, compile_config=config)
-    return edge.to_executorch(ExecutorchBackendConfig(extract_delegate_segments=False))
-
-
-def compile_program(model: TBSM, shard: Shard, item_category: np.ndarray, recipe: str = "xnnpack",
-                    layout: SliceLayout | None = None) -> bytes:
-    program = UserProgram.for_shard(model, shard, item_category, layout)
-    if recipe == "int8":
-        from sdk_builder.quantize import quantize_program
-
-        program = quantize_program(program)
-    return bytes(lower(export_program(program), recipe).buffer)
-
-
-class RuntimeMethod:
-    """`forward` of a program loaded in the ExecuTorch runtime. Keeps the program's bytes alive:
-    the runtime reads them in place, so a temporary buffer would be freed under it."""
-
-    def __init__(self, pte: bytes | str) -> None:
-        import executorch.kernels.quantized  # noqa: F401  (registers quantized_decomposed kernels)
-        from executorch.runtime import Runtime
-
-        self._source = pte
-        self._program = Runtime.get().load_program(pte)
-        self._method = self._program.load_method("forward")
-
-    def execute(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
-        return self._method.execute(inputs)
-
-
-def load_runtime_method(pte: bytes | str) -> RuntimeMethod:
-    """Load a program in the ExecuTorch runtime (not eager), with the quantized kernels registered."""
-    return RuntimeMethod(pte)

@@ -1,4 +1,4 @@
-"""Bundles for many users: one template per checkpoint, users split over processes or a Ray cluster.
+"""Bundles for many users (`tbsm-sdk build`): one template per checkpoint, users split over processes or a Ray cluster.
 
 - Workers share the embedding tables: the checkpoint is memory-mapped (`torch.load(mmap=True)`),
   so N processes hold one page-cache copy of the tables instead of N private ones.
@@ -11,10 +11,7 @@
 
 from __future__ import annotations
 
-import json
-import os
 import resource
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,14 +19,15 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from sdk_builder.bundle import BundleBuilder, BuildResult, bundle_path
-from sdk_builder.client import BundleError
-from sdk_builder.dataset import PreparedData
+from sdk_builder.bundle.build import BuildResult, BundleBuilder
+from sdk_builder.bundle.store import check_output, write_index
+from sdk_builder.data.dataset import PreparedData
+from sdk_builder.formats import BundleError
+from sdk_builder.recipes import DEFAULT_ACCURACY_BUDGET, DEFAULT_RECIPE
+from sdk_builder.runs import DATA, load_checkpoint
 from sdk_builder.shard import ShardPolicy
 from sdk_builder.stamp import ProgramTemplate
-from sdk_builder.training import DATA, load_checkpoint
 
-INDEX = "bundles.jsonl"
 CHUNK = 64
 GUARD_USERS = 3
 
@@ -40,13 +38,13 @@ class BuildSpec:
 
     run: str
     out: str
-    recipe: str = "xnnpack"
+    recipe: str = DEFAULT_RECIPE
     shard_size: int = 1000
     seed: int = 0
     category_capacity: int = 256
     durable: bool = False
-    accuracy_budget: float = 0.01  # int8 recipe only (sdk_builder/quantize.py)
-    on_budget_exceeded: str = "fail"  # int8 recipe only: "fail" or "fp32"
+    accuracy_budget: float = DEFAULT_ACCURACY_BUDGET  # lossy recipes only (sdk_builder/bundle/budget.py)
+    on_budget_exceeded: str = "fail"  # lossy recipes only: "fail" or "fp32"
 
 
 @dataclass
@@ -81,21 +79,6 @@ def resolve_users(builder: BundleBuilder, requested: list[int]) -> tuple[list[in
     ids = np.asarray(list(dict.fromkeys(requested)), dtype=np.int64)
     known_mask = builder.ckpt.users.lookup(ids, unknown=-1) >= 0
     return ids[known_mask].tolist(), ids[~known_mask].tolist()
-
-
-def check_output(out: Path, n_bundles: int, bytes_per_bundle: int) -> None:
-    """Fail before building anything when the output cannot take the bundles."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-probe-{os.getpid()}"
-        probe.write_bytes(b"x")
-        probe.unlink()
-    except OSError as exc:
-        raise BundleError(f"{out}: not writable ({exc.strerror})") from None
-    free = shutil.disk_usage(out).free
-    needed = int(n_bundles * bytes_per_bundle * 1.2)
-    if free < needed:
-        raise BundleError(f"{out}: {free / 1e6:,.0f} MB free, {n_bundles:,} bundles need about {needed / 1e6:,.0f} MB")
 
 
 class CheckpointWatch:
@@ -230,33 +213,6 @@ def _run_ray(spec: BuildSpec, template: ProgramTemplate, users: list[int], jobs:
     return rows
 
 
-def write_index(out: Path, rows: list[dict], checkpoint_sha256: str) -> Path:
-    """Merge this run's bundles into `bundles.jsonl` (one line per user, sorted), atomically."""
-    index = out / INDEX
-    entries: dict[int, dict] = {}
-    if index.exists():
-        for line in index.read_text().splitlines():
-            if line.strip():
-                entry = json.loads(line)
-                entries[int(entry["user_id"])] = entry
-    for r in rows:
-        if r["skipped"] and r["user_id"] in entries:
-            continue
-        manifest_sha = r["manifest_sha256"] or _sha256_file(out / r["path"] / "manifest.json")
-        entries[r["user_id"]] = {"user_id": r["user_id"], "path": r["path"], "manifest_sha256": manifest_sha,
-                                 "checkpoint_sha256": checkpoint_sha256}
-    tmp = out / f".{INDEX}.tmp-{os.getpid()}"
-    tmp.write_text("".join(json.dumps(entries[u], sort_keys=True) + "\n" for u in sorted(entries)))
-    os.replace(tmp, index)
-    return index
-
-
-def _sha256_file(path: Path) -> str:
-    import hashlib
-
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def all_user_ids(run: Path) -> list[int]:
     return [int(u) for u in load_checkpoint(run, mmap=True).users.ids]
 
@@ -273,4 +229,4 @@ def read_user_file(path: Path) -> list[int]:
     return ids
 
 
-__all__ = ["BuildSpec", "BatchSummary", "build_many", "bundle_path", "read_user_file", "all_user_ids"]
+__all__ = ["BuildSpec", "BatchSummary", "build_many", "read_user_file", "all_user_ids"]

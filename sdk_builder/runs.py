@@ -24,9 +24,9 @@ import numpy as np
 import torch
 
 from model.metrics import classification_report, roc_auc
-from model.tbsm import TBSM, TBSMConfig
+from model.tbsm import RESERVED_ROWS, TBSM, TBSMConfig
 from model.train import TBSMOptimizer, TrainConfig, TrainState, fit, predict
-from sdk_builder.dataset import Batch, IdMap, NegativeSampler, PreparedData, SampleSet
+from sdk_builder.data.dataset import Batch, IdMap, NegativeSampler, PreparedData, SampleSet
 from sdk_builder.evaluation import ValidationRanking
 
 CHECKPOINT = "checkpoint.pt"
@@ -291,8 +291,8 @@ class LoadedCheckpoint:
         self.model.eval()
         maps = payload["id_maps"]
         self.users = IdMap(np.asarray(maps["user_ids"]), 0)
-        self.items = IdMap(np.asarray(maps["item_ids"]), 2)
-        self.categories = IdMap(np.asarray(maps["category_ids"]), 2)
+        self.items = IdMap(np.asarray(maps["item_ids"]), RESERVED_ROWS)
+        self.categories = IdMap(np.asarray(maps["category_ids"]), RESERVED_ROWS)
         self.item_category = np.asarray(payload["item_category"])
         self.sha256 = sha256_file(path)
 

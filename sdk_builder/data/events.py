@@ -38,7 +38,7 @@ import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 import pydantic
 
-BEHAVIORS: tuple[str, ...] = ("pv", "buy", "cart", "fav")  # behaviour code = index + 1; 0 is padding
+from sdk_builder.formats import BEHAVIORS  # behaviour code = index + 1; 0 is padding
 
 PathLike = Union[str, os.PathLike]
 

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from model.tbsm import OOV_ROW, PADDING_ROW, RESERVED_ROWS
-from sdk_builder.events import EventLog
+from sdk_builder.data.events import EventLog
 
 PROTOCOLS = ("holdout", "reference")
 # uniform: the reference's sampler (any item the user never touched); popularity: a mix of uniform

@@ -18,7 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from sdk_builder.client import GOLDEN, MANIFEST, PROGRAM, SCHEMA, BundleError
+from sdk_builder.formats import GOLDEN, MANIFEST, PROGRAM, SCHEMA, BundleError
+from sdk_builder.program import program_spec
 
 TABLE_OF_INPUT = {
     "hist_items": "item_table",
@@ -26,7 +27,7 @@ TABLE_OF_INPUT = {
     "hist_behaviors": "behavior_table",
     "candidates": "candidate_features",
 }
-INPUT_NAMES = ("hist_items", "hist_categories", "hist_behaviors", "hist_timestamps", "request_time", "candidates")
+INPUT_NAMES = tuple(t.name for t in program_spec().inputs)
 _DTYPES = {"FLOAT": "float32", "HALF": "float16", "DOUBLE": "float64", "CHAR": "int8", "BYTE": "uint8",
            "SHORT": "int16", "INT": "int32", "LONG": "int64", "BOOL": "bool"}
 
@@ -159,11 +160,15 @@ def _fragment(key: str, value: Any) -> int:
     return len(json.dumps({key: value}, sort_keys=True, separators=(",", ":")).encode()) - 2
 
 
-def inspect_manifest(data: bytes) -> list[dict[str, Any]]:
+def _json(data: bytes, name: str) -> Any:
     try:
-        doc = json.loads(data)
+        return json.loads(data)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BundleError(f"{MANIFEST}: not valid JSON ({exc})") from None
+        raise BundleError(f"{name}: not valid JSON ({exc})") from None
+
+
+def inspect_manifest(data: bytes) -> list[dict[str, Any]]:
+    doc = _json(data, MANIFEST)
     parts = []
     for key in sorted(doc):
         value = doc[key]
@@ -179,10 +184,7 @@ def inspect_manifest(data: bytes) -> list[dict[str, Any]]:
 
 
 def inspect_golden(data: bytes) -> list[dict[str, Any]]:
-    try:
-        doc = json.loads(data)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BundleError(f"{GOLDEN}: not valid JSON ({exc})") from None
+    doc = _json(data, GOLDEN)
     parts = []
     for case in doc.get("cases", []):
         size = len(json.dumps(case, sort_keys=True, separators=(",", ":")).encode())

@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pcsv
 
-from sdk_builder.events import BEHAVIORS, EventLog
+from sdk_builder.data.events import BEHAVIORS, EventLog
 
 _PREFERRED = 4  # preferred categories per user
 _P_SWITCH_IN_SESSION = 0.06

@@ -1,0 +1,223 @@
+"""Per-user bundles, orchestrated: shard -> constants -> program (stamped or exported) -> golden
+vectors -> (lossy recipes: accuracy budget) -> replay -> atomic write.
+
+A bundle directory holds `model.pte`, `manifest.json`, `events.schema.json` and `golden.json`.
+It is written under a temporary name next to its final place and renamed, so readers see either
+no bundle or a whole one. Same checkpoint, data, user, policy and seed give identical bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from model.tbsm import RESERVED_ROWS
+from sdk_builder.bundle.budget import BudgetOutcome, apply_accuracy_budget
+from sdk_builder.bundle.golden import (
+    GOLDEN_TOLERANCE, EagerReference, Request, ShardView, golden_requests, replay_golden, score_cases,
+)
+from sdk_builder.bundle.select import select_shard
+from sdk_builder.bundle.store import bundle_path, is_current, write_bundle_atomically
+from sdk_builder.client import encode
+from sdk_builder.data.dataset import PreparedData
+from sdk_builder.formats import (
+    GOLDEN, MANIFEST, PROGRAM, SCHEMA, BundleError, EventHistory, GoldenCase, GoldenSet, IdShard, Manifest,
+    ShardPolicyRecord, compact_json, events_json_schema,
+)
+from sdk_builder.program import Shard, SliceLayout, program_spec, slice_constants
+from sdk_builder.recipes import DEFAULT_ACCURACY_BUDGET, DEFAULT_RECIPE, get_recipe
+from sdk_builder.runs import LoadedCheckpoint, versions
+from sdk_builder.runtime import load_runtime_method
+from sdk_builder.shard import ShardIndex, ShardPolicy
+from sdk_builder.stamp import ProgramTemplate, build_template, check_against_export
+from sdk_builder.util import sha256_bytes
+
+
+@dataclass
+class BuildResult:
+    user_id: int
+    path: Path
+    bytes_program: int
+    bytes_total: int
+    seconds: float
+    max_golden_diff: float  # NaN when the build did not replay the golden vectors (stamped, guarded at start)
+    skipped: bool = False  # already up to date
+    manifest_sha256: str = ""
+    recipe: str = ""  # the bundle's recipe (a lossy build that fell back to fp32 says so in `note`)
+    note: str = ""  # lossy (int8) builds: measured drift vs the accuracy budget
+
+
+def build_key(ckpt: LoadedCheckpoint, data: PreparedData, policy: ShardPolicy, recipe: str, seed: int,
+              layout: SliceLayout, sdk_version: str, budget: tuple[float, str] | None) -> str:
+    """Hash of everything a bundle is built from: equal keys mean an up-to-date bundle."""
+    key_material = json.dumps({"checkpoint": ckpt.sha256, "data": data.fingerprint(), "policy": policy.to_dict(),
+                               "recipe": recipe, "seed": seed, "layout": [layout.item_rows, layout.category_rows],
+                               "sdk": sdk_version, "format": Manifest.model_fields["format_version"].default,
+                               **({"budget": list(budget)} if budget is not None else {})},
+                              sort_keys=True)
+    return sha256_bytes(key_material.encode())
+
+
+class BundleBuilder:
+    """Builds bundles from one checkpoint and the data it was trained on.
+
+    With `stamping` (the default) the program is exported once (`prepare_stamping`) and each
+    user's `model.pte` is the template with that user's constants written in; otherwise every
+    bundle is a full `torch.export` + lowering (the slow path the stamping is checked against).
+    """
+
+    def __init__(self, ckpt: LoadedCheckpoint, data: PreparedData, policy: ShardPolicy | None = None,
+                 recipe: str = DEFAULT_RECIPE, seed: int = 0, *, stamping: bool = True, category_capacity: int = 256,
+                 verify_each: bool = True, durable: bool = False,
+                 accuracy_budget: float = DEFAULT_ACCURACY_BUDGET, on_budget_exceeded: str = "fail") -> None:
+        if data.fingerprint() != ckpt.payload["data_fingerprint"]:
+            raise BundleError("the data does not match the checkpoint's data fingerprint")
+        self.ckpt, self.data, self.seed = ckpt, data, seed
+        self.recipe = recipe  # the name, as in the manifest
+        self.steps = get_recipe(recipe)  # how programs of this recipe are built (sdk_builder/recipes)
+        # Lossy recipes only (int8): max |score drift| vs fp32, and "fail" or "fp32" beyond it.
+        self.accuracy_budget, self.on_budget_exceeded = accuracy_budget, on_budget_exceeded
+        self.policy = policy or ShardPolicy()
+        self.index = ShardIndex(data, self.policy)
+        self.model = ckpt.model.eval()
+        self.reference = EagerReference(self.model, ckpt)
+        self.stamping = stamping
+        self.durable = durable
+        # Replaying the golden vectors in the runtime costs ~0.5 ms a bundle and is the only check
+        # that the program, the stamping and the eager reference agree for *this* user.
+        self.verify_each = verify_each
+        self.layout = SliceLayout(self.policy.shard_size + RESERVED_ROWS,
+                                  min(ckpt.categories.rows, max(category_capacity, 1) + RESERVED_ROWS))
+        self.template: ProgramTemplate | None = None
+        self.versions = versions()
+        self.schema_bytes = compact_json(events_json_schema()).encode()
+        self.build_key = build_key(ckpt, data, self.policy, recipe, seed, self.layout, self.versions["tbsm_sdk"],
+                                   (accuracy_budget, on_budget_exceeded) if self.steps.lossy else None)
+
+    def prepare_stamping(self, guard_users: int = 3) -> float:
+        """Export the template once and check it: stamped vs fully exported programs of a few users
+        must agree in the runtime. Returns the max abs difference seen (0 when bit-identical)."""
+        users = [int(u) for u in self.ckpt.users.ids[: max(guard_users, 1)]]
+        shards = [self.shard_for(self.user_row(u))[0] for u in users]
+        template = build_template(self.model, self.layout, self.steps, shards[0], self.ckpt.item_category)
+        requests = [encode(ShardView(self.ckpt, shard), case.history, case.request_time, case.candidates).tensors()
+                    for shard, u in zip(shards, users) for case in self.golden_requests(u, shard)]
+        worst = check_against_export(template, self.model, shards, self.ckpt.item_category, requests)
+        self.template = template
+        return worst
+
+    # -- one user -------------------------------------------------------------------------------
+    def user_row(self, user_id: int) -> int:
+        row = int(self.ckpt.users.lookup(np.array([user_id]), unknown=-1)[0])
+        if row < 0:
+            raise BundleError(f"unknown user id {user_id}: not in the checkpoint's training data")
+        return row
+
+    def shard_for(self, user_row: int) -> tuple[Shard, dict[str, int]]:
+        return select_shard(self.data, self.index, self.layout, user_row)
+
+    def constants_for(self, shard: Shard):
+        return slice_constants(self.model, shard, self.ckpt.item_category, self.layout)
+
+    def manifest_for(self, user_id: int, shard: Shard, sources: dict[str, int], files: dict[str, str]) -> Manifest:
+        return Manifest(
+            versions=self.versions, user_id=user_id, recipe=self.recipe, checkpoint_sha256=self.ckpt.sha256,
+            model_config=self.ckpt.config.to_dict(), program=program_spec(),
+            items=IdShard(ids=self.ckpt.items.global_id(shard.item_rows).tolist()),
+            categories=IdShard(ids=self.ckpt.categories.global_id(shard.category_rows).tolist()),
+            shard_policy=ShardPolicyRecord(name=self.policy.name, shard_size=self.policy.shard_size,
+                                           weights=self.policy.weights, sources=sources),
+            seeds={"train": int(self.ckpt.payload.get("seed", 0)), "bundle": self.seed},
+            golden_tolerance=GOLDEN_TOLERANCE, files=files, build_key=self.build_key,
+        )
+
+    def golden_requests(self, user_id: int, shard: Shard) -> list[GoldenCase]:
+        return golden_requests(self.ckpt, self.data, self.seed, user_id, shard)
+
+    def golden_cases(self, user_id: int, shard: Shard) -> list[GoldenCase]:
+        return self.golden_cases_many([(user_id, shard)])[0]
+
+    def golden_cases_many(self, users: list[tuple[int, Shard]]) -> list[list[GoldenCase]]:
+        """Golden cases of several users, scored by the eager full model in one batch."""
+        per_user = [self.golden_requests(user_id, shard) for user_id, shard in users]
+        score_cases(self.reference, [(shard, cases) for (_, shard), cases in zip(users, per_user)])
+        return per_user
+
+    def eager_scores(self, shard: Shard, history: EventHistory, request_time: int, candidate_ids) -> np.ndarray:
+        return self.reference.scores_mixed([(shard, history, request_time, candidate_ids)])[0]
+
+    def eager_scores_many(self, shard: Shard, requests: list[Request]) -> list[np.ndarray]:
+        return self.reference.scores_many(shard, requests)
+
+    def eager_scores_mixed(self, requests: list[tuple[Shard, EventHistory, int, list[int]]]) -> list[np.ndarray]:
+        return self.reference.scores_mixed(requests)
+
+    def is_current(self, path: Path) -> bool:
+        """A bundle at `path` built with the same inputs (checkpoint, data, policy, recipe, seed, SDK)."""
+        return is_current(path, self.build_key)
+
+    def program_for(self, shard: Shard) -> bytes:
+        if self.stamping:
+            if self.template is None:
+                self.prepare_stamping()
+            return self.template.stamp(self.constants_for(shard))
+        return self.steps.compile(self.model, self.constants_for(shard))
+
+    def check_budget(self, user_id: int, shard: Shard, program: bytes, cases: list[GoldenCase]) -> BudgetOutcome:
+        """Lossy recipes: drift vs fp32 within the budget, else fp32 fallback or refusal (bundle/budget.py)."""
+        fallback = get_recipe(self.steps.fallback) if self.steps.fallback else None
+        return apply_accuracy_budget(
+            self.steps, program, cases, ShardView(self.ckpt, shard),
+            reference_scores=lambda requests: self.reference.scores_many(shard, requests),
+            eager_program=lambda: self.steps.program(self.model, self.constants_for(shard)).eval(),
+            fallback_program=lambda: fallback.compile(self.model, self.constants_for(shard)),
+            budget=float(self.accuracy_budget), on_exceeded=self.on_budget_exceeded, user_id=user_id)
+
+    def build(self, user_id: int, out_root: Path, *, skip_current: bool = False) -> BuildResult:
+        return self.build_many([user_id], out_root, skip_current=skip_current)[0]
+
+    def build_many(self, user_ids: list[int], out_root: Path, *, skip_current: bool = False) -> list[BuildResult]:
+        """Bundles of several users; their golden vectors are scored in one eager batch."""
+        started = time.perf_counter()
+        results: dict[int, BuildResult] = {}
+        todo = []
+        for user_id in user_ids:
+            path = bundle_path(out_root, user_id)
+            if skip_current and self.is_current(path):
+                results[user_id] = BuildResult(user_id, path, (path / PROGRAM).stat().st_size,
+                                               sum(f.stat().st_size for f in path.iterdir()), 0.0, 0.0, skipped=True)
+            else:
+                todo.append((user_id, *self.shard_for(self.user_row(user_id))))
+        goldens = self.golden_cases_many([(user_id, shard) for user_id, shard, _ in todo]) if todo else []
+        for (user_id, shard, sources), cases in zip(todo, goldens):
+            results[user_id] = self._build_one(user_id, shard, sources, cases, out_root)
+        seconds = (time.perf_counter() - started) / max(len(todo), 1)
+        for r in results.values():
+            if not r.skipped:
+                r.seconds = seconds
+        return [results[u] for u in user_ids]
+
+    def _build_one(self, user_id: int, shard: Shard, sources: dict[str, int], cases: list[GoldenCase],
+                   out_root: Path) -> BuildResult:
+        program = self.program_for(shard)
+        budget = self.check_budget(user_id, shard, program, cases) if self.steps.lossy else None
+        if budget is not None:
+            program, cases = budget.program, budget.cases
+        golden = GoldenSet(tolerance=GOLDEN_TOLERANCE, cases=cases)
+        files = {PROGRAM: program, SCHEMA: self.schema_bytes, GOLDEN: golden.to_json().encode()}
+        manifest = self.manifest_for(user_id, shard, sources, {k: sha256_bytes(v) for k, v in sorted(files.items())})
+        if budget is not None:
+            manifest = manifest.model_copy(update={"recipe": budget.recipe, "quantization": budget.quantization})
+        files[MANIFEST] = manifest.to_json().encode()
+        max_diff = replay_golden(manifest, golden, load_runtime_method(program)) if self.verify_each else float("nan")
+        if max_diff > GOLDEN_TOLERANCE:
+            raise BundleError(f"user {user_id}: the compiled program differs from the eager model by {max_diff:.2e} "
+                              f"(> {GOLDEN_TOLERANCE:g}); not writing the bundle")
+        path = write_bundle_atomically(bundle_path(out_root, user_id), files, durable=self.durable)
+        return BuildResult(user_id, path, len(program), sum(len(v) for v in files.values()),
+                           0.0, max_diff, manifest_sha256=sha256_bytes(files[MANIFEST]),
+                           recipe=manifest.recipe, note=budget.note if budget is not None else "")

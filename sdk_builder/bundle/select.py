@@ -1,0 +1,35 @@
+"""What goes into one user's slice: the shard policy's items (`sdk_builder.shard`) and the
+categories that fit the layout's category capacity."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from model.tbsm import RESERVED_ROWS
+from sdk_builder.data.dataset import PreparedData
+from sdk_builder.formats import MAX_HISTORY
+from sdk_builder.program import Shard, SliceLayout
+from sdk_builder.shard import ShardIndex
+
+
+def select_shard(data: PreparedData, index: ShardIndex, layout: SliceLayout, user_row: int) -> tuple[Shard, dict[str, int]]:
+    """The user's shard and how many items each source contributed (+ categories over capacity)."""
+    sl = data.user_events(user_row)
+    items, cats = data.item_rows[sl], data.cat_rows[sl]
+    item_rows, sources = index.select(items, cats)
+    category_rows, over = select_categories(cats[-MAX_HISTORY:], data.item_category[item_rows],
+                                            layout.category_rows - RESERVED_ROWS)
+    sources["categories_over_capacity"] = over
+    return Shard(user_row, item_rows, category_rows), sources
+
+
+def select_categories(history_cats: np.ndarray, item_cats: np.ndarray, capacity: int) -> tuple[np.ndarray, int]:
+    """Categories of the history events first (an event may carry another category than its item's),
+    then those of the shard items by how many items use them, up to the capacity.
+    Returns (sorted category rows, how many did not fit)."""
+    history_cats = np.unique(history_cats)
+    item_cats, counts = np.unique(item_cats, return_counts=True)
+    ranked = item_cats[np.lexsort((item_cats, -counts))]
+    ordered = np.concatenate([history_cats, ranked[~np.isin(ranked, history_cats)]])
+    ordered = ordered[ordered >= RESERVED_ROWS]
+    return np.sort(ordered[:capacity]), int(max(0, len(ordered) - capacity))

@@ -1,0 +1,98 @@
+"""The `int8` recipe: per-row int8 per-user tables, and the accuracy budget checked at build time.
+
+What is quantized: the per-user tables that dominate a bundle's bytes (`INT8_TABLES`: item
+embeddings, category embeddings and the per-item candidate features). Each row is stored as int8
+with one fp32 scale (symmetric, no zero point: `x ~= q * scale`, |q| <= 127) and read through
+`quantized_decomposed::embedding_byte`, a gather that dequantizes only the rows it returns. The
+portable `quantized` kernel library runs it (the Python runtime registers it on
+`import executorch.kernels.quantized`; native apps link `kernels_quantized`). An all-zero row (the
+padding row) gets scale 1 and stays exactly zero.
+
+Not quantized: the user row (`user`, ~30 floats: its int8 copy plus scale would save less than the
+extra ops cost) and the shared MLP weights, which XNNPACK runs in fp32 (dynamic-int8 linears were
+not faster for these 15-wide layers, see docs/benchmarks.md).
+
+The program's inputs and outputs are those of the fp32 recipes: the contract does not depend on
+the recipe. `quantize_program` swaps the tables of a `UserProgram` for `Int8Rows` modules, which
+support the same `table[rows]` indexing the program already uses, so `forward` is unchanged. The
+build-time accuracy budget is `sdk_builder/bundle/budget.py`; stamping is `sdk_builder/stamp.py`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from sdk_builder.program import UserProgram
+from sdk_builder.recipes.base import Recipe, register
+from sdk_builder.recipes.fp32 import xnnpack_partitioners
+
+INT8_TABLES = ("item_table", "category_table", "candidate_features")
+# The dtype's full range, as ExecuTorch's own int8 embedding recipes pass it; the stored values
+# are symmetric, in [-127, 127].
+QUANT_MIN, QUANT_MAX = -128, 127
+
+
+def _register_ops() -> None:
+    import executorch.exir.passes._quant_patterns_and_replacements  # noqa: F401  (defines embedding_byte)
+
+
+@torch.no_grad()
+def quantize_rows(table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row int8: (q int8 [R, D], scales fp32 [R]); an all-zero row stays exactly zero."""
+    table = table.detach().to(torch.float32)
+    amax = table.abs().amax(dim=1)
+    scales = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+    q = torch.round(table / scales.unsqueeze(1)).clamp(-127, 127).to(torch.int8)
+    return q.contiguous(), scales.contiguous()
+
+
+class Int8Rows(nn.Module):
+    """A per-row int8 table that reads like the fp32 buffer it replaces: `table[rows]`."""
+
+    def __init__(self, table: torch.Tensor) -> None:
+        super().__init__()
+        _register_ops()
+        q, scales = quantize_rows(table)
+        self.register_buffer("weight", q)
+        self.register_buffer("scales", scales)
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.weight.shape
+
+    def __getitem__(self, rows: torch.Tensor) -> torch.Tensor:
+        return torch.ops.quantized_decomposed.embedding_byte.default(
+            self.weight, self.scales, None, QUANT_MIN, QUANT_MAX, rows)
+
+
+def quantize_program(program: nn.Module) -> nn.Module:
+    """Replace the fp32 per-user tables of a `UserProgram` by `Int8Rows`, in place; returns it."""
+    for name in INT8_TABLES:
+        table = program._buffers.pop(name, None)
+        if table is None:
+            raise ValueError(f"{type(program).__name__} has no fp32 buffer {name!r} to quantize")
+        setattr(program, name, Int8Rows(table))
+    return program
+
+
+def quantize_constants(constants: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The int8 program's per-user constants from the fp32 ones, by state-dict name
+    (`item_table` -> `item_table.weight` int8 + `item_table.scales` fp32); others unchanged."""
+    out = {}
+    for name, value in constants.items():
+        if name in INT8_TABLES:
+            out[f"{name}.weight"], out[f"{name}.scales"] = quantize_rows(value)
+        else:
+            out[name] = value
+    return out
+
+
+def int8_program(model: nn.Module, constants: dict[str, torch.Tensor]) -> nn.Module:
+    """The eager int8 program of one user from its fp32 constants (`program.slice_constants`)."""
+    return quantize_program(UserProgram(model, constants)).eval()
+
+
+INT8 = register(Recipe("int8", "per-row int8 per-user tables + XNNPACK, checked against an accuracy budget",
+                       partitioners=xnnpack_partitioners, program=int8_program, stored_constants=quantize_constants,
+                       quantized_tables=INT8_TABLES, fallback="xnnpack"))
