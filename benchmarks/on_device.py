@@ -32,7 +32,7 @@ def run_one(name: str, events, args) -> dict:
     from model.tbsm import TBSMConfig
     from model.train import TrainConfig
     from sdk_builder.data.dataset import NegativeSampler, prepare
-    from sdk_builder.evaluation import evaluate_on_device, format_table, plot_report, ratios
+    from sdk_builder.evaluation import evaluate_on_device, format_table, plot_report, prior_weight, ratios
     from sdk_builder.ondevice import BundleRanker
     from sdk_builder.runs import load_checkpoint, train_run
 
@@ -41,11 +41,12 @@ def run_one(name: str, events, args) -> dict:
                    sampler=NegativeSampler(args.negatives, args.negatives_per_positive))
     with tempfile.TemporaryDirectory(prefix="tbsm-ondevice-bench-") as out:
         metrics = train_run(data, Path(out), TBSMConfig(**data.table_sizes(), init=args.init),
-                            TrainConfig(epochs=args.epochs, seed=args.seed, select_by=args.select_by))
+                            TrainConfig(epochs=args.epochs, seed=args.seed, lr=args.lr, select_by=args.select_by))
         ckpt = load_checkpoint(Path(out))
         train_seconds = time.perf_counter() - started
         ranker = BundleRanker(ckpt, data, seed=args.seed)
-        report = evaluate_on_device(ckpt.model, data, max_users=args.max_users, seed=args.seed, bundle_ranker=ranker)
+        report = evaluate_on_device(ckpt.model, data, max_users=args.max_users, seed=args.seed, bundle_ranker=ranker,
+                                    blend_weight=prior_weight(ckpt.payload))
     result = {"data": name, "train_seconds": train_seconds, "validation": metrics["ranking_validation"],
               "warnings": metrics["warnings"], "test_auc": (metrics["test"] or {}).get("auc"), **report.summary(),
               "ratios_hr@10": ratios(report), "int8_fallbacks": ranker.fallbacks.get("int8")}
@@ -78,8 +79,9 @@ def main() -> None:
     parser.add_argument("--holdout-last", type=int, default=10)
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--init", default="normal")
-    parser.add_argument("--negatives", default="popularity")
-    parser.add_argument("--negatives-per-positive", type=int, default=4)
+    parser.add_argument("--negatives", default="uniform")
+    parser.add_argument("--negatives-per-positive", type=int, default=2)
+    parser.add_argument("--lr", type=float, default=0.2)
     parser.add_argument("--select-by", default="val_hr10")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
@@ -111,7 +113,7 @@ def main() -> None:
                 f"training {r['train_seconds']:.0f}.\n\n{out['table']}\n\n{verdict(r)}. Chart: `docs/{out['png'].name}`.")
         print(text, flush=True)
         entries.append(text)
-    settings = (f"holdout last {args.holdout_last}, {args.epochs} epoch(s), init {args.init}, negatives {args.negatives} "
+    settings = (f"holdout last {args.holdout_last}, {args.epochs} epoch(s), init {args.init}, lr {args.lr}, negatives {args.negatives} "
                 f"x{args.negatives_per_positive}, checkpoint by {args.select_by}, seed {args.seed}, <= {args.max_users} users")
     append_to_doc(SECTION, f"{ctx}; {settings}.\n\n" + "\n\n".join(entries))
 

@@ -18,6 +18,7 @@ Conventions that differ from the reference on purpose:
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import asdict, dataclass
 
@@ -62,9 +63,6 @@ class TBSMConfig:
     # normal: item/category rows N(0, EMBEDDING_INIT_STD), user rows zero, MLP biases zero |
     # reference: uniform +-sqrt(1/rows) rows and DLRM's random MLP biases (stalls some seeds)
     init: str = "normal"
-    # dot: DLRM's pairwise dot products (the reference) | cat: the vectors themselves, concatenated
-    # (DLRM's --arch-interaction-op=cat), so an event's z can carry which item and category it is.
-    interaction: str = "dot"
 
     def __post_init__(self) -> None:
         checks = {
@@ -73,7 +71,6 @@ class TBSMConfig:
             "tsl_mechanism": (self.tsl_mechanism, ("mlp", "mul")),
             "dense_feature": (self.dense_feature, ("time", "position")),
             "init": (self.init, INITS),
-            "interaction": (self.interaction, ("dot", "cat")),
         }
         for name, (value, allowed) in checks.items():
             if value not in allowed:
@@ -165,8 +162,7 @@ class EventTower(nn.Module):
         self.behavior_emb = (
             _embedding_table(BEHAVIOR_ROWS, cfg.emb_dim, reserved=1, init=init) if cfg.use_behavior else None
         )
-        top_in = cfg.emb_dim + 6 if cfg.interaction == "dot" else 4 * cfg.emb_dim
-        self.top = mlp((top_in, *cfg.top_mlp), final_activation=True, init=cfg.init)
+        self.top = mlp((cfg.emb_dim + 6, *cfg.top_mlp), final_activation=True, init=cfg.init)
 
     def forward_embedded(
         self, dense: torch.Tensor, user_vec: torch.Tensor, item_vec: torch.Tensor, cat_vec: torch.Tensor
@@ -179,10 +175,6 @@ class EventTower(nn.Module):
         """
         x = self.bottom(dense.unsqueeze(-1))
         u = user_vec.unsqueeze(-2)
-        if self.cfg.interaction == "cat":
-            shape = item_vec.shape
-            z = self.top(torch.cat([x.expand(shape), u.expand(shape), item_vec, cat_vec], dim=-1))
-            return F.normalize(z, dim=-1)
         interactions = torch.stack(
             [
                 (x * u).sum(-1).expand(item_vec.shape[:-1]),
@@ -389,6 +381,23 @@ class TBSM(nn.Module):
         out = self.attend(history.unsqueeze(1).expand(c, n, t, -1).reshape(c * n, t, -1), w.reshape(c * n, -1),
                           (item_rows != PADDING_ROW).unsqueeze(1).expand(c, n, t).reshape(c * n, t))
         return (out if logits else torch.sigmoid(out)).reshape(c, n)
+
+    def with_logit_scale(self, scale: float) -> TBSM:
+        """This model with every logit multiplied by `scale` (> 0), sharing the id tables: the last
+        layer of each head (or of the combining MLP) is a scaled copy. Ranking is unchanged; it lets
+        a blend sigmoid(scale * logit + prior) stay in float32 range however large the prior."""
+        if self.cfg.model_type != "tsl" or scale == 1.0:
+            return self
+        scaled = copy.copy(self)
+        scaled._modules = dict(self._modules)
+        last = "combine" if self.combine is not None else "heads"
+        scaled._modules[last] = copy.deepcopy(self._modules[last])  # a few thousand weights, not the tables
+        with torch.no_grad():
+            for module in [scaled.combine] if self.combine is not None else [h.head for h in scaled.heads]:
+                final = [m for m in module if isinstance(m, nn.Linear)][-1]
+                final.weight.mul_(scale)
+                final.bias.mul_(scale)
+        return scaled
 
     def embedding_tables(self) -> dict[str, nn.Embedding]:
         tables = {"user": self.tower.user_emb, "item": self.tower.item_emb, "category": self.tower.cat_emb}

@@ -293,6 +293,11 @@ def evaluate_on_device(model: TBSM, data: PreparedData, *, policy: ShardPolicy |
     return report
 
 
+def prior_weight(checkpoint_payload: dict) -> float:
+    """The weight of the shard policy's prior a run's bundles rank with (0 for runs without one)."""
+    return float((checkpoint_payload.get("ranking_validation") or {}).get("blend_weight", 0.0))
+
+
 def _events(data: PreparedData, request: UserRequest) -> tuple[np.ndarray, np.ndarray]:
     start = int(data.user_start[request.user_row])
     return data.item_rows[start : request.history_end], data.cat_rows[start : request.history_end]

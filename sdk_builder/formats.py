@@ -161,6 +161,20 @@ class Quantization(BaseModel):
     fallback: bool = Field(description="True: the drift exceeded the budget and this bundle was built fp32 instead.")
 
 
+class QualityGate(BaseModel):
+    """How the run's model ranked on its on-device-style validation (each validation user's shard,
+    HR@10 of the next event) against popularity, and what `build` decided from it."""
+
+    metric: str = Field(description="The validation metric, hr@10.")
+    shipped: float = Field(description="The shipped ranking: sigmoid(model logit + prior_weight * policy prior).")
+    model_alone: float = Field(description="The model's logit alone.")
+    policy_order: float = Field(description="The shard policy's own order, no model.")
+    popularity: float = Field(description="The shard in popularity order: what `shipped` must beat.")
+    prior_weight: float = Field(description="Weight of the shard policy's prior in every score (chosen on validation).")
+    users: int = Field(description="Validation users the numbers are averaged over.")
+    passed: bool = Field(description="shipped > popularity; false only when built with --allow-weak-model.")
+
+
 class Manifest(BaseModel):
     format_version: int = BUNDLE_FORMAT_VERSION
     versions: dict[str, str]
@@ -179,6 +193,8 @@ class Manifest(BaseModel):
     build_key: str = Field(default="", description="Hash of everything the bundle was built from; equal keys mean an up-to-date bundle.")
     quantization: Quantization | None = Field(default=None, exclude_if=lambda v: v is None,
                                               description="int8 builds only: budget, measured drift, fallback.")
+    quality: QualityGate | None = Field(default=None, exclude_if=lambda v: v is None,
+                                        description="The build-time quality gate: validation HR@10 vs popularity.")
 
     model_config = ConfigDict(populate_by_name=True, protected_namespaces=())
 

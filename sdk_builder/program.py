@@ -35,7 +35,8 @@ def program_spec() -> ProgramSpec:
             TensorSpec(name="request_time", dtype="int64", shape=[1], description="Unix seconds of the ranking request"),
             TensorSpec(name="candidates", dtype="int64", shape=["n_candidates"], description=f"local item rows to score, 1..{MAX_CANDIDATES}"),
         ],
-        outputs=[TensorSpec(name="scores", dtype="float32", shape=["n_candidates"], description="click probability of each candidate")],
+        outputs=[TensorSpec(name="scores", dtype="float32", shape=["n_candidates"],
+                            description="score of each candidate in (0, 1), higher is better: sigmoid(model logit + shard prior)")],
     )
 
 
@@ -46,6 +47,13 @@ class Shard:
     user_row: int
     item_rows: np.ndarray  # full-table rows, in local order
     category_rows: np.ndarray  # full-table rows, in local order
+    # Added to each item's logit: the run's blend weight times the shard policy's prior (see
+    # `sdk_builder.shard.policy_prior`); None: 0 for every item.
+    item_prior: np.ndarray | None = None
+
+    def prior_of_unknown(self) -> float:
+        """The prior of an id outside the shard (and of padding): that of the policy's last item."""
+        return float(self.item_prior.min()) if self.item_prior is not None and len(self.item_prior) else 0.0
 
 
 @dataclass(frozen=True)
@@ -62,7 +70,7 @@ class SliceLayout:
 
 
 # The per-user constants of a program: everything else is shared by all users of a checkpoint.
-USER_CONSTANTS = ("user", "item_table", "category_table", "candidate_features")
+USER_CONSTANTS = ("user", "item_table", "category_table", "candidate_features", "candidate_prior")
 
 
 def _candidate_x(model: TBSM) -> torch.Tensor:
@@ -80,7 +88,8 @@ def slice_constants(model: TBSM, shard: Shard, item_category: np.ndarray, layout
       the layout);
     - `candidate_features`: per shard item, the 5 interactions of the item as a candidate that
       involve it (x.item, u.item, x.cat, u.cat, item.cat): a candidate's x is a constant, so these
-      replace its embedding: 5 floats per item instead of 16.
+      replace its embedding: 5 floats per item instead of 16;
+    - `candidate_prior`: per local item row, what is added to its logit (`Shard.item_prior`).
     """
     layout = layout or SliceLayout.exact(shard)
     n_items, n_cats = len(shard.item_rows), len(shard.category_rows)
@@ -106,11 +115,15 @@ def slice_constants(model: TBSM, shard: Shard, item_category: np.ndarray, layout
     features[PADDING_ROW] = 0
     first = tower.top[0]
     bias_share = first.weight[:, emb] * (x @ u)  # the x.u input of the first top layer
+    prior = torch.full((layout.item_rows, 1), shard.prior_of_unknown())
+    if shard.item_prior is not None:
+        prior[RESERVED_ROWS : RESERVED_ROWS + n_items, 0] = torch.as_tensor(shard.item_prior, dtype=torch.float32)
     return {
         "user": torch.cat([u, bias_share]).unsqueeze(0).contiguous(),
         "item_table": items.contiguous(),
         "category_table": cats.contiguous(),
         "candidate_features": features.contiguous(),
+        "candidate_prior": prior.contiguous(),
     }
 
 
@@ -194,9 +207,8 @@ class UserProgram(nn.Module):
             head_logits(head, history * visible.unsqueeze(-1), w)
             for head, visible in zip(self.heads, self.head_visibility)
         ]
-        if self.combine is None:
-            return torch.sigmoid(logits[0]).reshape(-1)
-        return torch.sigmoid(self.combine(torch.sigmoid(torch.cat(logits, dim=-1)))).reshape(-1)
+        logit = logits[0] if self.combine is None else self.combine(torch.sigmoid(torch.cat(logits, dim=-1)))
+        return torch.sigmoid(logit + self.candidate_prior[candidates].unsqueeze(0)).reshape(-1)
 
 
 def unit_rows(z: torch.Tensor, ones: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from model.tbsm import RESERVED_ROWS
 from sdk_builder.data.dataset import NegativeSampler, PreparedData, prepare
 from sdk_builder.evaluation import (
-    ValidationRanking, bootstrap_interval, evaluate_on_device, future_requests, ranking_metrics, top_unseen,
+    ValidationRanking, bootstrap_interval, evaluate_on_device, future_requests, prior_weight, ranking_metrics, top_unseen,
 )
 from sdk_builder.data.events import EventLog
 from sdk_builder.shard import ShardIndex, ShardPolicy
@@ -161,24 +161,31 @@ def test_on_device_bundles_rank_like_the_eager_model(held_run):
     data = PreparedData.load(out / DATA)
     policy = ShardPolicy()
     ranker = BundleRanker(ckpt, data, policy)
-    report = evaluate_on_device(ckpt.model, data, policy=policy, max_users=12, bundle_ranker=ranker)
+    report = evaluate_on_device(ckpt.model, data, policy=policy, max_users=12, bundle_ranker=ranker,
+                                blend_weight=prior_weight(ckpt.payload))
     assert report.users > 5
     rows = report.rows
-    assert set(rows) == {"popularity", "shard_popularity", "shard_policy", "server", "shard_eager", "bundle_fp32", "bundle_int8"}
+    assert set(rows) == {"popularity", "shard_popularity", "shard_policy", "server", "shard_eager", "shard_blend",
+                         "bundle_fp32", "bundle_int8"}
     for metric in ("hr@10", "hr@50", "ndcg@10", "recall@50"):
-        assert rows["bundle_fp32"][metric]["mean"] == pytest.approx(rows["shard_eager"][metric]["mean"], abs=1e-9)
+        assert rows["bundle_fp32"][metric]["mean"] == pytest.approx(rows["shard_blend"][metric]["mean"], abs=1e-9)
         lo, hi = rows["bundle_fp32"][metric]["ci95"]
         assert lo <= rows["bundle_fp32"][metric]["mean"] <= hi
     assert ranker.fallbacks["int8"] >= 0 and len(ranker.bundle_bytes["xnnpack"]) == report.users
-    # scores themselves: the runtime's shard scores equal the eager model's
+    # scores themselves: sigmoid(a * eager logit + b * policy prior), a = 1 / (1 + w), b = w / (1 + w)
     from sdk_builder.evaluation import eager_scores
+    from sdk_builder.shard import policy_prior
 
+    w = prior_weight(ckpt.payload)
     requests = [r for r in future_requests(data) if len(r.targets)][:3]
-    shards = [np.sort(ShardIndex(data, policy).select(*_kept(data, r))[0]) for r in requests]
+    index = ShardIndex(data, policy)
+    priors = [policy_prior(index.select_ranked(*_kept(data, r))[0]) for r in requests]
+    shards = [items for items, _ in priors]
     runtime = ranker("xnnpack", requests, shards)
-    eager = eager_scores(ckpt.model, data, requests, shards)
-    for a, b in zip(runtime, eager):
-        assert np.max(np.abs(a - b)) < 1e-5
+    logits = eager_scores(ckpt.model, data, requests, shards, logits=True)
+    for got, logit, (_, prior) in zip(runtime, logits, priors):
+        expected = 1 / (1 + np.exp(-(logit / (1 + w) + prior * w / (1 + w))))
+        assert np.max(np.abs(got - expected)) < 1e-5
 
 
 def _kept(data, request):

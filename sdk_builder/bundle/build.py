@@ -26,7 +26,7 @@ from sdk_builder.client import encode
 from sdk_builder.data.dataset import PreparedData
 from sdk_builder.formats import (
     GOLDEN, MANIFEST, PROGRAM, SCHEMA, BundleError, EventHistory, GoldenCase, GoldenSet, IdShard, Manifest,
-    ShardPolicyRecord, compact_json, events_json_schema,
+    QualityGate, ShardPolicyRecord, compact_json, events_json_schema,
 )
 from sdk_builder.program import Shard, SliceLayout, program_spec, slice_constants
 from sdk_builder.recipes import DEFAULT_ACCURACY_BUDGET, DEFAULT_RECIPE, get_recipe
@@ -62,6 +62,26 @@ def build_key(ckpt: LoadedCheckpoint, data: PreparedData, policy: ShardPolicy, r
     return sha256_bytes(key_material.encode())
 
 
+def quality_gate(ckpt: LoadedCheckpoint, allow_weak_model: bool) -> QualityGate | None:
+    """The run's on-device-style validation against popularity; refuses (BundleError, naming both
+    numbers) a model whose shipped ranking does not beat popularity, unless `allow_weak_model`."""
+    record = ckpt.payload.get("ranking_validation")
+    if not record or "blended" not in record:
+        if allow_weak_model:
+            return None
+        raise BundleError(f"{ckpt.path}: the checkpoint has no on-device validation to compare with popularity "
+                          "(trained by an older tbsm-sdk?): retrain it, or pass --allow-weak-model")
+    gate = QualityGate(metric=record["metric"], shipped=record["blended"], model_alone=record["model_alone"],
+                       policy_order=record["policy_order"], popularity=record["popularity"],
+                       prior_weight=record["blend_weight"], users=record["users"],
+                       passed=record["blended"] > record["popularity"])
+    if not gate.passed and not allow_weak_model:
+        raise BundleError(f"{ckpt.path}: the model does not beat popularity on its on-device validation: HR@10 "
+                          f"{gate.shipped:.4f} vs popularity {gate.popularity:.4f} over {gate.users:,} users; "
+                          "retrain (more data, epochs), or pass --allow-weak-model to ship it anyway")
+    return gate
+
+
 class BundleBuilder:
     """Builds bundles from one checkpoint and the data it was trained on.
 
@@ -73,9 +93,11 @@ class BundleBuilder:
     def __init__(self, ckpt: LoadedCheckpoint, data: PreparedData, policy: ShardPolicy | None = None,
                  recipe: str = DEFAULT_RECIPE, seed: int = 0, *, stamping: bool = True, category_capacity: int = 256,
                  verify_each: bool = True, durable: bool = False,
-                 accuracy_budget: float = DEFAULT_ACCURACY_BUDGET, on_budget_exceeded: str = "fail") -> None:
+                 accuracy_budget: float = DEFAULT_ACCURACY_BUDGET, on_budget_exceeded: str = "fail",
+                 allow_weak_model: bool = False) -> None:
         if data.fingerprint() != ckpt.payload["data_fingerprint"]:
             raise BundleError("the data does not match the checkpoint's data fingerprint")
+        self.quality = quality_gate(ckpt, allow_weak_model)
         self.ckpt, self.data, self.seed = ckpt, data, seed
         self.recipe = recipe  # the name, as in the manifest
         self.steps = get_recipe(recipe)  # how programs of this recipe are built (sdk_builder/recipes)
@@ -83,7 +105,12 @@ class BundleBuilder:
         self.accuracy_budget, self.on_budget_exceeded = accuracy_budget, on_budget_exceeded
         self.policy = policy or ShardPolicy()
         self.index = ShardIndex(data, self.policy)
-        self.model = ckpt.model.eval()
+        # Bundles rank by sigmoid(a * logit + b * policy prior), a = 1 / (1 + w), b = w / (1 + w) for
+        # the run's prior weight w: the order of logit + w * prior, with scores that stay in float32
+        # range for any w. `a` folds into the model's last layer, `b` into each shard's prior.
+        weight = self.quality.prior_weight if self.quality is not None else 0.0
+        self.prior_scale = weight / (1.0 + weight)
+        self.model = ckpt.model.eval().with_logit_scale(1.0 / (1.0 + weight))
         self.reference = EagerReference(self.model, ckpt)
         self.stamping = stamping
         self.durable = durable
@@ -118,7 +145,7 @@ class BundleBuilder:
         return row
 
     def shard_for(self, user_row: int) -> tuple[Shard, dict[str, int]]:
-        return select_shard(self.data, self.index, self.layout, user_row)
+        return select_shard(self.data, self.index, self.layout, user_row, self.prior_scale)
 
     def constants_for(self, shard: Shard):
         return slice_constants(self.model, shard, self.ckpt.item_category, self.layout)
@@ -132,7 +159,7 @@ class BundleBuilder:
             shard_policy=ShardPolicyRecord(name=self.policy.name, shard_size=self.policy.shard_size,
                                            weights=self.policy.weights, sources=sources),
             seeds={"train": int(self.ckpt.payload.get("seed", 0)), "bundle": self.seed},
-            golden_tolerance=GOLDEN_TOLERANCE, files=files, build_key=self.build_key,
+            golden_tolerance=GOLDEN_TOLERANCE, files=files, build_key=self.build_key, quality=self.quality,
         )
 
     def golden_requests(self, user_id: int, shard: Shard) -> list[GoldenCase]:

@@ -58,7 +58,8 @@ def golden_requests(ckpt: LoadedCheckpoint, data: PreparedData, seed: int, user_
 
 
 class EagerReference:
-    """The full eager model on requests as the phone encodes them, in one batch."""
+    """The full eager model on requests as the phone encodes them, in one batch: the
+    sigmoid of its logit plus the shard's prior of the candidate, exactly what a program returns."""
 
     def __init__(self, model: TBSM, ckpt: LoadedCheckpoint) -> None:
         self.model, self.ckpt = model, ckpt
@@ -76,16 +77,20 @@ class EagerReference:
             # (over the category capacity), exactly like an unknown id on the phone.
             cand_cat = np.where(cand >= RESERVED_ROWS, item_category[cand], OOV_ROW)
             cand_cat = np.where(np.isin(cand_cat, shard.category_rows), cand_cat, OOV_ROW)
+            full_prior = np.full(len(full_item), shard.prior_of_unknown(), np.float32)
+            if shard.item_prior is not None:
+                full_prior[RESERVED_ROWS:] = shard.item_prior
             encoded.append((shard.user_row, full_item[req.hist_items], full_cat[req.hist_categories], req.hist_behaviors,
-                            req.hist_timestamps, request_time, cand, cand_cat))
+                            req.hist_timestamps, request_time, cand, cand_cat, full_prior[req.candidates]))
         width = max(len(e[6]) for e in encoded)
         pad = lambda a, fill: np.pad(a, (0, width - len(a)), constant_values=fill)  # noqa: E731
         columns = list(zip(*encoded))
         tensors = [torch.from_numpy(np.asarray(columns[i], dtype=np.int64)) for i in range(6)]
         cand_items = torch.from_numpy(np.stack([pad(a, OOV_ROW) for a in columns[6]]))
         cand_cats = torch.from_numpy(np.stack([pad(a, OOV_ROW) for a in columns[7]]))
-        scores = self.model.rank(*tensors, cand_items, cand_cats).numpy().astype(np.float64)
-        return [scores[i, : len(e[6])] for i, e in enumerate(encoded)]
+        priors = torch.from_numpy(np.stack([pad(a, 0.0) for a in columns[8]]))
+        scores = torch.sigmoid(self.model.rank(*tensors, cand_items, cand_cats, logits=True) + priors)
+        return [scores[i, : len(e[6])].numpy().astype(np.float64) for i, e in enumerate(encoded)]
 
     def scores_many(self, shard: Shard, requests: list[Request]) -> list[np.ndarray]:
         return self.scores_mixed([(shard, *r) for r in requests])

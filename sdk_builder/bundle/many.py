@@ -45,6 +45,7 @@ class BuildSpec:
     durable: bool = False
     accuracy_budget: float = DEFAULT_ACCURACY_BUDGET  # lossy recipes only (sdk_builder/bundle/budget.py)
     on_budget_exceeded: str = "fail"  # lossy recipes only: "fail" or "fp32"
+    allow_weak_model: bool = False  # build even when the model does not beat popularity on validation
 
 
 @dataclass
@@ -69,7 +70,8 @@ def make_builder(spec: BuildSpec, template: ProgramTemplate | None = None) -> Bu
     data = PreparedData.load(ckpt.path.parent / DATA)
     builder = BundleBuilder(ckpt, data, ShardPolicy(shard_size=spec.shard_size), recipe=spec.recipe, seed=spec.seed,
                             category_capacity=spec.category_capacity, durable=spec.durable,
-                            accuracy_budget=spec.accuracy_budget, on_budget_exceeded=spec.on_budget_exceeded)
+                            accuracy_budget=spec.accuracy_budget, on_budget_exceeded=spec.on_budget_exceeded,
+                            allow_weak_model=spec.allow_weak_model)
     builder.template = template
     return builder
 

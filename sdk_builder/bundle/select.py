@@ -9,18 +9,21 @@ from model.tbsm import RESERVED_ROWS
 from sdk_builder.data.dataset import PreparedData
 from sdk_builder.formats import MAX_HISTORY
 from sdk_builder.program import Shard, SliceLayout
-from sdk_builder.shard import ShardIndex
+from sdk_builder.shard import ShardIndex, policy_prior
 
 
-def select_shard(data: PreparedData, index: ShardIndex, layout: SliceLayout, user_row: int) -> tuple[Shard, dict[str, int]]:
-    """The user's shard and how many items each source contributed (+ categories over capacity)."""
+def select_shard(data: PreparedData, index: ShardIndex, layout: SliceLayout, user_row: int,
+                 prior_scale: float = 0.0) -> tuple[Shard, dict[str, int]]:
+    """The user's shard and how many items each source contributed (+ categories over capacity).
+    `prior_scale` > 0 adds that times the policy's prior to each item's (scaled) logit on the phone."""
     sl = data.user_events(user_row)
     items, cats = data.item_rows[sl], data.cat_rows[sl]
-    item_rows, sources = index.select(items, cats)
+    ranked, sources = index.select_ranked(items, cats)
+    item_rows, prior = policy_prior(ranked)
     category_rows, over = select_categories(cats[-MAX_HISTORY:], data.item_category[item_rows],
                                             layout.category_rows - RESERVED_ROWS)
     sources["categories_over_capacity"] = over
-    return Shard(user_row, item_rows, category_rows), sources
+    return Shard(user_row, item_rows, category_rows, prior * np.float32(prior_scale) if prior_scale else None), sources
 
 
 def select_categories(history_cats: np.ndarray, item_cats: np.ndarray, capacity: int) -> tuple[np.ndarray, int]:
