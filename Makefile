@@ -15,6 +15,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/train_throughput.py
 	$(BIN)/python benchmarks/quality.py
+	$(BIN)/python benchmarks/on_device.py
 
 # pip, not uv/poetry: torch==2.13.0's CPU wheel is on these machines; other tools fetch a CUDA build.
 $(STAMP): pyproject.toml

@@ -340,7 +340,7 @@ def plot_report(report: OnDeviceReport, path: Path, title: str = "") -> None:
     import matplotlib.pyplot as plt
 
     names = list(report.rows)
-    fig, ax = plt.subplots(figsize=(11, 4.5))
+    fig, ax = plt.subplots(figsize=(13, 4.5))
     width = 0.8 / max(len(names), 1)
     for k, name in enumerate(names):
         means = [report.rows[name][m]["mean"] for m in METRICS]
@@ -350,7 +350,7 @@ def plot_report(report: OnDeviceReport, path: Path, title: str = "") -> None:
     ax.set_xticks(np.arange(len(METRICS)) + 0.4 - width / 2, METRICS)
     ax.set_ylabel("mean over users (95% bootstrap interval)")
     ax.set_title(title or f"On-device ranking of held-out events, {report.users} users")
-    ax.legend(fontsize=7, loc="upper left")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")

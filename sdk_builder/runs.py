@@ -11,7 +11,6 @@ Every file is written to a temporary name and renamed, so a killed run never lea
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import platform
@@ -28,6 +27,7 @@ from model.tbsm import RESERVED_ROWS, TBSM, TBSMConfig
 from model.train import TBSMOptimizer, TrainConfig, TrainState, fit, predict
 from sdk_builder.data.dataset import Batch, IdMap, NegativeSampler, PreparedData, SampleSet
 from sdk_builder.evaluation import ValidationRanking
+from sdk_builder.util import atomic_write_bytes, sha256_file
 
 CHECKPOINT = "checkpoint.pt"
 LAST = "last.pt"
@@ -69,17 +69,7 @@ def atomic_torch_save(obj: object, path: Path) -> None:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    atomic_write_bytes(path, text.encode())
 
 
 def batches(data: PreparedData, samples: SampleSet, batch_size: int, history: int,

@@ -61,7 +61,7 @@ class ShardIndex:
 
     def _build_covisit(self, keep: np.ndarray, per_item: int = 200) -> None:
         data, n_items = self.data, self.data.items.rows
-        user_of_event = np.repeat(np.arange(len(data.user_start) - 1), np.diff(data.user_start))
+        user_of_event = data.user_of_event()
         keys = []
         for lag in range(1, self.policy.covisit_window + 1):
             a = np.arange(data.num_events - lag)
@@ -155,8 +155,7 @@ class ShardIndex:
 
 def _repeat_rate(data: PreparedData, keep: np.ndarray) -> float:
     """Fraction of (kept) events whose item the same user had already interacted with."""
-    user_of_event = np.repeat(np.arange(len(data.user_start) - 1), np.diff(data.user_start))
-    keys = user_of_event[keep] * data.items.rows + data.item_rows[keep]
+    keys = data.user_of_event()[keep] * data.items.rows + data.item_rows[keep]
     return 1.0 - len(np.unique(keys)) / max(len(keys), 1)
 
 
@@ -177,7 +176,7 @@ def coverage(data: PreparedData, policy: ShardPolicy, held_out: int = 10) -> dic
     shard built from the data before them, for this policy and for the global-popular baseline."""
     n = np.diff(data.user_start)
     users = np.flatnonzero(n > held_out)
-    user_of_event = np.repeat(np.arange(len(n)), n)
+    user_of_event = data.user_of_event()
     position = np.arange(data.num_events) - data.user_start[user_of_event]
     before = position < (n[user_of_event] - held_out)
     index = ShardIndex(data, policy, event_mask=before)

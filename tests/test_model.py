@@ -173,15 +173,29 @@ def test_padding_row_item_does_not_leak_through_real_embedding():
 
 
 def test_oov_and_padding_rows_are_zero_at_init():
-    torch.manual_seed(0)
-    model = TBSM(small_config(num_items=1000, num_categories=100))
-    for table in (model.tower.item_emb, model.tower.cat_emb):
-        assert torch.count_nonzero(table.weight[PADDING_ROW]) == 0
-        assert torch.count_nonzero(table.weight[OOV_ROW]) == 0
-        bound = math.sqrt(1.0 / table.weight.shape[0])
-        rest = table.weight[2:]
-        assert rest.abs().max() <= bound and rest.abs().max() > 0.5 * bound
-    assert torch.count_nonzero(model.tower.user_emb.weight[0]) > 0  # users have no reserved rows
+    from model.tbsm import EMBEDDING_INIT_STD
+
+    for init in ("reference", "normal"):
+        torch.manual_seed(0)
+        model = TBSM(small_config(num_items=1000, num_categories=100, init=init))
+        for table in (model.tower.item_emb, model.tower.cat_emb):
+            assert torch.count_nonzero(table.weight[PADDING_ROW]) == 0
+            assert torch.count_nonzero(table.weight[OOV_ROW]) == 0
+            rest = table.weight[2:]
+            if init == "reference":
+                bound = math.sqrt(1.0 / table.weight.shape[0])
+                assert rest.abs().max() <= bound and rest.abs().max() > 0.5 * bound
+            else:
+                assert abs(float(rest.std()) - EMBEDDING_INIT_STD) < 0.1 * EMBEDDING_INIT_STD
+        users = model.tower.user_emb.weight
+        biases = [m.bias for m in model.modules() if isinstance(m, torch.nn.Linear)]
+        if init == "reference":
+            assert torch.count_nonzero(users[0]) > 0  # users have no reserved rows
+            assert all(torch.count_nonzero(b) > 0 for b in biases)
+        else:
+            # a never-trained user is the average user; no ReLU starts switched off by its bias
+            assert torch.count_nonzero(users) == 0
+            assert all(torch.count_nonzero(b) == 0 for b in biases)
 
 
 # ---------------------------------------------------------------- variants train
