@@ -108,7 +108,8 @@ def main() -> None:
         r = out["result"]
         text = (f"**{name}**: {r['users']:,} test users ({r['skipped_no_target']:,} with no new held-out item skipped), "
                 f"{r['targets']:,} held-out items, shard coverage {r['shard_coverage']:.3f}; validation HR@10 "
-                f"{r['validation']['model']:.4f} vs popularity {r['validation']['popularity']:.4f}; int8 fp32 fallbacks "
+                f"{r['validation']['blended']:.4f} (model alone {r['validation']['model_alone']:.4f}, prior weight "
+                f"{r['validation']['blend_weight']:g}) vs popularity {r['validation']['popularity']:.4f}; int8 fp32 fallbacks "
                 f"{r['int8_fallbacks']}; seconds {', '.join(f'{k} {v:.0f}' for k, v in r['seconds'].items())}, "
                 f"training {r['train_seconds']:.0f}.\n\n{out['table']}\n\n{verdict(r)}. Chart: `docs/{out['png'].name}`.")
         print(text, flush=True)

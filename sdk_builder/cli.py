@@ -220,8 +220,9 @@ def train_cmd(inputs, fmt, columns, strict, time_range, protocol, samples_per_us
              f"checkpoint: {Path(out) / 'checkpoint.pt'}; curve: {Path(out) / 'training_curve.png'}")
     ranking = metrics["ranking_validation"]
     if ranking:
-        human += (f"\non-device-style validation (shard ranking, {ranking['users']:,} users): HR@10 {ranking['model']:.4f} "
-                  f"vs popularity {ranking['popularity']:.4f}")
+        human += (f"\non-device-style validation (shard ranking, {ranking['users']:,} users): HR@10 {ranking['blended']:.4f} "
+                  f"(model alone {ranking['model_alone']:.4f}, policy order {ranking['policy_order']:.4f}, prior weight "
+                  f"{ranking['blend_weight']:g}) vs popularity {ranking['popularity']:.4f}")
     for warning in metrics["warnings"]:
         click.echo(f"warning: {warning}", err=True)
     _emit(as_json, {k: v for k, v in metrics.items() if k != "history"}, human)

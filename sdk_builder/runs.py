@@ -26,7 +26,7 @@ from model.metrics import classification_report, roc_auc
 from model.tbsm import RESERVED_ROWS, TBSM, TBSMConfig
 from model.train import TBSMOptimizer, TrainConfig, TrainState, fit, predict
 from sdk_builder.data.dataset import Batch, IdMap, NegativeSampler, PreparedData, SampleSet
-from sdk_builder.evaluation import ValidationRanking
+from sdk_builder.evaluation import PRIMARY_METRIC, ValidationRanking
 from sdk_builder.util import atomic_write_bytes, sha256_file
 
 CHECKPOINT = "checkpoint.pt"
@@ -176,9 +176,7 @@ def train_run(
         return metrics
 
     def on_best(st: TrainState, metrics: dict) -> None:
-        payload = _checkpoint_payload(model, optimizer, model_cfg, train_cfg, data, st, train_cfg.seed)
-        payload["ranking_validation"] = ranking_summary(metrics)
-        atomic_torch_save(payload, ckpt_path)
+        atomic_torch_save(_checkpoint_payload(model, optimizer, model_cfg, train_cfg, data, st, train_cfg.seed), ckpt_path)
 
     def on_epoch_end(st: TrainState) -> None:
         payload = _checkpoint_payload(model, optimizer, model_cfg, train_cfg, data, st, train_cfg.seed)
@@ -193,10 +191,12 @@ def train_run(
 
     best = load_checkpoint(ckpt_path)
     best_record = next(h for h in state.history if h["step"] == state.best_step)
-    ranking_validation = ranking_summary({**ranking(best.model), **best_record})
-    if ranking_validation is not None:
-        # What the phone ranks by: the model's logit plus a weight times the shard policy's prior.
-        ranking_validation.update(ranking.choose_blend(best.model))
+    ranking_validation = None
+    if len(ranking):
+        # What build's quality gate compares: the best checkpoint's shard rankings against popularity,
+        # with the weight of the shard policy's prior the phone will rank with.
+        ranking_validation = {"metric": PRIMARY_METRIC, "users": len(ranking), "popularity": ranking.baselines["popularity"],
+                              **ranking.choose_blend(best.model)}
         best.payload["ranking_validation"] = ranking_validation
         atomic_torch_save(best.payload, ckpt_path)
     test = evaluate_split(best.model, data, "test") if "test" in data.splits else None
@@ -218,16 +218,6 @@ def train_run(
     atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=1, default=float) + "\n")
     plot_curve(state.history, out_dir / "training_curve.png")
     return metrics
-
-
-def ranking_summary(record: dict) -> dict | None:
-    """The best checkpoint's on-device-style validation (HR@10 of its shard ranking) next to the
-    popularity order of the same shards; after training also the blend with the shard policy's
-    prior and its HR@10 (`blended`): what `build`'s quality gate compares with `popularity`."""
-    if "val_hr10" not in record:
-        return None
-    return {"metric": "hr@10", "model": record["val_hr10"], "popularity": record["val_hr10_popularity"],
-            "users": record["val_ranking_users"]}
 
 
 def run_warnings(history: list[dict], best: dict, test: dict | None) -> list[str]:

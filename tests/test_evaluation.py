@@ -147,7 +147,9 @@ def test_training_records_the_ranking_validation(held_run):
     rv = metrics["ranking_validation"]
     assert rv["metric"] == "hr@10" and rv["users"] > 0 and 0 <= rv["popularity"] <= 1
     best = next(h for h in metrics["history"] if h["step"] == metrics["best_step"])
-    assert rv["model"] == best["val_hr10"] == max(h["val_hr10"] for h in metrics["history"])
+    assert rv["model_alone"] == best["val_hr10"] == max(h["val_hr10"] for h in metrics["history"])
+    # the chosen prior weight is the best of the grid, so the blend is never worse than the model alone
+    assert rv["blended"] >= rv["model_alone"] and rv["blend_weight"] >= 0
     assert load_checkpoint(out).payload["ranking_validation"] == rv
 
 
@@ -197,11 +199,12 @@ def test_evaluate_on_device_cli_writes_table_json_and_chart(held_run, tmp_path):
     from sdk_builder.cli import main
 
     out, _ = held_run
-    result = CliRunner().invoke(main, ["evaluate", str(out), "--on-device", "--max-users", "6", "--report-dir",
-                                       str(tmp_path), "--json"])
+    # Bundle rows are covered above; here the command, its table, JSON and chart (eager rows only).
+    result = CliRunner().invoke(main, ["evaluate", str(out), "--on-device", "--no-bundles", "--max-users", "6",
+                                       "--report-dir", str(tmp_path), "--json"])
     assert result.exit_code == 0, result.output
     payload = json.loads(result.output[result.output.index("{"):])
-    assert payload["users"] > 0 and "bundle_int8" in payload["rows"]
+    assert payload["users"] > 0 and "shard_blend" in payload["rows"] and "bundle_fp32" not in payload["rows"]
     assert json.loads((tmp_path / "ondevice.json").read_text())["rows"] == payload["rows"]
     assert (tmp_path / "ondevice.png").read_bytes()[:4] == b"\x89PNG"
 
