@@ -179,7 +179,7 @@ class ValidationRanking:
         priors = [policy_prior(order)[1] for order in self.policy_order]
         results = {w: self.hr10([lg + w * pr for lg, pr in zip(logits, priors)]) for w in BLEND_WEIGHTS}
         best = max(BLEND_WEIGHTS, key=lambda w: (results[w], -w))
-        policy = self.hr10([pr for pr in priors])
+        policy = self.hr10(priors)
         return {"blend_weight": best, "blended": results[best], "model_alone": results[0.0], "policy_order": policy}
 
 
