@@ -47,8 +47,9 @@ def make_taobao_sized_run(run: Path, users: int) -> None:
     model = TBSM(cfg)
     torch.save({
         "model_state": model.state_dict(), "model_config": cfg.to_dict(),
-        "id_maps": {"user_ids": data.users.ids, "item_ids": data.items.ids, "category_ids": data.categories.ids},
-        "item_category": data.item_category, "data_fingerprint": data.fingerprint(), "data_info": data.info,
+        "id_maps": {"user_ids": torch.from_numpy(data.users.ids), "item_ids": torch.from_numpy(data.items.ids),
+                    "category_ids": torch.from_numpy(data.categories.ids)},
+        "item_category": torch.from_numpy(data.item_category), "data_fingerprint": data.fingerprint(), "data_info": data.info,
         "versions": versions(), "seed": 0,
     }, run / CHECKPOINT)
 

@@ -49,7 +49,7 @@ def versions() -> dict[str, str]:
 
     return {
         "tbsm_sdk": __version__,
-        "torch": torch.__version__,
+        "torch": str(torch.__version__),  # TorchVersion would not load weights-only
         "executorch": version("executorch"),
         "numpy": np.__version__,
         "python": platform.python_version(),
@@ -92,8 +92,10 @@ def _checkpoint_payload(model, optimizer, model_cfg, train_cfg, data, state, run
         "model_config": model_cfg.to_dict(),
         "train_config": asdict(train_cfg),
         "train_state": asdict(state),
-        "id_maps": {"user_ids": data.users.ids, "item_ids": data.items.ids, "category_ids": data.categories.ids},
-        "item_category": data.item_category,
+        # Tensors, not numpy arrays: loading stays `weights_only` (a checkpoint can never run code).
+        "id_maps": {"user_ids": torch.from_numpy(data.users.ids), "item_ids": torch.from_numpy(data.items.ids),
+                    "category_ids": torch.from_numpy(data.categories.ids)},
+        "item_category": torch.from_numpy(data.item_category),
         "data_fingerprint": data.fingerprint(),
         "data_info": data.info,
         "versions": versions(),
@@ -129,7 +131,7 @@ def train_run(
     optimizer = TBSMOptimizer(model, train_cfg.lr)
     state = TrainState()
     if resume:
-        last = torch.load(last_path, weights_only=False)
+        last = read_checkpoint(last_path)
         if last["data_fingerprint"] != data.fingerprint():
             raise RunError(f"--resume: {last_path} was trained on other data (fingerprint mismatch)")
         if last["model_config"] != model_cfg.to_dict():
@@ -284,10 +286,17 @@ def load_checkpoint(path: Path, *, mmap: bool = False) -> LoadedCheckpoint:
         path = path / CHECKPOINT
     if not path.exists():
         raise RunError(f"{path}: no such checkpoint (run `tbsm-sdk train` first)")
+    return LoadedCheckpoint(path, read_checkpoint(path, mmap=mmap))
+
+
+def read_checkpoint(path: Path, *, mmap: bool = False) -> dict:
+    """A checkpoint's payload, loaded weights-only: tensors and plain Python values, never objects
+    whose unpickling could run code (a crafted file is refused, not executed)."""
     try:
-        payload = torch.load(path, weights_only=False, map_location="cpu", mmap=mmap)
-    except Exception as exc:  # a truncated or foreign file: one clear line instead of a pickle trace
-        raise RunError(f"{path}: not a readable tbsm-sdk checkpoint ({type(exc).__name__}: {exc})") from None
+        payload = torch.load(path, weights_only=True, map_location="cpu", mmap=mmap)
+    except Exception as exc:  # a truncated, foreign or code-carrying file: one line, not a pickle trace
+        first_line = (str(exc).strip().splitlines() or [""])[0]
+        raise RunError(f"{path}: not a readable tbsm-sdk checkpoint ({type(exc).__name__}: {first_line})") from None
     if not isinstance(payload, dict) or "model_state" not in payload:
         raise RunError(f"{path}: not a tbsm-sdk checkpoint")
-    return LoadedCheckpoint(path, payload)
+    return payload

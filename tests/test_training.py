@@ -36,7 +36,7 @@ def train(out: Path, *extra: str, ok: bool = True):
 
 
 def weights(run: Path) -> dict[str, torch.Tensor]:
-    return torch.load(run / "checkpoint.pt", weights_only=False)["model_state"]
+    return torch.load(run / "checkpoint.pt", weights_only=True)["model_state"]
 
 
 def metrics(run: Path) -> dict:
@@ -122,19 +122,19 @@ def test_resume_continues(tmp_path):
     once_per_epoch = ("--eval-every", "1000000")  # validations at epoch ends only: comparable histories
     train(run, "--epochs", "1", *once_per_epoch)
     one = metrics(run)
-    last1 = torch.load(run / "last.pt", weights_only=False)["train_state"]
+    last1 = torch.load(run / "last.pt", weights_only=True)["train_state"]
     result = train(run, "--epochs", "2", "--resume", *once_per_epoch)
     assert result.exit_code == 0
     two = metrics(run)
-    last2 = torch.load(run / "last.pt", weights_only=False)["train_state"]
+    last2 = torch.load(run / "last.pt", weights_only=True)["train_state"]
     assert last2["step"] == 2 * last1["step"] and last2["epoch"] == 2
     assert len(two["history"]) == 2 and two["history"][0] == one["history"][0]
     assert two["history"][1]["step"] > two["history"][0]["step"]
     # resuming gives the same model as training two epochs without a break
     train(straight, "--epochs", "2", *once_per_epoch)
     assert metrics(straight)["history"] == two["history"]
-    end_resumed = torch.load(run / "last.pt", weights_only=False)["model_state"]
-    end_straight = torch.load(straight / "last.pt", weights_only=False)["model_state"]
+    end_resumed = torch.load(run / "last.pt", weights_only=True)["model_state"]
+    end_straight = torch.load(straight / "last.pt", weights_only=True)["model_state"]
     assert same_weights(end_resumed, end_straight)
 
 
@@ -160,3 +160,23 @@ def test_bad_input_with_strict_reports_file_and_line(tmp_path):
     assert f"{bad}:3" in result.output, result.output
     assert "Traceback" not in result.output
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+def test_a_crafted_checkpoint_cannot_run_code(tmp_path):
+    """Checkpoints travel between machines: loading one is weights-only, so a pickle that would run
+    a command is refused with one line and the command never runs."""
+    import os
+
+    from sdk_builder.runs import RunError, load_checkpoint
+
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return os.system, (f"touch {marker}",)
+
+    torch.save({"model_state": {}, "extra": Payload()}, tmp_path / "checkpoint.pt")
+    with pytest.raises(RunError, match="not a readable tbsm-sdk checkpoint") as info:
+        load_checkpoint(tmp_path)
+    assert "\n" not in str(info.value)
+    assert not marker.exists()
