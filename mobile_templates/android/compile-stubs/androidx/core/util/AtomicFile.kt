@@ -45,24 +45,23 @@ open class AtomicFile(private val baseName: File) {
 
     fun finishWrite(str: FileOutputStream?) {
         if (str == null) return
-        if (!sync(str)) log("Failed to sync file output stream")
-        try {
-            str.close()
-        } catch (e: IOException) {
-            log("Failed to close file output stream: $e")
-        }
+        syncAndClose(str)
         rename(newName, baseName)
     }
 
     fun failWrite(str: FileOutputStream?) {
         if (str == null) return
+        syncAndClose(str)
+        if (!newName.delete()) log("Failed to delete new file $newName")
+    }
+
+    private fun syncAndClose(str: FileOutputStream) {
         if (!sync(str)) log("Failed to sync file output stream")
         try {
             str.close()
         } catch (e: IOException) {
             log("Failed to close file output stream: $e")
         }
-        if (!newName.delete()) log("Failed to delete new file $newName")
     }
 
     @Throws(FileNotFoundException::class)
