@@ -478,6 +478,10 @@ def test_binary_input_is_refused_in_one_clean_line(tmp_path: Path) -> None:
             read_event_log(binary, fmt=fmt)
         message = str(info.value)
         assert message == f"{binary}:2: binary data (a NUL byte), not a text event log"
+    utf16 = tmp_path / "excel.csv"
+    utf16.write_bytes(f"1,2,3,pv,{T0}\n".encode("utf-16"))
+    with pytest.raises(IngestError, match=r"excel\.csv: UTF-16 text; convert it to UTF-8 first$"):
+        read_event_log(utf16)
     # Parquet is recognised by its magic bytes whatever the file is called.
     disguised = tmp_path / "log.csv"
     pq.write_table(pa.table({"user_id": [4], "item_id": [5], "category_id": [6], "behavior": ["pv"],

@@ -306,6 +306,9 @@ def _open_text(path: Path) -> BinaryIO:
                 raise IngestError(f"{path}: {name}-compressed; decompress it first (plain and .gz text are read)")
         f = open(path, "rb")
     nul = head.find(b"\x00")
+    if nul >= 0 and head[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        f.close()
+        raise IngestError(f"{path}: UTF-16 text; convert it to UTF-8 first")
     if nul >= 0:
         f.close()
         line = head.count(b"\n", 0, nul) + 1
