@@ -42,7 +42,7 @@ def _set_threads(threads: int | None) -> None:
 
 
 def _load_events(inputs: tuple[str, ...], fmt: str, columns: str | None, strict: bool, time_range: str | None,
-                 synthetic_users: int, seed: int, quiet: bool):
+                 tz: str, synthetic_users: int, seed: int, quiet: bool):
     from sdk_builder.data.events import ColumnMapping, IngestError, parse_time_range, read_event_log
     from sdk_builder.data.synthetic import generate_taobao_events
 
@@ -52,7 +52,7 @@ def _load_events(inputs: tuple[str, ...], fmt: str, columns: str | None, strict:
         return generate_taobao_events(synthetic_users, seed=seed), None
     try:
         mapping = ColumnMapping.parse(columns) if columns else None
-        window = parse_time_range(time_range) if time_range else None
+        window = parse_time_range(time_range, tz) if time_range else None
         events, report = read_event_log(list(inputs), fmt=fmt, columns=mapping, strict=strict, time_range=window)
     except (IngestError, ValueError) as exc:
         _fail(str(exc))
@@ -68,7 +68,10 @@ def data_options(f):
                      show_default=True, help="Input format; auto detects Parquet and CSV with a header."),
         click.option("--columns", help="Column mapping for generic logs, e.g. user=uid,item=iid,category=cat,behavior=,timestamp=ts"),
         click.option("--strict", is_flag=True, help="Stop at the first bad row (file:line:field) instead of counting it."),
-        click.option("--time-range", help="Keep events in [START, END): dates 2017-11-25:2017-12-04 or Unix seconds."),
+        click.option("--time-range", help="Keep events in [START, END): dates 2017-11-25:2017-12-04 (midnight in --tz) "
+                                          "or Unix seconds 1511568000:1512345600."),
+        click.option("--tz", default="UTC", show_default=True,
+                     help="IANA time zone of --time-range dates, e.g. Asia/Shanghai (Taobao's own days are UTC+8)."),
         click.option("--protocol", type=click.Choice(["holdout", "reference"]), default="holdout", show_default=True,
                      help="holdout: per-user leave-last-out; reference: TBSM's 70th-percentile user split."),
         click.option("--samples-per-user", type=int, help="Training positives per user (holdout 20, reference 10)."),
@@ -86,11 +89,11 @@ def data_options(f):
     return f
 
 
-def _prepare(inputs, fmt, columns, strict, time_range, protocol, samples_per_user, synthetic_users, holdout_last,
+def _prepare(inputs, fmt, columns, strict, time_range, tz, protocol, samples_per_user, synthetic_users, holdout_last,
              negatives, negatives_per_positive, seed, quiet):
     from sdk_builder.data.dataset import NegativeSampler, prepare
 
-    events, report = _load_events(inputs, fmt, columns, strict, time_range, synthetic_users, seed, quiet)
+    events, report = _load_events(inputs, fmt, columns, strict, time_range, tz, synthetic_users, seed, quiet)
     try:
         data = prepare(events, protocol=protocol, seed=seed, samples_per_user=samples_per_user, holdout_last=holdout_last,
                        sampler=NegativeSampler(negatives, negatives_per_positive))
@@ -120,7 +123,7 @@ def main() -> None:
 @click.option("--seed", type=int, default=DEFAULT_SEED, show_default=True)
 @click.option("--out", type=click.Path(dir_okay=False), required=True, help="Prepared dataset (.npz).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable summary.")
-def prepare_cmd(inputs, fmt, columns, strict, time_range, protocol, samples_per_user, synthetic_users, holdout_last,
+def prepare_cmd(inputs, fmt, columns, strict, time_range, tz, protocol, samples_per_user, synthetic_users, holdout_last,
                 negatives, negatives_per_positive, seed, out, as_json):
     """Read event logs, remap ids and build train/validation/test samples.
 
@@ -128,9 +131,12 @@ def prepare_cmd(inputs, fmt, columns, strict, time_range, protocol, samples_per_
     Example:
       tbsm-sdk prepare ../shared/data/ml-latest-small/UserBehavior.csv --protocol reference --out ml.npz
     """
-    data = _prepare(inputs, fmt, columns, strict, time_range, protocol, samples_per_user, synthetic_users, holdout_last,
+    data = _prepare(inputs, fmt, columns, strict, time_range, tz, protocol, samples_per_user, synthetic_users, holdout_last,
                     negatives, negatives_per_positive, seed, as_json)
-    data.save(Path(out))
+    try:
+        data.save(Path(out))
+    except OSError as exc:
+        _fail(f"{out}: cannot write ({exc.strerror or exc})")
     _emit(as_json, {"out": out, **data.info}, f"wrote {out}: " + ", ".join(f"{k} {v:,}" for k, v in data.info["split_sizes"].items()) + " samples")
 
 
@@ -161,7 +167,7 @@ def prepare_cmd(inputs, fmt, columns, strict, time_range, protocol, samples_per_
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last finished epoch.")
 @click.option("--force", is_flag=True, help="Overwrite an existing checkpoint in --out.")
 @click.option("--json", "as_json", is_flag=True)
-def train_cmd(inputs, fmt, columns, strict, time_range, protocol, samples_per_user, synthetic_users, holdout_last,
+def train_cmd(inputs, fmt, columns, strict, time_range, tz, protocol, samples_per_user, synthetic_users, holdout_last,
               negatives, negatives_per_positive, prepared, out, epochs, batch_size, lr, seed, eval_every, model_type,
               tsl_inner, tsl_mechanism, tsl_num_heads, tsl_seq, dense_feature, use_behavior, init, select_by,
               threads, resume, force, as_json):
@@ -178,14 +184,17 @@ def train_cmd(inputs, fmt, columns, strict, time_range, protocol, samples_per_us
 
     from model.tbsm import TBSMConfig
     from model.train import TrainConfig
-    from sdk_builder.data.dataset import PreparedData
+    from sdk_builder.data.dataset import DatasetError, PreparedData
     from sdk_builder.runs import RunError, train_run
 
     _set_threads(threads)
     if prepared:
-        data = PreparedData.load(Path(prepared))
+        try:
+            data = PreparedData.load(Path(prepared))
+        except DatasetError as exc:
+            _fail(str(exc))
     else:
-        data = _prepare(inputs, fmt, columns, strict, time_range, protocol, samples_per_user, synthetic_users, holdout_last,
+        data = _prepare(inputs, fmt, columns, strict, time_range, tz, protocol, samples_per_user, synthetic_users, holdout_last,
                         negatives, negatives_per_positive, seed, as_json)
     try:
         model_cfg = TBSMConfig(**data.table_sizes(), history=data.info.get("history", 20), model_type=model_type,
@@ -292,7 +301,7 @@ def _evaluate_on_device(ckpt, data, report_dir: Path, max_users, with_bundles: b
 
 
 def _open_run(run: str):
-    from sdk_builder.data.dataset import PreparedData
+    from sdk_builder.data.dataset import DatasetError, PreparedData
     from sdk_builder.runs import DATA, RunError, load_checkpoint
 
     try:
@@ -302,7 +311,10 @@ def _open_run(run: str):
     data_path = ckpt.path.parent / DATA
     if not data_path.exists():
         _fail(f"{data_path}: the run's prepared data is missing")
-    data = PreparedData.load(data_path)
+    try:
+        data = PreparedData.load(data_path)
+    except DatasetError as exc:
+        _fail(str(exc))
     if data.fingerprint() != ckpt.payload["data_fingerprint"]:
         _fail(f"{data_path}: does not match the checkpoint's data fingerprint")
     return ckpt, data

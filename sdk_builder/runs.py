@@ -7,13 +7,20 @@ A run directory holds:
 - `data.npz`: the prepared dataset the run was trained on (the bundle step needs its events);
 - `metrics.json`, `training_curve.png`.
 Every file is written to a temporary name and renamed, so a killed run never leaves half a file.
+A new run (also `--force` over an old one) is trained in a directory beside `out` and swapped in
+when complete, so a reader finds the old complete run or the new one, never a mix; only `--resume`
+works in place (same data, checked by fingerprint, so every file stays consistent).
 """
 
 from __future__ import annotations
 
+import ctypes
+import glob
+import errno
 import json
 import os
 import platform
+import shutil
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -36,6 +43,12 @@ EVAL_BATCH = 4096
 TRAIN_AUC_SAMPLE = 20_000
 STALLED_AUC = 0.55  # a run whose best validation AUC stays below this learned nothing usable
 FEW_TEST_POINTS = 100
+# What a run directory holds that a new run replaces; anything else found in `out` is carried over.
+# ondevice.* (from `evaluate --on-device`) describe the old model, so they go with it.
+RUN_OUTPUTS = frozenset({CHECKPOINT, LAST, DATA, "metrics.json", "training_curve.png", "ondevice.json", "ondevice.png"})
+# What LoadedCheckpoint and `evaluate` read, and what `--resume` reads on top.
+CHECKPOINT_KEYS = ("model_state", "model_config", "id_maps", "item_category", "data_fingerprint")
+RESUME_KEYS = CHECKPOINT_KEYS + ("optimizer_state", "train_config", "train_state", "torch_rng")
 
 
 class RunError(RuntimeError):
@@ -116,22 +129,109 @@ def train_run(
 ) -> dict:
     """Train on `data` into `out_dir`; returns the metrics dict also written to metrics.json."""
     out_dir = Path(out_dir)
-    ckpt_path, last_path = out_dir / CHECKPOINT, out_dir / LAST
-    if ckpt_path.exists() and not (resume or force):
-        raise RunError(f"{ckpt_path} exists: pass --resume to continue it or --force to overwrite it")
-    if resume and not last_path.exists():
-        raise RunError(f"--resume: {last_path} does not exist")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if (out_dir / CHECKPOINT).exists() and not (resume or force):
+        raise RunError(f"{out_dir / CHECKPOINT} exists: pass --resume to continue it or --force to overwrite it")
+    if resume and not (out_dir / LAST).exists():
+        raise RunError(f"--resume: {out_dir / LAST} does not exist")
     for split in ("train", "validation"):
         if split not in data.splits or not len(data.splits[split]):
             raise RunError(f"the prepared data has no {split!r} samples (too few events per user?)")
+    if out_dir.exists() and not (out_dir.is_dir() and os.access(out_dir, os.W_OK | os.X_OK)):
+        raise RunError(f"{out_dir}: not a writable directory")
+    work = out_dir if resume else _staging_dir(out_dir)
+    try:
+        work.mkdir(parents=True, exist_ok=True)
+        metrics = _train_into(work, data, model_cfg, train_cfg, resume=resume, progress=progress,
+                              steps_callback=steps_callback)
+        if work != out_dir:
+            _swap_in(work, out_dir)
+    except OSError as exc:
+        raise RunError(f"{exc.filename or out_dir}: cannot write the run ({exc.strerror or exc})") from None
+    finally:
+        if work != out_dir and work.exists():
+            shutil.rmtree(work, ignore_errors=True)
+    return metrics
 
+
+def _staging_dir(out_dir: Path) -> Path:
+    """A fresh directory beside `out_dir` for a new run (`out_dir` itself when its parent is not
+    writable, e.g. `out_dir` is a mount point: then a killed --force run can leave a mix)."""
+    parent = out_dir.parent
+    for stale in parent.glob(f".{glob.escape(out_dir.name)}.train-*"):  # left by a killed run
+        pid = stale.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _process_alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+    work = parent / f".{out_dir.name}.train-{os.getpid()}"
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir()
+    except OSError:
+        return out_dir
+    return work
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _swap_in(new: Path, out_dir: Path) -> None:
+    """Put the complete run `new` at `out_dir`; the old run there (if any) is removed after the swap,
+    once files that are not run outputs (e.g. a user's notes) have been moved into the new run."""
+    if not out_dir.exists():
+        os.rename(new, out_dir)
+        return
+    exchange_paths(new, out_dir)  # now `new` holds the old run
+    for entry in new.iterdir():
+        if entry.name not in RUN_OUTPUTS and ".tmp" not in entry.name and not (out_dir / entry.name).exists():
+            os.rename(entry, out_dir / entry.name)
+    shutil.rmtree(new)
+
+
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def exchange_paths(a: Path, b: Path) -> None:
+    """Swap two directory entries in one step (Linux renameat2 RENAME_EXCHANGE), so `b` is never
+    missing. Elsewhere two renames: a crash between them leaves `b` missing, its old content at `a`."""
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is not None:
+        renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+        if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+            return
+        err = ctypes.get_errno()
+        if err not in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):  # else: no kernel/filesystem support
+            raise OSError(err, os.strerror(err), str(b))
+    aside = b.with_name(f".{b.name}.swap-{os.getpid()}")
+    os.rename(b, aside)
+    os.rename(a, b)
+    os.rename(aside, a)
+
+
+def _train_into(
+    out_dir: Path,
+    data: PreparedData,
+    model_cfg: TBSMConfig,
+    train_cfg: TrainConfig,
+    *,
+    resume: bool,
+    progress: Callable[[int, float], None],
+    steps_callback: Callable[[int], None],
+) -> dict:
+    ckpt_path, last_path = out_dir / CHECKPOINT, out_dir / LAST
     seed_everything(train_cfg.seed)
     model = TBSM(model_cfg)
     optimizer = TBSMOptimizer(model, train_cfg.lr)
     state = TrainState()
     if resume:
-        last = read_checkpoint(last_path)
+        last = read_checkpoint(last_path, required=RESUME_KEYS)
         if last["data_fingerprint"] != data.fingerprint():
             raise RunError(f"--resume: {last_path} was trained on other data (fingerprint mismatch)")
         if last["model_config"] != model_cfg.to_dict():
@@ -140,10 +240,13 @@ def train_run(
         changed = [k for k in resumable if last["train_config"][k] != asdict(train_cfg)[k]]
         if changed:
             raise RunError(f"--resume: {last_path} was trained with another {', '.join(changed)}")
-        model.load_state_dict(last["model_state"])
-        optimizer.load_state_dict(last["optimizer_state"])
-        state = TrainState(**last["train_state"])
-        torch.set_rng_state(last["torch_rng"])
+        try:
+            model.load_state_dict(last["model_state"])
+            optimizer.load_state_dict(last["optimizer_state"])
+            state = TrainState(**last["train_state"])
+            torch.set_rng_state(last["torch_rng"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            raise RunError(f"--resume: {last_path}: not a usable checkpoint ({type(exc).__name__}: {_first_line(exc)})") from None
     data.save(out_dir / DATA)
 
     if train_cfg.select_by not in ("val_auc", "val_hr10"):
@@ -286,17 +389,27 @@ def load_checkpoint(path: Path, *, mmap: bool = False) -> LoadedCheckpoint:
         path = path / CHECKPOINT
     if not path.exists():
         raise RunError(f"{path}: no such checkpoint (run `tbsm-sdk train` first)")
-    return LoadedCheckpoint(path, read_checkpoint(path, mmap=mmap))
+    payload = read_checkpoint(path, mmap=mmap)
+    try:
+        return LoadedCheckpoint(path, payload)
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as exc:  # e.g. tables of the wrong shape
+        raise RunError(f"{path}: not a usable tbsm-sdk checkpoint ({type(exc).__name__}: {_first_line(exc)})") from None
 
 
-def read_checkpoint(path: Path, *, mmap: bool = False) -> dict:
+def read_checkpoint(path: Path, *, mmap: bool = False, required: tuple[str, ...] = CHECKPOINT_KEYS) -> dict:
     """A checkpoint's payload, loaded weights-only: tensors and plain Python values, never objects
     whose unpickling could run code (a crafted file is refused, not executed)."""
     try:
         payload = torch.load(path, weights_only=True, map_location="cpu", mmap=mmap)
     except Exception as exc:  # a truncated, foreign or code-carrying file: one line, not a pickle trace
-        first_line = (str(exc).strip().splitlines() or [""])[0]
-        raise RunError(f"{path}: not a readable tbsm-sdk checkpoint ({type(exc).__name__}: {first_line})") from None
+        raise RunError(f"{path}: not a readable tbsm-sdk checkpoint ({type(exc).__name__}: {_first_line(exc)})") from None
     if not isinstance(payload, dict) or "model_state" not in payload:
         raise RunError(f"{path}: not a tbsm-sdk checkpoint")
+    missing = [k for k in required if k not in payload]
+    if missing:
+        raise RunError(f"{path}: not a complete tbsm-sdk checkpoint (no {', '.join(repr(k) for k in missing)})")
     return payload
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [""])[0]

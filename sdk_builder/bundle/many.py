@@ -20,7 +20,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from sdk_builder.bundle.build import BuildResult, BundleBuilder
-from sdk_builder.bundle.store import check_output, write_index
+from sdk_builder.bundle.store import check_output, parse_user_id, write_index
 from sdk_builder.data.dataset import PreparedData
 from sdk_builder.formats import BundleError
 from sdk_builder.recipes import DEFAULT_ACCURACY_BUDGET, DEFAULT_RECIPE
@@ -220,14 +220,23 @@ def all_user_ids(run: Path) -> list[int]:
 
 
 def read_user_file(path: Path) -> list[int]:
+    """One user id per line; blank lines and # comments are skipped. Errors are one line: file:line."""
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as exc:
+        raise BundleError(f"{path}: cannot read ({exc.strerror or exc})") from None
     ids = []
-    for lineno, line in enumerate(Path(path).read_text().splitlines(), start=1):
-        text = line.strip()
+    for lineno, line in enumerate(raw.splitlines(), start=1):
+        try:
+            text = line.decode("utf-8").strip()
+        except UnicodeDecodeError:
+            raise BundleError(f"{path}:{lineno}: not UTF-8 text (a binary file?)") from None
         if not text or text.startswith("#"):
             continue
-        if not text.isdigit():
-            raise BundleError(f"{path}:{lineno}: {text!r} is not a non-negative integer user id")
-        ids.append(int(text))
+        try:
+            ids.append(parse_user_id(text))
+        except BundleError:
+            raise BundleError(f"{path}:{lineno}: {text[:40]!r} is not a non-negative 64-bit integer user id") from None
     return ids
 
 

@@ -12,13 +12,14 @@ from sdk_builder.formats import MANIFEST, BundleError
 from sdk_builder.util import atomic_write_bytes, atomic_write_dir, sha256_bytes, sha256_file
 
 INDEX = "bundles.jsonl"
-_SAFE_USER_ID = re.compile(r"^[0-9]{1,19}$")
+_SAFE_USER_ID = re.compile(r"[0-9]{1,19}", re.ASCII)  # ASCII digits only: "²".isdigit() is True
+_MAX_USER_ID = 2**63 - 1  # ids are int64 everywhere (event logs, checkpoints, the bundle program)
 
 
 def parse_user_id(text: str) -> int:
-    """User ids name bundle directories: only plain non-negative integers are accepted."""
-    if not _SAFE_USER_ID.match(str(text)):
-        raise BundleError(f"user id {text!r} is not a non-negative integer (bundle directories are named by user id)")
+    """User ids name bundle directories: only plain non-negative int64 integers are accepted."""
+    if not _SAFE_USER_ID.fullmatch(str(text)) or int(text) > _MAX_USER_ID:
+        raise BundleError(f"user id {text!r} is not a non-negative 64-bit integer (bundle directories are named by user id)")
     return int(text)
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +29,10 @@ PROTOCOLS = ("holdout", "reference")
 # and popularity-proportional draws, closer to the popular and co-visited items a shard holds.
 NEGATIVE_SAMPLERS = ("uniform", "popularity")
 POPULARITY_UNIFORM_MIX = 0.5
+
+
+class DatasetError(ValueError):
+    """A prepared dataset file that cannot be read; the message is one line."""
 
 
 @dataclass(frozen=True)
@@ -189,13 +194,28 @@ class PreparedData:
         if self.future is not None:
             arrays.update({f"future.{name}": getattr(self.future, name) for name in FutureEvents.FIELDS})
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp.npz")
-        np.savez(tmp, info=np.frombuffer(json.dumps(self.info, sort_keys=True).encode(), dtype=np.uint8), **arrays)
-        tmp.replace(path)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.npz")  # per process: concurrent writers never mix
+        try:
+            np.savez(tmp, info=np.frombuffer(json.dumps(self.info, sort_keys=True).encode(), dtype=np.uint8), **arrays)
+            tmp.replace(path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
 
     @classmethod
     def load(cls, path: Path) -> PreparedData:
-        with np.load(path) as z:
+        """Raises DatasetError (one line) for a missing, truncated or foreign file."""
+        try:
+            return cls._load(path)
+        except Exception as exc:  # zipfile, zlib, numpy and key errors alike: one line, not a trace
+            if isinstance(exc, OSError) and not os.path.isfile(path):
+                raise DatasetError(f"{path}: no such dataset file") from None
+            first_line = (str(exc).strip().splitlines() or [""])[0]
+            raise DatasetError(f"{path}: not a readable tbsm-sdk dataset ({type(exc).__name__}: {first_line})") from None
+
+    @classmethod
+    def _load(cls, path: Path) -> PreparedData:
+        with np.load(path) as z:  # allow_pickle stays False: a dataset file never runs code
             a = {k: z[k] for k in z.files}
         splits = {}
         for key in a:

@@ -5,27 +5,39 @@ grows with the number of kept events only (numpy arrays, no per-row Python objec
 
 Documented ingestion rules:
 
+* Input: plain or gzip-compressed (``.gz``, recognised by its magic bytes) text; other compressed
+  or binary files (a NUL byte near the start) are refused with one line. In ``auto`` format a file
+  starting with Parquet's magic bytes is Parquet whatever its name.
 * Accounting: every data line is counted, so
   ``rows_read == rows_kept + sum(bad_rows) + duplicates_dropped + out_of_range_dropped``.
   Blank lines are not data lines: they are skipped and not counted, but still count for line numbers.
 * A bad row is dropped with exactly one reason, the first that applies in this order:
-  ``wrong_column_count``; ``non_integer_id`` (user, item, category); ``unknown_behavior``;
-  ``missing_timestamp`` (null, empty or blank) or ``non_integer_timestamp``.
-  Integers may carry surrounding whitespace and a leading ``-`` and have at most 18 digits.
+  ``invalid_utf8`` (the line is not UTF-8 text); ``wrong_column_count``; ``non_integer_id`` (user,
+  item, category); ``negative_id``; ``unknown_behavior``; ``missing_timestamp`` (null, empty or
+  blank); ``non_integer_timestamp``; ``negative_timestamp`` (before 1970).
+  Integers may carry surrounding whitespace, leading zeros and a leading ``-`` and must fit in int64;
+  each row is judged on its own, whatever else shares its block.
   Behaviour strings are matched case-insensitively after stripping whitespace.
-* Then rows with a timestamp outside ``time_range`` = [start, end) are dropped (``out_of_range_dropped``).
+* Then rows with a timestamp outside ``time_range`` = [start, end) are dropped (``out_of_range_dropped``);
+  ``parse_time_range`` reads dates as midnight in a given IANA time zone (default UTC).
 * Then exact duplicates (equal in all five fields, also across files) are reduced to one row
   (``duplicates_dropped``). Rows that differ in any field, e.g. only in category, are all kept.
 * The result is sorted by (user, timestamp, item, behavior, category).
+* A column mapping given explicitly must match the file: a CSV whose header lacks a mapped column
+  is an error naming it (never read as headerless Taobao instead).
 * Positions in messages are ``path:line`` with 1-based physical line numbers (a CSV header is line 1);
   for Parquet the number is the 1-based row.
 """
 from __future__ import annotations
 
+import codecs
 import csv
 import datetime as dt
+import gzip
 import os
 import re
+import zlib
+import zoneinfo
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -46,18 +58,31 @@ _FIELDS = ("user", "item", "category", "behavior", "timestamp")
 _TAOBAO_COLUMNS = ("user_id", "item_id", "category_id", "behavior", "timestamp")
 _SORT_KEYS = ("user", "timestamp", "item", "behavior", "category")
 _REASONS = (
+    "invalid_utf8",
     "wrong_column_count",
     "non_integer_id",
+    "negative_id",
     "unknown_behavior",
     "missing_timestamp",
     "non_integer_timestamp",
+    "negative_timestamp",
 )
-_WRONG_COUNT, _NON_INT_ID, _UNKNOWN_BEHAVIOR, _MISSING_TS, _NON_INT_TS = range(len(_REASONS))
+(_INVALID_UTF8, _WRONG_COUNT, _NON_INT_ID, _NEGATIVE_ID, _UNKNOWN_BEHAVIOR, _MISSING_TS, _NON_INT_TS,
+ _NEGATIVE_TS) = range(len(_REASONS))
 _FORMATS = ("auto", "taobao", "csv", "parquet")
 _MAX_EXAMPLES = 5
 _CHUNK_BYTES = 32 << 20
 _PARQUET_BATCH_ROWS = 1 << 20
-_INT_PATTERN = r"^-?[0-9]{1,18}$"  # 18 digits always fit in int64, so the cast after the check cannot fail
+# Up to 18 significant digits always fit in int64; 19 fit up to the limits below (equal-length
+# digit strings compare like their numbers). Leading zeros are allowed, as Arrow's cast allows them.
+_INT_PATTERN = r"^-?0*[0-9]{1,18}$"
+_INT19_PATTERN = r"^-?0*[1-9][0-9]{18}$"
+_INT64_MAX_DIGITS, _INT64_MIN_DIGITS = str(2**63 - 1), str(2**63)
+_GZIP_MAGIC = b"\x1f\x8b"
+_PARQUET_MAGIC = b"PAR1"
+_OTHER_COMPRESSION = {b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz", b"\x28\xb5\x2f\xfd": "zstd", b"PK\x03\x04": "zip",
+                      b"\x04\x22\x4d\x18": "lz4"}
+_SNIFF_BYTES = 8192  # a NUL byte this early means binary data, as git and grep decide
 _BEHAVIOR_SET = pa.array(BEHAVIORS)
 _SECONDS_PER_UNIT = {"s": 1, "ms": 1_000, "us": 1_000_000, "ns": 1_000_000_000}
 
@@ -162,18 +187,28 @@ def _mapped_columns(mapping: ColumnMapping) -> dict[str, str]:
     return {f: getattr(mapping, f) for f in _FIELDS if getattr(mapping, f) is not None}
 
 
-def parse_time_range(spec: str) -> tuple[int, int]:
-    """Parse "2017-11-25:2017-12-04" (UTC dates, end exclusive) or "1511568000:1512345600"."""
+def parse_time_range(spec: str, tz: str = "UTC") -> tuple[int, int]:
+    """Parse "2017-11-25:2017-12-04" (dates at midnight in the IANA zone ``tz``, end exclusive) or
+    Unix seconds "1511568000:1512345600" (absolute: ``tz`` does not apply)."""
+    zone = parse_time_zone(tz)
     parts = spec.split(":")
     if len(parts) != 2:
         raise ValueError(f"time range {spec!r}: expected START:END")
-    start, end = (_parse_instant(p.strip(), spec) for p in parts)
+    start, end = (_parse_instant(p.strip(), spec, zone) for p in parts)
     if start >= end:
         raise ValueError(f"time range {spec!r}: start must be before end")
     return start, end
 
 
-def _parse_instant(text: str, spec: str) -> int:
+def parse_time_zone(name: str) -> dt.tzinfo:
+    """An IANA time zone ("UTC", "Asia/Shanghai"), or a one-line ValueError."""
+    try:
+        return zoneinfo.ZoneInfo(name)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):  # ValueError: a malformed key such as "../x"
+        raise ValueError(f"time zone {name!r}: not an IANA time zone name (e.g. UTC, Asia/Shanghai)") from None
+
+
+def _parse_instant(text: str, spec: str, zone: dt.tzinfo) -> int:
     if re.fullmatch(r"-?[0-9]+", text):
         return int(text)
     try:
@@ -182,7 +217,7 @@ def _parse_instant(text: str, spec: str) -> int:
         raise ValueError(
             f"time range {spec!r}: {text!r} is neither a YYYY-MM-DD date nor Unix seconds"
         ) from None
-    return int(dt.datetime(day.year, day.month, day.day, tzinfo=dt.timezone.utc).timestamp())
+    return int(dt.datetime(day.year, day.month, day.day, tzinfo=zone).timestamp())
 
 
 def read_taobao_csv(
@@ -205,12 +240,16 @@ def read_event_log(
 ) -> tuple[EventLog, IngestReport]:
     """Read one or more event logs (formats: auto, taobao, csv, parquet) into one sorted EventLog.
 
-    auto: .parquet/.pq is Parquet; a file whose first line is a header containing all mapped
-    column names is CSV with header; anything else is Taobao. ``columns`` applies to csv/parquet.
-    With ``strict`` the first bad row raises IngestError instead of being counted.
+    auto: .parquet/.pq or Parquet's magic bytes is Parquet; a file whose first line is a header
+    containing all mapped column names is CSV with header; anything else is Taobao. ``columns``
+    applies to csv/parquet; given explicitly, a CSV must have a header holding every mapped column
+    (auto never falls back to headerless Taobao then). With ``strict`` the first bad row raises
+    IngestError instead of being counted.
     """
     if fmt not in _FORMATS:
         raise ValueError(f"unknown format {fmt!r}; expected one of {', '.join(_FORMATS)}")
+    if columns is not None and fmt == "taobao":
+        raise ValueError("a column mapping applies to csv and parquet input, not to headerless taobao")
     mapping = columns or ColumnMapping()
     paths = [path] if isinstance(path, (str, os.PathLike)) else list(path)
     collector = _Collector(strict=strict, time_range=time_range)
@@ -220,7 +259,7 @@ def read_event_log(
             raise IngestError(f"{p}: no such file")
         if not p.is_file():
             raise IngestError(f"{p}: not a file")
-        kind = _detect_format(p, mapping) if fmt == "auto" else fmt
+        kind = _detect_format(p, mapping, explicit=columns is not None) if fmt == "auto" else fmt
         collector.report.files.append(str(p))
         if kind == "parquet":
             _read_parquet(p, mapping, collector)
@@ -229,18 +268,67 @@ def read_event_log(
     return collector.finish()
 
 
-def _detect_format(path: Path, mapping: ColumnMapping) -> str:
+def _detect_format(path: Path, mapping: ColumnMapping, *, explicit: bool) -> str:
     if path.suffix.lower() in (".parquet", ".pq"):
         return "parquet"
     with open(path, "rb") as f:
-        first = f.readline(1 << 16)
-    header = _split_header(first)
-    return "csv" if set(_mapped_columns(mapping).values()) <= set(header) else "taobao"
+        if f.read(len(_PARQUET_MAGIC)) == _PARQUET_MAGIC:
+            return "parquet"
+    if explicit:  # a mapping was given for a header: never guess Taobao (_read_csv names a missing column)
+        return "csv"
+    with _open_text(path) as f:
+        first = _read_or_fail(path, lambda: f.readline(1 << 16))
+    try:
+        header = set(_split_header(path, first))
+    except IngestError:
+        return "taobao"  # not a header: the Taobao reader reports what is wrong with the line
+    wanted = list(_mapped_columns(mapping).values())
+    if header.isdisjoint(wanted):  # data (Taobao rows start with digits), not a header
+        return "taobao"
+    return "csv"  # a header naming some of the columns: _read_csv names the first missing one
 
 
-def _split_header(line: bytes) -> list[str]:
+def _open_text(path: Path) -> BinaryIO:
+    """The file's bytes, gunzipped if it is gzip; other compressed or binary data is refused."""
+    with open(path, "rb") as f:
+        head = f.read(_SNIFF_BYTES)
+    if head.startswith(_GZIP_MAGIC):
+        f = gzip.open(path, "rb")
+        try:
+            head = _read_or_fail(path, lambda: f.read(_SNIFF_BYTES))
+            f.seek(0)
+        except BaseException:
+            f.close()
+            raise
+    else:
+        for magic, name in _OTHER_COMPRESSION.items():
+            if head.startswith(magic):
+                raise IngestError(f"{path}: {name}-compressed; decompress it first (plain and .gz text are read)")
+        f = open(path, "rb")
+    nul = head.find(b"\x00")
+    if nul >= 0 and head[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        f.close()
+        raise IngestError(f"{path}: UTF-16 text; convert it to UTF-8 first")
+    if nul >= 0:
+        f.close()
+        line = head.count(b"\n", 0, nul) + 1
+        raise IngestError(f"{path}:{line}: binary data (a NUL byte), not a text event log")
+    return f
+
+
+def _read_or_fail(path: Path, read: Callable[[], bytes]) -> bytes:
+    try:
+        return read()
+    except (OSError, EOFError, zlib.error) as e:  # a corrupt or truncated .gz, or an I/O error
+        raise IngestError(f"{path}: cannot read: {_first_line(str(e)) or type(e).__name__}") from None
+
+
+def _split_header(path: Path, line: bytes) -> list[str]:
     text = line.decode("utf-8-sig", errors="replace").rstrip("\r\n")
-    return [name.strip() for name in next(csv.reader([text]), [])]
+    try:
+        return [name.strip() for name in next(csv.reader([text]), [])]
+    except csv.Error as e:  # e.g. a bare carriage return
+        raise IngestError(f"{path}:1: header line not understood ({e})") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -249,10 +337,22 @@ def _split_header(line: bytes) -> list[str]:
 
 @dataclass
 class _Rejected:
-    """Rows the CSV parser skipped for their column count, as absolute line numbers."""
+    """Lines that produced no row because they are bad (not UTF-8, wrong column count)."""
 
-    lines: list[int] = field(default_factory=list)
-    first: list[tuple[int, str]] = field(default_factory=list)  # (line, message), file order
+    lines: dict[int, list[int]] = field(default_factory=dict)  # reason -> absolute line numbers, ascending
+    first: list[tuple[int, str]] = field(default_factory=list)  # (line, message), the first few per reason
+
+    def add(self, reason: int, line: int, message: str) -> None:
+        have = self.lines.setdefault(reason, [])
+        have.append(line)
+        if len(have) <= _MAX_EXAMPLES:
+            self.first.append((line, message))
+
+    def count(self) -> int:
+        return sum(map(len, self.lines.values()))
+
+    def all_lines(self) -> np.ndarray:
+        return np.sort(np.concatenate([np.array(v, np.int64) for v in self.lines.values()] or [np.empty(0, np.int64)]))
 
 
 class _Collector:
@@ -274,7 +374,7 @@ class _Collector:
     ) -> None:
         """Account for one block: ``cols`` maps field -> raw column, ``names`` field -> source name."""
         n = len(cols["user"])
-        self.report.rows_read += n + len(rejected.lines)
+        self.report.rows_read += n + rejected.count()
         try:
             values, checks = _validate(cols, n)
         except (TypeError, pa.ArrowException) as e:
@@ -309,18 +409,19 @@ class _Collector:
         bad_rows: np.ndarray,
     ) -> None:
         if self.strict:
-            candidates = list(rejected.first[:1])
+            candidates = list(rejected.first)
             if len(bad_rows):
                 i = int(bad_rows[0])
                 candidates.append((int(row_line(bad_rows[:1])[0]), _describe(i, cols, names, checks)))
             line, message = min(candidates)
             raise IngestError(f"{path}:{line}: {message}")
         counts = np.bincount(reason[bad_rows], minlength=len(_REASONS) + 1)
-        self.report.bad_rows[_REASONS[_WRONG_COUNT]] += len(rejected.lines)
+        for r, lines in rejected.lines.items():
+            self.report.bad_rows[_REASONS[r]] += len(lines)
         for r in range(len(_REASONS)):
             self.report.bad_rows[_REASONS[r]] += int(counts[r + 1])
         examples = self.report.bad_row_examples
-        lines_by_reason = {_WRONG_COUNT: [line for line, _ in rejected.first]}
+        lines_by_reason = {r: lines[:_MAX_EXAMPLES] for r, lines in rejected.lines.items()}
         for r in np.unique(reason[bad_rows]):
             first = bad_rows[reason[bad_rows] == r][:_MAX_EXAMPLES]
             lines_by_reason[int(r) - 1] = row_line(first).tolist()
@@ -378,14 +479,23 @@ def _validate(
     for f in ("user", "item", "category"):
         values[f], bad = _to_int64(cols[f])
         checks.append((f, bad, _NON_INT_ID))
+    for f in ("user", "item", "category"):
+        checks.append((f, _negative(values[f]), _NEGATIVE_ID))
     if "behavior" in cols:
         values["behavior"], bad = _behavior_codes(cols["behavior"])
         checks.append(("behavior", bad, _UNKNOWN_BEHAVIOR))
     else:
         values["behavior"] = np.ones(n, np.int8)
     values["timestamp"], missing, non_int = _timestamps(cols["timestamp"])
-    checks += [("timestamp", missing, _MISSING_TS), ("timestamp", non_int, _NON_INT_TS)]
+    checks += [("timestamp", missing, _MISSING_TS), ("timestamp", non_int, _NON_INT_TS),
+               ("timestamp", _negative(values["timestamp"]), _NEGATIVE_TS)]
     return values, checks
+
+
+def _negative(values: np.ndarray) -> np.ndarray | None:
+    # Values of rows already bad for another reason are 0 here, so they never count twice.
+    mask = values < 0
+    return mask if mask.any() else None
 
 
 def _describe(
@@ -397,11 +507,13 @@ def _describe(
     """Message for bad row ``i``: its first failing field and value."""
     f, _, r = next(c for c in checks if c[1] is not None and c[1][i])
     value = cols[f][i].as_py()
-    shown = "null" if value is None else repr(value)
+    shown = "null" if value is None else _shown(value)
     if r == _UNKNOWN_BEHAVIOR:
         problem = f"{shown} is not one of {', '.join(BEHAVIORS)}"
     elif r == _MISSING_TS:
         problem = "missing"
+    elif r in (_NEGATIVE_ID, _NEGATIVE_TS):
+        problem = f"{shown} is negative"
     else:
         problem = f"{shown} is not an integer"
     return f"field '{names[f]}': {problem}"
@@ -437,6 +549,11 @@ def _to_int64(col: pa.Array) -> tuple[np.ndarray, np.ndarray | None]:
             # Rare path: find the unparseable entries without failing the whole block.
             trimmed = pc.utf8_trim_whitespace(col)
             ok = pc.fill_null(pc.match_substring_regex(trimmed, _INT_PATTERN), False)
+            long = pc.fill_null(pc.match_substring_regex(trimmed, _INT19_PATTERN), False)
+            if pc.any(long).as_py():
+                digits = pc.utf8_ltrim(trimmed, characters="-0")
+                limit = pc.if_else(pc.starts_with(trimmed, "-"), _INT64_MIN_DIGITS, _INT64_MAX_DIGITS)
+                ok = pc.or_(ok, pc.and_(long, pc.fill_null(pc.less_equal(digits, limit), False)))
             arr = pc.cast(pc.if_else(ok, trimmed, pa.scalar(None, t)), pa.int64())
         return _to_numpy(arr), _null_mask(arr)
     raise TypeError(f"unsupported column type {t} for an integer field")
@@ -471,8 +588,26 @@ def _timestamps(col: pa.Array) -> tuple[np.ndarray, np.ndarray | None, np.ndarra
     return values, missing if missing.any() else None, non_int if non_int.any() else None
 
 
+def _shown(value: object, limit: int = 60) -> str:
+    """A value for a one-line message: repr (control characters escaped), long ones cut."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _names(columns: list[str], limit: int = 12) -> str:
+    shown = [_printable(c, 30) for c in columns[:limit]]
+    return ", ".join(shown) + (f", ... ({len(columns)} in all)" if len(columns) > limit else "")
+
+
+def _printable(text: str, limit: int) -> str:
+    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text[: limit + 1])
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _first_line(text: str) -> str:
-    return text.strip().splitlines()[0] if text.strip() else text
+    """The first line of a library's message, control characters escaped (it may quote raw input)."""
+    lines = text.strip().splitlines()
+    return _printable(lines[0], 200) if lines else text
 
 
 # ---------------------------------------------------------------------------------------------
@@ -481,36 +616,41 @@ def _first_line(text: str) -> str:
 
 def _read_csv(path: Path, mapping: ColumnMapping | None, collector: _Collector) -> None:
     """Taobao (mapping None: headerless, fixed columns, no quoting) or CSV with a header row."""
-    with open(path, "rb") as f:
+    with _open_text(path) as f:
         if mapping is None:
             column_names = list(_TAOBAO_COLUMNS)
             names = dict(zip(_FIELDS, _TAOBAO_COLUMNS))
             next_line = 1
         else:
-            header_line = f.readline()
+            header_line = _read_or_fail(path, f.readline)
             if not header_line:
                 return
-            column_names = _split_header(header_line)
+            column_names = _split_header(path, header_line)
             names = _mapped_columns(mapping)
             absent = [c for c in names.values() if c not in column_names]
             if absent:
-                raise IngestError(
-                    f"{path}:1: header has no column {absent[0]!r} (columns: {', '.join(column_names)})"
-                )
+                raise IngestError(f"{path}:1: header has no column {absent[0]!r} (columns: {_names(column_names)})")
             next_line = 2
         include = list(dict.fromkeys(names.values()))
-        for chunk in _line_chunks(f, strip_bom=mapping is None):
+        chunks = _line_chunks(f, strip_bom=mapping is None)
+        while (chunk := _read_or_fail(path, lambda: next(chunks, b""))):
             n_lines = chunk.count(b"\n") + (not chunk.endswith(b"\n"))
+            # A line that is not UTF-8 is blanked (it stays a line, so later line numbers hold) and
+            # counted, rather than failing the whole block in pyarrow's string conversion.
+            chunk, not_utf8 = _blank_invalid_utf8(chunk)
             table, rejected = _parse_chunk(
                 path, chunk, next_line, column_names, include, quoted=mapping is not None
             )
-            if table.num_rows + len(rejected.lines) != n_lines:
+            wrong_count = len(rejected.lines.get(_WRONG_COUNT, ()))
+            if table.num_rows + wrong_count != n_lines:
                 # pyarrow also ends rows at a bare '\r'; line numbers would no longer be exact.
                 raise IngestError(
                     f"{path}:{next_line}: line structure not understood near lines "
                     f"{next_line}-{next_line + n_lines - 1} (bare carriage return?)"
                 )
-            skipped = np.array(rejected.lines, np.int64) - (next_line - 1)
+            skipped = rejected.all_lines() - (next_line - 1)  # the lines that produced no row
+            for line, position in not_utf8:  # now blank lines, dropped with the others below
+                rejected.add(_INVALID_UTF8, next_line - 1 + line, f"not UTF-8 text (byte {position + 1} of the line)")
             # A blank line arrives as a row of empty strings, so only scan bytes when one could exist.
             user = table.column(names["user"])
             maybe_blank = pc.any(pc.equal(pc.binary_length(user), 0)).as_py()
@@ -522,6 +662,34 @@ def _read_csv(path: Path, mapping: ColumnMapping | None, collector: _Collector) 
             cols = {f: _single_array(table.column(c)) for f, c in names.items()}
             collector.add(path, cols, names, _row_line_mapper(skipped, next_line - 1), rejected)
             next_line += n_lines
+
+
+def _blank_invalid_utf8(chunk: bytes) -> tuple[bytes, list[tuple[int, int]]]:
+    """The chunk with every line that is not valid UTF-8 emptied, and (1-based line, byte offset in
+    the line) of each such line."""
+    if chunk.isascii():
+        return chunk, []
+    view = memoryview(chunk)
+    bad: list[tuple[int, int]] = []
+    kept: list[memoryview] = []
+    pos = line = 0  # pos: start of an unchecked line; line: its 0-based number
+    while pos < len(chunk):
+        try:
+            codecs.utf_8_decode(view[pos:], "strict", True)
+            break
+        except UnicodeDecodeError as e:
+            at = pos + e.start
+            start = chunk.rfind(b"\n", pos, at) + 1 or pos
+            end = chunk.find(b"\n", at)
+            end = len(chunk) if end < 0 else end
+            line += chunk.count(b"\n", pos, start)
+            bad.append((line + 1, at - start))
+            kept.append(view[pos:start])
+            pos = end  # keep the newline itself: the line stays, empty
+    if not bad:
+        return chunk, []
+    kept.append(view[pos:])
+    return b"".join(kept), bad
 
 
 def _line_chunks(f: BinaryIO, *, strip_bom: bool) -> Iterator[bytes]:
@@ -557,11 +725,7 @@ def _parse_chunk(
 
     def on_invalid(row: pcsv.InvalidRow) -> str:
         line = first_line - 1 + row.number
-        rejected.lines.append(line)
-        if len(rejected.first) < _MAX_EXAMPLES:
-            rejected.first.append(
-                (line, f"expected {row.expected_columns} fields, got {row.actual_columns}: {row.text!r}")
-            )
+        rejected.add(_WRONG_COUNT, line, f"expected {row.expected_columns} fields, got {row.actual_columns}: {_shown(row.text)}")
         return "skip"
 
     try:
@@ -583,7 +747,9 @@ def _parse_chunk(
     except pa.ArrowException as e:
         last = first_line + chunk.count(b"\n")
         raise IngestError(f"{path}:{first_line}: lines {first_line}-{last}: {_first_line(str(e))}") from None
-    rejected.lines.sort()
+    for lines in rejected.lines.values():
+        lines.sort()
+    rejected.first.sort()
     return table, rejected
 
 
@@ -623,7 +789,7 @@ def _read_parquet(path: Path, mapping: ColumnMapping, collector: _Collector) -> 
     available = pf.schema_arrow.names
     absent = [c for c in names.values() if c not in available]
     if absent:
-        raise IngestError(f"{path}: no column {absent[0]!r} (columns: {', '.join(available)})")
+        raise IngestError(f"{path}: no column {absent[0]!r} (columns: {_names(available)})")
     rows_before = 0
     for batch in pf.iter_batches(batch_size=_PARQUET_BATCH_ROWS, columns=list(dict.fromkeys(names.values()))):
         cols = {f: batch.column(c) for f, c in names.items()}
