@@ -14,9 +14,7 @@ works in place (same data, checked by fingerprint, so every file stays consisten
 
 from __future__ import annotations
 
-import ctypes
 import glob
-import errno
 import json
 import os
 import platform
@@ -34,7 +32,7 @@ from model.tbsm import RESERVED_ROWS, TBSM, TBSMConfig
 from model.train import TBSMOptimizer, TrainConfig, TrainState, fit, predict
 from sdk_builder.data.dataset import Batch, IdMap, NegativeSampler, PreparedData, SampleSet
 from sdk_builder.evaluation import PRIMARY_METRIC, ValidationRanking
-from sdk_builder.util import atomic_write_bytes, sha256_file
+from sdk_builder.util import atomic_write_bytes, exchange_paths, sha256_file
 
 CHECKPOINT = "checkpoint.pt"
 LAST = "last.pt"
@@ -192,27 +190,6 @@ def _swap_in(new: Path, out_dir: Path) -> None:
         if entry.name not in RUN_OUTPUTS and ".tmp" not in entry.name and not (out_dir / entry.name).exists():
             os.rename(entry, out_dir / entry.name)
     shutil.rmtree(new)
-
-
-_RENAME_EXCHANGE = 2
-_AT_FDCWD = -100
-
-
-def exchange_paths(a: Path, b: Path) -> None:
-    """Swap two directory entries in one step (Linux renameat2 RENAME_EXCHANGE), so `b` is never
-    missing. Elsewhere two renames: a crash between them leaves `b` missing, its old content at `a`."""
-    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
-    if renameat2 is not None:
-        renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-        if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
-            return
-        err = ctypes.get_errno()
-        if err not in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):  # else: no kernel/filesystem support
-            raise OSError(err, os.strerror(err), str(b))
-    aside = b.with_name(f".{b.name}.swap-{os.getpid()}")
-    os.rename(b, aside)
-    os.rename(a, b)
-    os.rename(aside, a)
 
 
 def _train_into(

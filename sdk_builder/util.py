@@ -3,6 +3,8 @@ standard library only, so the phone-side client can use them)."""
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import hashlib
 import os
 import shutil
@@ -37,6 +39,27 @@ def atomic_write_bytes(path: Path, data: bytes, *, durable: bool = False) -> Pat
     return path
 
 
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def exchange_paths(a: Path, b: Path) -> None:
+    """Swap two directory entries in one step (Linux renameat2 RENAME_EXCHANGE), so `b` is never
+    missing. Elsewhere two renames: a crash between them leaves `b` missing, its old content at `a`."""
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is not None:
+        renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+        if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+            return
+        err = ctypes.get_errno()
+        if err not in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):  # else: no kernel/filesystem support
+            raise OSError(err, os.strerror(err), str(b))
+    aside = b.with_name(f".{b.name}.swap-{os.getpid()}")
+    os.rename(b, aside)
+    os.rename(a, b)
+    os.rename(aside, a)
+
+
 def atomic_write_dir(final: Path, files: dict[str, bytes], *, durable: bool = False) -> Path:
     """Write `files` into the directory `final` so that readers, and a process killed at any point,
     see the old directory or the new one, never a mix. `durable` also fsyncs (survives power loss)."""
@@ -55,12 +78,9 @@ def atomic_write_dir(final: Path, files: dict[str, bytes], *, durable: bool = Fa
                     f.flush()
                     os.fsync(f.fileno())
         if final.exists():
-            # A directory cannot be replaced in one rename: move the old one aside first, so a
-            # crash leaves either the old or the new directory at `final`, plus a stale temp dir.
-            old = final.parent / f".{final.name}.old-{os.getpid()}"
-            os.rename(final, old)
-            os.rename(tmp, final)
-            shutil.rmtree(old)
+            # One atomic exchange: `final` is never missing (a later writer clears the old copy).
+            exchange_paths(tmp, final)
+            shutil.rmtree(tmp)
         else:
             os.rename(tmp, final)
     except BaseException:
