@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import re
 import sys
 import warnings
@@ -27,7 +28,12 @@ def _quiet_third_party() -> None:
       and logs "Failed to load ... .so" on a machine without CUDA: nothing is missing for us.
     - torchao registers an Enum with torch's pytree, which torch logs as deprecated (W... _pytree.py).
     The XNNPACK cpuinfo lines are C++ writes to fd 2, handled where programs load (sdk_builder/runtime.py)."""
-    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning)
+    leaf_spec = "`isinstance(treespec, LeafSpec)` is deprecated"
+    warnings.filterwarnings("ignore", message=re.escape(leaf_spec), category=FutureWarning)
+    # `build --jobs N` workers are spawned: they read warning filters from the environment, where
+    # the message is a prefix without commas (the variable is split on them).
+    inherited = os.environ.get("PYTHONWARNINGS")
+    os.environ["PYTHONWARNINGS"] = ",".join(filter(None, [inherited, "ignore:`isinstance(treespec:FutureWarning"]))
     logging.getLogger("torchao").setLevel(logging.ERROR)
     logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
 
