@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -57,12 +58,16 @@ def tiny_bundle(work: Path) -> Path:
     return out / json.loads((out / "bundles.jsonl").read_text().splitlines()[0])["path"]
 
 
-def timed(checkout: Path, args: list[str]) -> tuple[float, bool, int]:
+def timed(checkout: Path, args: list[str]) -> tuple[float, float, bool, int]:
+    """Wall seconds, CPU seconds (user + system: less sensitive to a busy machine), exir loaded, exit code."""
     env = {**os.environ, "PYTHONPATH": str(checkout), "OMP_NUM_THREADS": "1"}
+    cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     done = subprocess.run([sys.executable, "-c", PROBE, *args], cwd=checkout, env=env, capture_output=True, text=True)
     seconds = time.perf_counter() - start
-    return seconds, "EXIR_LOADED=1" in done.stderr, done.returncode
+    cpu_after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (cpu_after.ru_utime - cpu_before.ru_utime) + (cpu_after.ru_stime - cpu_before.ru_stime)
+    return seconds, cpu, "EXIR_LOADED=1" in done.stderr, done.returncode
 
 
 def main() -> None:
@@ -87,6 +92,7 @@ def main() -> None:
     }
     checkouts = {"before": extract(args.before_ref, work / "before"), "after": ROOT}
     times: dict[tuple[str, str], list[float]] = {}
+    cpu: dict[tuple[str, str], list[float]] = {}
     exir: dict[tuple[str, str], bool] = {}
     codes: dict[tuple[str, str], int] = {}
     for name, which in [(c, w) for c in commands for w in checkouts]:  # warm the page cache once
@@ -94,22 +100,25 @@ def main() -> None:
     for _ in range(args.repeats):
         for name in commands:
             for which, checkout in checkouts.items():
-                seconds, loaded, code = timed(checkout, commands[name])
+                seconds, cpu_seconds, loaded, code = timed(checkout, commands[name])
                 times.setdefault((name, which), []).append(seconds)
+                cpu.setdefault((name, which), []).append(cpu_seconds)
                 exir[(name, which)] = loaded
                 codes[(name, which)] = code
     rows = []
     for name in commands:
         before, after = (statistics.median(times[(name, w)]) for w in ("before", "after"))
+        cpu_before, cpu_after = (statistics.median(cpu[(name, w)]) for w in ("before", "after"))
         rows.append([f"`tbsm-sdk {name}`", f"{before:.2f}", f"{after:.2f}", f"{before / after:.1f}x",
+                     f"{cpu_before:.2f}", f"{cpu_after:.2f}",
                      "yes" if exir[(name, "before")] else "no", "yes" if exir[(name, "after")] else "no",
                      f"{codes[(name, 'before')]}/{codes[(name, 'after')]}"])
-    table = markdown_table(["command (one bundle)", "before s", "after s", "speed-up", "exir before", "exir after",
-                            "exit codes"], rows, "lrrrlll")
+    table = markdown_table(["command (one bundle)", "before s", "after s", "speed-up", "before CPU s", "after CPU s",
+                            "exir before", "exir after", "exit codes"], rows, "lrrrrrlll")
     print(table)
     if not args.no_report:
         append_report("Start-up of the phone-side commands",
-                      f"median of {args.repeats} fresh interpreters per cell, OMP_NUM_THREADS=1, before = "
+                      f"median wall and CPU (user + system) time of {args.repeats} fresh interpreters per cell, OMP_NUM_THREADS=1, before = "
                       f"`{args.before_ref}`, after = this commit, bundle {bundle.name} ({sum(f.stat().st_size for f in bundle.iterdir()):,} B)",
                       table)
 
