@@ -3,21 +3,53 @@
 from __future__ import annotations
 
 import json
+import logging
+import math
+import os
+import re
 import sys
+import warnings
 from pathlib import Path
 
 import click
-import numpy as np
 
-from sdk_builder.formats import BUNDLE_FILES
+from sdk_builder.formats import BUNDLE_FILES, INT64_MAX
 from sdk_builder.recipes import DEFAULT_ACCURACY_BUDGET, DEFAULT_RECIPE, ON_BUDGET_EXCEEDED, RECIPE_NAMES, get_recipe
 
 DEFAULT_SEED = 0
 
 
+def _quiet_third_party() -> None:
+    """Silence third-party messages we understand and a user cannot act on; our own warnings
+    (and any other library's) still show.
+    - torch deprecated `isinstance(treespec, LeafSpec)`; ExecuTorch's exporter still pickles
+      treespecs that way (copyreg.py), once per exported graph: ~9-18 FutureWarnings per build.
+    - torchao, imported by the exporter, tries its CUDA-only kernels (_C_mxfp8, _C_cutlass_90a)
+      and logs "Failed to load ... .so" on a machine without CUDA: nothing is missing for us.
+    - torchao registers an Enum with torch's pytree, which torch logs as deprecated (W... _pytree.py).
+    The XNNPACK cpuinfo lines are C++ writes to fd 2, handled where programs load (sdk_builder/runtime.py)."""
+    leaf_spec = "`isinstance(treespec, LeafSpec)` is deprecated"
+    warnings.filterwarnings("ignore", message=re.escape(leaf_spec), category=FutureWarning)
+    # `build --jobs N` workers are spawned: they read warning filters from the environment, where
+    # the message is a prefix without commas (the variable is split on them).
+    inherited = os.environ.get("PYTHONWARNINGS")
+    os.environ["PYTHONWARNINGS"] = ",".join(filter(None, [inherited, "ignore:`isinstance(treespec:FutureWarning"]))
+    logging.getLogger("torchao").setLevel(logging.ERROR)
+    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
+
+
+def _int64(text: str, what: str) -> int:
+    """A non-negative decimal integer that fits the program's int64 inputs (ASCII digits only:
+    str.isdigit() also accepts '²' and other digits int() cannot read)."""
+    text = text.strip()
+    if not re.fullmatch(r"[0-9]{1,19}", text) or int(text) > INT64_MAX:
+        _fail(f"{what}: {text[:40]!r} is not an integer in 0..{INT64_MAX}")
+    return int(text)
+
+
 def _json_safe(value):
     """NaN/inf are not JSON: report them as null."""
-    if isinstance(value, float) and not np.isfinite(value):
+    if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
         return {k: _json_safe(v) for k, v in value.items()}
@@ -116,6 +148,7 @@ def main() -> None:
       tbsm-sdk build runs/demo --user-shard 0 --out bundles
       tbsm-sdk verify bundles/<user>
     """
+    _quiet_third_party()
 
 
 @main.command("prepare")
@@ -344,10 +377,13 @@ def _open_run(run: str):
 @click.option("--allow-weak-model", is_flag=True,
               help="Build even when the run's ranking does not beat popularity on its on-device validation "
                    "(recorded in the manifest's quality.passed).")
+@click.option("--sign-key", "sign_key", type=click.Path(exists=True, dir_okay=False),
+              help="HMAC key file (>= 32 random bytes): write each bundle's manifest.json.hmac, which the app checks "
+                   "with the same key (docs/bundle-format.md).")
 @click.option("--json", "as_json", is_flag=True)
 def build_cmd(run, users, users_file, all_users, out, recipe, shard_size, category_capacity, seed, jobs, backend,
               ray_address, skip_unknown, fsync, as_json, accuracy_budget=DEFAULT_ACCURACY_BUDGET, on_budget_exceeded="fail",
-              allow_weak_model=False):
+              allow_weak_model=False, sign_key=None):
     """Cut per-user slices of a trained run and compile them to ExecuTorch bundles.
 
     One program is exported per run and stamped with each user's constants (checked against a
@@ -362,10 +398,11 @@ def build_cmd(run, users, users_file, all_users, out, recipe, shard_size, catego
     from tqdm import tqdm
 
     from sdk_builder.bundle.many import BuildSpec, all_user_ids, build_many, read_user_file
-    from sdk_builder.bundle.store import parse_user_id
+    from sdk_builder.bundle.store import parse_user_id, read_sign_key, sign_bundle
     from sdk_builder.formats import BundleError
 
     try:
+        key = read_sign_key(Path(sign_key)) if sign_key else None
         requested = [parse_user_id(u) for u in users]
         if users_file:
             requested += read_user_file(Path(users_file))
@@ -385,6 +422,9 @@ def build_cmd(run, users, users_file, all_users, out, recipe, shard_size, catego
     try:
         summary = build_many(spec, requested, jobs=jobs, backend=backend, ray_address=ray_address,
                              skip_unknown=skip_unknown, progress=bar.update)
+        if key is not None:  # also the bundles skipped as up to date: signing is idempotent, the key may be new
+            for row in summary.rows:
+                sign_bundle(Path(out) / row["path"], key, durable=fsync)
     except BundleError as exc:
         _fail(str(exc))
     except OSError as exc:
@@ -408,24 +448,60 @@ def build_cmd(run, users, users_file, all_users, out, recipe, shard_size, catego
 
 
 @main.command("verify")
-@click.argument("bundle", type=click.Path(file_okay=False))
+@click.argument("bundles", nargs=-1, type=click.Path(file_okay=False))
+@click.option("--index", "index", type=click.Path(dir_okay=False),
+              help="A bundles.jsonl: verify every bundle it lists, each manifest against the sha256 recorded at build time.")
+@click.option("--key", "key_file", type=click.Path(dir_okay=False),
+              help="HMAC key (the file given to `build --sign-key`): check each bundle's manifest.json.hmac.")
 @click.option("--json", "as_json", is_flag=True)
-def verify_cmd(bundle, as_json):
-    """Check a bundle: hashes, manifest, schema, and golden vectors replayed in the ExecuTorch runtime.
+def verify_cmd(bundles, index, key_file, as_json):
+    """Check bundles: hashes, manifest, schema, and golden vectors replayed in the ExecuTorch runtime.
+
+    BUNDLES are bundle directories or bundles directories (searched for bundles). One line per
+    bundle; the exit status is non-zero if any fails.
 
     \b
-    Example:
-      tbsm-sdk verify bundles/1234 --json
+    Examples:
+      tbsm-sdk verify bundles/ab/cd/1234
+      tbsm-sdk verify --index bundles/bundles.jsonl --key app.key --json
     """
-    from sdk_builder.bundle.verify import verify_bundle
+    import time
+
+    from sdk_builder.bundle.store import read_sign_key
+    from sdk_builder.bundle.verify import Expected, find_bundles, read_index, verify_many
     from sdk_builder.formats import BundleError
 
+    if not bundles and not index:
+        _fail("nothing to verify: pass bundle directories, a bundles directory or --index bundles.jsonl")
+    start = time.perf_counter()
     try:
-        report = verify_bundle(Path(bundle))
+        key = read_sign_key(Path(key_file)) if key_file else None
+        targets = []
+        for root in bundles:
+            found = find_bundles(Path(root))
+            targets += [(p, Expected(key=key)) for p in found] or [(Path(root), Expected(key=key))]
+        if index:
+            targets += [(p, Expected(e.manifest_sha256, e.user_id, key, e.index)) for p, e in read_index(Path(index))]
     except BundleError as exc:
         _fail(str(exc))
-    _emit(as_json, report, f"OK {bundle}: {report['cases']} golden cases, max abs diff {report['max_abs_diff']:.1e}, "
-                           f"{report['items']} items, {sum(report['bytes'].values()):,} bytes")
+    if not targets:
+        _fail(f"{index}: lists no bundles")
+    reports = []
+    for report in verify_many(targets):
+        reports.append(report)
+        if not as_json:
+            click.echo(f"OK {report['bundle']}: {report['cases']} golden cases, max abs diff {report['max_abs_diff']:.1e}, "
+                       f"{report['items']} items, {sum(report['bytes'].values()):,} bytes" if report["ok"]
+                       else f"FAILED {report['error']}", err=not report["ok"])
+    failed = sum(not r["ok"] for r in reports)
+    summary = {"bundles": len(reports), "ok": len(reports) - failed, "failed": failed,
+               "seconds": round(time.perf_counter() - start, 3)}
+    if as_json:
+        _emit(True, {"summary": summary, "bundles": reports}, "")
+    elif len(reports) > 1:
+        click.echo(f"{summary['ok']:,} of {len(reports):,} bundles OK, {failed:,} failed ({summary['seconds']:.1f} s)")
+    if failed:
+        sys.exit(1)
 
 
 @main.command("inspect")
@@ -453,8 +529,8 @@ def inspect_cmd(bundle, as_json):
 @click.option("--events", "events_file", type=click.Path(dir_okay=False), required=True,
               help="On-device history JSON (see the bundle's events.schema.json).")
 @click.option("--candidates", required=True, help="Comma-separated global item ids, or @FILE with one id per line.")
-@click.option("--request-time", type=int, help="Unix seconds of the request (default: now).")
-@click.option("--top", type=int, default=0, help="Print only the best N.")
+@click.option("--request-time", help="Unix seconds of the request (default: now).")
+@click.option("--top", default="0", help="Print only the best N (0: all).")
 @click.option("--json", "as_json", is_flag=True)
 def rank_cmd(bundle, events_file, candidates, request_time, top, as_json):
     """Rank candidates for the bundle's user exactly as the phone does.
@@ -468,22 +544,25 @@ def rank_cmd(bundle, events_file, candidates, request_time, top, as_json):
     from sdk_builder.client import Bundle, parse_history
     from sdk_builder.formats import BundleError
 
+    top = _int64(top, "--top")
+    request_time = _int64(request_time, "--request-time") if request_time is not None else int(time.time())
     try:
-        text = Path(events_file).read_text()
+        text = Path(events_file).read_bytes()
     except OSError as exc:
         _fail(f"{events_file}: {exc.strerror}")
     try:
         if candidates.startswith("@"):
-            raw = [line.strip() for line in Path(candidates[1:]).read_text().splitlines() if line.strip()]
+            try:
+                lines = Path(candidates[1:]).read_bytes().decode().splitlines()
+            except UnicodeDecodeError:
+                raise BundleError(f"{candidates[1:]}: not a text file of item ids") from None
+            raw = [line.strip() for line in lines if line.strip()]
         else:
             raw = [c.strip() for c in candidates.split(",") if c.strip()]
-        bad = next((c for c in raw if not c.isdigit()), None)
-        if bad is not None:
-            raise BundleError(f"candidates: {bad!r} is not a non-negative integer item id")
-        ids = [int(c) for c in raw]
+        ids = [_int64(c, "candidates") for c in raw]
         history = parse_history(text, events_file)
         opened = Bundle(Path(bundle))
-        scores = opened.score(history, request_time if request_time is not None else int(time.time()), ids)
+        scores = opened.score(history, request_time, ids)
     except (BundleError, OSError) as exc:
         _fail(str(exc))
     known = set(opened.manifest.items.ids)
@@ -525,7 +604,8 @@ def demo_cmd(out, users, seed):
     from sdk_builder.bundle.store import bundle_path
 
     click.echo("[3/3] verifying it in the ExecuTorch runtime")
-    ctx.invoke(verify_cmd, bundle=str(bundle_path(Path(out) / "bundles", user_id)), as_json=False)
+    ctx.invoke(verify_cmd, bundles=(str(bundle_path(Path(out) / "bundles", user_id)),), index=None, key_file=None,
+               as_json=False)
 
 
 TEMPLATES = Path(__file__).resolve().parents[1] / "mobile_templates"

@@ -17,18 +17,29 @@ import torch
 from pydantic import ValidationError
 
 from sdk_builder.formats import (
-    BUNDLE_FORMAT_VERSION, GOLDEN, MANIFEST, PROGRAM, BundleError, EventHistory, GoldenSet, IdShard, Manifest,
-    validation_message,
+    BUNDLE_FORMAT_VERSION, GOLDEN, INT64_MAX, MANIFEST, PROGRAM, BundleError, EventHistory, GoldenSet, IdShard,
+    Manifest, validation_message,
 )
 from sdk_builder.runtime import load_runtime_method
 from sdk_builder.util import sha256_file, sorted_lookup
 
 
-def parse_history(text: str, source: str = "history") -> EventHistory:
+def parse_history(text: str | bytes, source: str = "history") -> EventHistory:
+    """A history file's text or raw bytes (binary data, not UTF-8, is a one-line error too)."""
     try:
         return EventHistory.model_validate_json(text)
     except ValidationError as exc:
         raise BundleError(validation_message(source, exc)) from None
+
+
+def check_int64_ids(values, what: str) -> list[int]:
+    """Ids and times that fit the program's int64 inputs, as plain ints (never bool)."""
+    out = []
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not 0 <= int(v) <= INT64_MAX:
+            raise BundleError(f"{what}: {v!r} is not an integer in 0..{INT64_MAX}")
+        out.append(int(v))
+    return out
 
 
 def local_rows(shard: IdShard, global_ids) -> np.ndarray:
@@ -62,11 +73,15 @@ def encode(manifest: Manifest, history: EventHistory, request_time: int, candida
     if events:
         items[pad:] = local_rows(manifest.items, [e.item_id for e in events])
         cats[pad:] = local_rows(manifest.categories, [e.category_id for e in events])
+        missing = {e.behavior.value for e in events} - set(manifest.behaviors)
+        if missing:
+            raise BundleError(f"manifest behaviors: no code for {sorted(missing)}")
         behaviors[pad:] = [manifest.behaviors[e.behavior.value] for e in events]
         stamps[pad:] = [e.timestamp for e in events]
-    candidates = np.asarray(list(candidate_ids), dtype=np.int64)
+    candidates = np.asarray(check_int64_ids(candidate_ids, "candidates"), dtype=np.int64)
     if not 1 <= len(candidates) <= manifest.program.max_candidates:
         raise BundleError(f"candidates: {len(candidates)} given; 1 to {manifest.program.max_candidates} are allowed")
+    (request_time,) = check_int64_ids([request_time], "request time")
     return EncodedRequest(items, cats, behaviors, stamps, np.array([request_time], np.int64),
                           local_rows(manifest.items, candidates))
 
@@ -76,9 +91,9 @@ def read_manifest(bundle: Path) -> Manifest:
     if not path.is_file():
         raise BundleError(f"{path}: missing (is {bundle} a bundle directory?)")
     try:
-        raw = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BundleError(f"{path}: not valid JSON ({exc})") from None
+        raw = json.loads(path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise BundleError(f"{path}: not valid JSON ({type(exc).__name__})") from None
     if isinstance(raw, dict) and raw.get("format_version") != BUNDLE_FORMAT_VERSION:
         raise BundleError(f"{path}: format_version {raw.get('format_version')!r} is not supported (this SDK reads {BUNDLE_FORMAT_VERSION})")
     try:
@@ -104,16 +119,34 @@ class Bundle:
             self.method = load_runtime_method(str(self.path / PROGRAM))
         except Exception as exc:  # the runtime raises RuntimeError with a multi-line log
             raise BundleError(f"{self.path / PROGRAM}: ExecuTorch could not load it ({type(exc).__name__})") from None
+        self._check_program_shapes()
+
+    def _check_program_shapes(self) -> None:
+        """The manifest's history length and candidate limit must be the program's own: an app
+        encodes requests from the manifest, and a mismatch would fail (or misread) on the phone."""
+        spec = self.manifest.program
+        shapes = self.method.input_shapes()
+        expected = [(spec.max_history,)] * 4 + [(1,), (spec.max_candidates,)]
+        if shapes != expected:
+            raise BundleError(f"{self.path / MANIFEST}: program: max_history {spec.max_history} / max_candidates "
+                              f"{spec.max_candidates} do not match {PROGRAM}'s inputs {[list(s) for s in shapes]}")
 
     def score(self, history: EventHistory, request_time: int, candidate_ids) -> np.ndarray:
         if history.user_id != self.manifest.user_id:
             raise BundleError(f"history is for user {history.user_id}, this bundle is for user {self.manifest.user_id}")
         request = encode(self.manifest, history, request_time, candidate_ids)
-        return self.method.execute(request.tensors())[0].numpy().astype(np.float64)
+        return self.execute(request)
+
+    def execute(self, request: EncodedRequest) -> np.ndarray:
+        try:
+            return self.method.execute(request.tensors())[0].numpy().astype(np.float64)
+        except RuntimeError as exc:  # the runtime's message is its multi-line log
+            raise BundleError(f"{self.path / PROGRAM}: ExecuTorch could not run it "
+                              f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
 
     def golden(self) -> GoldenSet:
         path = self.path / GOLDEN
         try:
-            return GoldenSet.model_validate_json(path.read_text())
+            return GoldenSet.model_validate_json(path.read_bytes())
         except ValidationError as exc:
             raise BundleError(validation_message(str(path), exc)) from None

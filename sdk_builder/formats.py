@@ -14,7 +14,7 @@ import json
 from enum import Enum
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator, model_validator
 
 BUNDLE_FORMAT_VERSION = 1
 MAX_HISTORY = 20
@@ -30,6 +30,13 @@ PROGRAM = "model.pte"
 SCHEMA = "events.schema.json"
 GOLDEN = "golden.json"
 BUNDLE_FILES = (PROGRAM, MANIFEST, SCHEMA, GOLDEN)
+# Optional: HMAC-SHA256 of manifest.json's bytes under the app's key (`build --sign-key`).
+SIGNATURE = "manifest.json.hmac"
+# Every id and time reaches the program as an int64 tensor.
+INT64_MAX = 2**63 - 1
+# Names in a manifest's `files`: plain names inside the bundle directory (no separators, no
+# "..", no hidden or absolute paths), so a manifest can never point outside its bundle.
+PLAIN_FILE_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 
 
 class BundleError(ValueError):
@@ -55,7 +62,9 @@ BEHAVIORS: tuple[str, ...] = tuple(b.value for b in Behavior)
 BEHAVIOR_CODES: dict[str, int] = {b: i + 1 for i, b in enumerate(BEHAVIORS)}
 BEHAVIOR_NAMES: dict[int, str] = {code: name for name, code in BEHAVIOR_CODES.items()}
 
-NonNegativeInt = Annotated[int, Field(ge=0)]
+# Strict: the JSON must hold an integer, not "12", 1.0 or true (the JSON Schema says "integer");
+# bounded by int64 because every id and time reaches the program as an int64.
+NonNegativeInt = Annotated[int, Field(ge=0, le=INT64_MAX, strict=True)]
 
 
 class Event(BaseModel):
@@ -123,8 +132,8 @@ class ProgramSpec(BaseModel):
     method: str = "forward"
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
-    max_history: int = MAX_HISTORY
-    max_candidates: int = MAX_CANDIDATES
+    max_history: int = Field(MAX_HISTORY, ge=1, le=1024)
+    max_candidates: int = Field(MAX_CANDIDATES, ge=1, le=1 << 20)
     padding: str = (
         "History tensors are left-padded: the most recent event is at index max_history-1; "
         "padding slots hold row 0 (items, categories), behavior 0 and timestamp 0."
@@ -189,7 +198,10 @@ class Manifest(BaseModel):
     shard_policy: ShardPolicyRecord
     seeds: dict[str, int]
     golden_tolerance: float
-    files: dict[str, str] = Field(description="sha256 of every other file in the bundle.")
+    files: dict[Annotated[str, StringConstraints(pattern=PLAIN_FILE_NAME)],
+                Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]] = Field(
+        description="sha256 of every other file in the bundle, by plain file name inside the bundle directory.",
+        json_schema_extra={"propertyNames": {"pattern": PLAIN_FILE_NAME}, "additionalProperties": False})
     build_key: str = Field(default="", description="Hash of everything the bundle was built from; equal keys mean an up-to-date bundle.")
     quantization: Quantization | None = Field(default=None, exclude_if=lambda v: v is None,
                                               description="int8 builds only: budget, measured drift, fallback.")

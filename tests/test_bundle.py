@@ -74,7 +74,8 @@ def test_xnnpack_bundle_verifies_through_the_cli(builder, tmp_path):
     assert built["max_golden_diff"] <= 1e-5
     verified = run_cli("verify", built["path"], "--json")
     assert verified.returncode == 0, verified.stderr
-    assert json.loads(verified.stdout)["max_abs_diff"] <= 1e-5
+    report = json.loads(verified.stdout)
+    assert report["summary"]["ok"] == 1 and report["bundles"][0]["max_abs_diff"] <= 1e-5
 
 
 def test_same_inputs_give_byte_identical_bundles(builder, tmp_path):

@@ -12,7 +12,11 @@ file's size exactly, and the files to the bundle's size.
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import json
+import sys
+import types
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +36,43 @@ _DTYPES = {"FLOAT": "float32", "HALF": "float16", "DOUBLE": "float64", "CHAR": "
            "SHORT": "int16", "INT": "int32", "LONG": "int64", "BOOL": "bool"}
 
 
+_SERIALIZER_MODULES: dict[str, types.ModuleType] = {}
+
+
+@contextlib.contextmanager
+def _serializer():
+    """ExecuTorch's `.pte` deserializer without the exporter. It lives in `executorch.exir`, whose
+    package `__init__` imports the whole export stack (torch._dynamo, torchao: ~10x the time of the
+    deserializer itself). When the exporter is not loaded, the serializer's modules (it imports
+    some lazily, while parsing) live under a bare stand-in for the package, in `sys.modules` only
+    while they are used: a later `import executorch.exir` in this process loads the real package."""
+    real = sys.modules.get("executorch.exir")
+    if real is not None:
+        yield _serializer_modules()
+        return
+    if not _SERIALIZER_MODULES:
+        spec = importlib.util.find_spec("executorch.exir")
+        stand_in = types.ModuleType("executorch.exir")
+        stand_in.__path__ = list(spec.submodule_search_locations)
+        stand_in.__spec__ = spec
+        _SERIALIZER_MODULES["executorch.exir"] = stand_in
+    sys.modules.update(_SERIALIZER_MODULES)
+    try:
+        yield _serializer_modules()
+    finally:
+        for name in [n for n in sys.modules if n == "executorch.exir" or n.startswith("executorch.exir.")]:
+            _SERIALIZER_MODULES[name] = sys.modules.pop(name)
+
+
+def _serializer_modules() -> types.SimpleNamespace:
+    from executorch.exir import schema
+    from executorch.exir._serialize._program import _get_extended_header, deserialize_pte_binary
+    from executorch.exir.scalar_type import ScalarType
+
+    return types.SimpleNamespace(schema=schema, ScalarType=ScalarType, deserialize_pte_binary=deserialize_pte_binary,
+                                 get_extended_header=_get_extended_header)
+
+
 def _part(name: str, kind: str, nbytes: int, shape=None, dtype=None, **extra) -> dict[str, Any]:
     part = {"name": name, "kind": kind, "bytes": int(nbytes), "shape": shape, "dtype": dtype}
     part.update(extra)
@@ -40,7 +81,7 @@ def _part(name: str, kind: str, nbytes: int, shape=None, dtype=None, **extra) ->
 
 def _constant_names(plan, input_names: list[str]) -> dict[int, str]:
     """value index -> name for constants read through a gather, traced from the kernel calls."""
-    from executorch.exir import schema
+    schema = _serializer_modules().schema  # inside inspect_program's `with _serializer()`
 
     values = plan.values
     origin = {v: input_names[k] for k, v in enumerate(plan.inputs) if k < len(input_names)}
@@ -89,9 +130,14 @@ def _constant_names(plan, input_names: list[str]) -> dict[int, str]:
 
 def inspect_program(data: bytes, input_names: list[str] | None = None) -> list[dict[str, Any]]:
     """Parts of a `.pte`, summing to len(data)."""
-    from executorch.exir import schema
-    from executorch.exir._serialize._program import _get_extended_header, deserialize_pte_binary
-    from executorch.exir.scalar_type import ScalarType
+    with _serializer():
+        return _inspect_program(data, input_names)
+
+
+def _inspect_program(data: bytes, input_names: list[str] | None) -> list[dict[str, Any]]:
+    serializer = _serializer_modules()
+    schema, ScalarType = serializer.schema, serializer.ScalarType
+    deserialize_pte_binary, _get_extended_header = serializer.deserialize_pte_binary, serializer.get_extended_header
 
     try:
         pte = deserialize_pte_binary(bytes(data))
@@ -198,7 +244,7 @@ def inspect_bundle(path: Path) -> dict[str, Any]:
     path = Path(path)
     if not (path / MANIFEST).is_file():
         raise BundleError(f"{path / MANIFEST}: missing (is {path} a bundle directory?)")
-    manifest = json.loads((path / MANIFEST).read_text())
+    manifest = _json((path / MANIFEST).read_bytes(), MANIFEST)
     input_names = [i.get("name") for i in manifest.get("program", {}).get("inputs", [])] or list(INPUT_NAMES)
     files = []
     order = [PROGRAM, MANIFEST, GOLDEN, SCHEMA]

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import errno
+import hashlib
+import hmac
 import json
 import os
 import re
 import shutil
 from pathlib import Path
 
-from sdk_builder.formats import MANIFEST, BundleError
+from sdk_builder.formats import MANIFEST, SIGNATURE, BundleError
 from sdk_builder.util import atomic_write_bytes, atomic_write_dir, sha256_bytes, sha256_file
 
 INDEX = "bundles.jsonl"
+MIN_KEY_BYTES = 32  # HMAC-SHA256 keys shorter than the hash add no strength; refuse them
 _SAFE_USER_ID = re.compile(r"[0-9]{1,19}", re.ASCII)  # ASCII digits only: "²".isdigit() is True
 _MAX_USER_ID = 2**63 - 1  # ids are int64 everywhere (event logs, checkpoints, the bundle program)
 
@@ -56,7 +60,17 @@ def check_output(out: Path, n_bundles: int, bytes_per_bundle: int) -> None:
     free = shutil.disk_usage(out).free
     needed = int(n_bundles * bytes_per_bundle * 1.2)
     if free < needed:
-        raise BundleError(f"{out}: {free / 1e6:,.0f} MB free, {n_bundles:,} bundles need about {needed / 1e6:,.0f} MB")
+        noun = "bundle needs" if n_bundles == 1 else "bundles need"
+        raise BundleError(f"{out}: {format_bytes(free)} free, {n_bundles:,} {noun} about {format_bytes(needed)}")
+
+
+def format_bytes(n: int) -> str:
+    """1 significant unit: 0 B, 512 B, 240 KB, 3.1 MB, 12 GB (decimal units, as `df -H`)."""
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if n >= size:
+            value = n / size
+            return f"{value:,.1f} {unit}" if value < 10 else f"{value:,.0f} {unit}"
+    return f"{n:,} B"
 
 
 def write_index(out: Path, rows: list[dict], checkpoint_sha256: str) -> Path:
@@ -75,4 +89,35 @@ def write_index(out: Path, rows: list[dict], checkpoint_sha256: str) -> Path:
         entries[r["user_id"]] = {"user_id": r["user_id"], "path": r["path"], "manifest_sha256": manifest_sha,
                                  "checkpoint_sha256": checkpoint_sha256}
     text = "".join(json.dumps(entries[u], sort_keys=True) + "\n" for u in sorted(entries))
-    return atomic_write_bytes(index, text.encode())
+    try:
+        return atomic_write_bytes(index, text.encode())
+    except OSError as exc:
+        for stale in out.glob(f".{INDEX}.tmp-{os.getpid()}"):
+            stale.unlink(missing_ok=True)
+        reason = "disk full" if exc.errno == errno.ENOSPC else (exc.strerror or type(exc).__name__)
+        raise BundleError(f"{index}: not written ({reason}); the {len(rows):,} bundle(s) of this run are written "
+                          f"and complete, rerun the build to write the index") from None
+
+
+def read_sign_key(path: Path) -> bytes:
+    """An HMAC key file: its bytes exactly (apps embed the same bytes)."""
+    try:
+        key = Path(path).read_bytes()
+    except OSError as exc:
+        raise BundleError(f"{path}: cannot read the key ({exc.strerror})") from None
+    if len(key) < MIN_KEY_BYTES:
+        raise BundleError(f"{path}: {len(key)} bytes; a signing key needs at least {MIN_KEY_BYTES} random bytes "
+                          f"(e.g. head -c 32 /dev/urandom > {Path(path).name})")
+    return key
+
+
+def manifest_signature(key: bytes, manifest: bytes) -> str:
+    """HMAC-SHA256 of manifest.json's exact bytes, lowercase hex: what `manifest.json.hmac` holds."""
+    return hmac.new(key, manifest, hashlib.sha256).hexdigest()
+
+
+def sign_bundle(path: Path, key: bytes, *, durable: bool = False) -> Path:
+    """Write `manifest.json.hmac` beside the manifest. The manifest lists every other file's
+    sha256, so the signature covers the whole bundle."""
+    signature = manifest_signature(key, (Path(path) / MANIFEST).read_bytes())
+    return atomic_write_bytes(Path(path) / SIGNATURE, (signature + "\n").encode(), durable=durable)

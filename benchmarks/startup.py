@@ -1,0 +1,127 @@
+"""Wall time of the phone-side commands (`--help`, `rank`, `verify`, `inspect`) on one bundle,
+before and after the start-up work, in one run.
+
+"Before" is a checkout of --before-ref (default: the commit before the start-up work) extracted
+with `git archive` into a temporary directory; "after" is this checkout. Each command runs
+--repeats times per checkout, alternating, in a fresh interpreter (OMP_NUM_THREADS=1); the table
+shows the median wall time and whether the run imported `executorch.exir` (the export stack).
+Needs a bundle: --bundle DIR, or one is built from a tiny synthetic run (about a minute).
+Prints a markdown table and appends it to docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks._common import markdown_table  # noqa: E402
+from benchmarks.report import append_report  # noqa: E402
+
+BEFORE_REF = "0ae52de"  # main before the start-up work (issue 12)
+PROBE = ("import runpy, sys\n"
+         "try:\n"
+         "    runpy.run_module('sdk_builder.cli', run_name='__main__', alter_sys=True)\n"
+         "finally:\n"
+         "    sys.stderr.write('EXIR_LOADED=%d\\n' % any(m.startswith('executorch.exir') for m in sys.modules))\n")
+
+
+def extract(ref: str, dest: Path) -> Path:
+    archive = subprocess.run(["git", "archive", "--format=tar", ref], cwd=ROOT, capture_output=True, check=True).stdout
+    dest.mkdir(parents=True)
+    tar = dest / "src.tar"
+    tar.write_bytes(archive)
+    with tarfile.open(tar) as t:
+        t.extractall(dest, filter="data")
+    tar.unlink()
+    return dest
+
+
+def tiny_bundle(work: Path) -> Path:
+    """One bundle of a small synthetic run (the verify_many benchmark's recipe, 200 users)."""
+    from benchmarks.verify_many import build_all, tiny_run
+
+    run = tiny_run(work / "run", users=200)
+    out = work / "bundles"
+    build_all(run, out, users=1)
+    return out / json.loads((out / "bundles.jsonl").read_text().splitlines()[0])["path"]
+
+
+def timed(checkout: Path, args: list[str]) -> tuple[float, float, bool, int]:
+    """Wall seconds, CPU seconds (user + system: less sensitive to a busy machine), exir loaded, exit code."""
+    env = {**os.environ, "PYTHONPATH": str(checkout), "OMP_NUM_THREADS": "1"}
+    cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-c", PROBE, *args], cwd=checkout, env=env, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    cpu_after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (cpu_after.ru_utime - cpu_before.ru_utime) + (cpu_after.ru_stime - cpu_before.ru_stime)
+    return seconds, cpu, "EXIR_LOADED=1" in done.stderr, done.returncode
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--bundle", type=Path, help="A bundle directory (default: build one from a tiny run).")
+    parser.add_argument("--before-ref", default=BEFORE_REF)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--no-report", action="store_true", help="Print only; do not append to docs/benchmarks.md.")
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="startup-bench-"))
+    bundle = args.bundle or tiny_bundle(work)
+    golden = json.loads((bundle / "golden.json").read_text())
+    history = work / "history.json"
+    history.write_text(json.dumps(golden["cases"][0]["history"]))
+    candidates = ",".join(map(str, golden["cases"][0]["candidates"]))
+    commands = {
+        "--help": ["--help"],
+        "rank": ["rank", str(bundle), "--events", str(history), "--candidates", candidates, "--request-time", "1512000000"],
+        "verify": ["verify", str(bundle)],
+        "inspect": ["inspect", str(bundle)],
+    }
+    checkouts = {"before": extract(args.before_ref, work / "before"), "after": ROOT}
+    times: dict[tuple[str, str], list[float]] = {}
+    cpu: dict[tuple[str, str], list[float]] = {}
+    exir: dict[tuple[str, str], bool] = {}
+    codes: dict[tuple[str, str], int] = {}
+    for name, which in [(c, w) for c in commands for w in checkouts]:  # warm the page cache once
+        timed(checkouts[which], commands[name])
+    for _ in range(args.repeats):
+        for name in commands:
+            for which, checkout in checkouts.items():
+                seconds, cpu_seconds, loaded, code = timed(checkout, commands[name])
+                times.setdefault((name, which), []).append(seconds)
+                cpu.setdefault((name, which), []).append(cpu_seconds)
+                exir[(name, which)] = loaded
+                codes[(name, which)] = code
+    rows = []
+    for name in commands:
+        before, after = (statistics.median(times[(name, w)]) for w in ("before", "after"))
+        cpu_before, cpu_after = (statistics.median(cpu[(name, w)]) for w in ("before", "after"))
+        rows.append([f"`tbsm-sdk {name}`", f"{before:.2f}", f"{after:.2f}", f"{before / after:.1f}x",
+                     f"{cpu_before:.2f}", f"{cpu_after:.2f}",
+                     "yes" if exir[(name, "before")] else "no", "yes" if exir[(name, "after")] else "no",
+                     f"{codes[(name, 'before')]}/{codes[(name, 'after')]}"])
+    table = markdown_table(["command (one bundle)", "before s", "after s", "speed-up", "before CPU s", "after CPU s",
+                            "exir before", "exir after", "exit codes"], rows, "lrrrrrlll")
+    print(table)
+    if not args.no_report:
+        append_report("Start-up of the phone-side commands",
+                      f"median wall and CPU (user + system) time of {args.repeats} fresh interpreters per cell, OMP_NUM_THREADS=1, before = "
+                      f"`{args.before_ref}`, after = this commit, bundle {bundle.name} ({sum(f.stat().st_size for f in bundle.iterdir()):,} B)",
+                      table)
+
+
+if __name__ == "__main__":
+    main()
