@@ -164,7 +164,7 @@ class UserProgram(nn.Module):
         self.combine = model.combine
         self.register_buffer("head_visibility", model.head_visibility.clone())
         self.register_buffer("position_feature", model.position_feature[:-1].clone())
-        self.register_buffer("block_sum", torch.block_diag(*[torch.ones(1, cfg.emb_dim)] * 6))
+        self.register_buffer("ones_d", torch.ones(1, cfg.emb_dim))
         self.register_buffer("ones_z", torch.ones(1, cfg.z_dim))
 
     @classmethod
@@ -188,10 +188,11 @@ class UserProgram(nn.Module):
         x = self.bottom(dense.unsqueeze(-1))
         u = self.user_parts()[0].expand_as(x)
         cat_vec = self.category_table[hist_categories]
-        # Products, then one constant block-sum matrix: the 6 dot products become a single
-        # delegated linear instead of 6 portable reductions.
+        # Products, then one linear with a ones row over the embedding axis: the 6 dot products
+        # become a single delegated linear instead of 6 portable reductions (a (6 x 6D) block-sum
+        # matrix did the same with 36x the weights: 2.3 KB of every program).
         products = torch.cat([x * u, x * item_vec, u * item_vec, x * cat_vec, u * cat_vec, item_vec * cat_vec], dim=-1)
-        interactions = F.linear(products, self.block_sum)
+        interactions = F.linear(products.view(-1, 6, self.cfg.emb_dim), self.ones_d).view(-1, 6)
         z = unit_rows(self.top(torch.cat([x, interactions], dim=-1)), self.ones_z)
         real = (hist_items != PADDING_ROW).to(z.dtype).unsqueeze(-1)
         return z * real
