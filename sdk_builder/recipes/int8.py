@@ -1,7 +1,7 @@
 """The `int8` recipe: lossy per-user tables, and the accuracy budget checked at build time.
 
 What is stored lossy: the per-user tables that dominate a bundle's bytes.
-- `item_table` (`INT8_TABLES`): each row as int8 with one fp32 scale (symmetric, no zero point:
+- `item_table` (`INT8_TABLES`): each row as int8 with one fp16 scale (symmetric, no zero point:
   `x ~= q * scale`, |q| <= 127), read through `quantized_decomposed::embedding_byte`, a gather that
   dequantizes only the rows it returns. The portable `quantized` kernel library runs it (the Python
   runtime registers it on `import executorch.kernels.quantized`; native apps link
@@ -46,11 +46,13 @@ def _register_ops() -> None:
 
 @torch.no_grad()
 def quantize_rows(table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-row int8: (q int8 [R, D], scales fp32 [R]); an all-zero row stays exactly zero."""
+    """Symmetric per-row int8: (q int8 [R, D], scales fp16 [R]); an all-zero row stays exactly zero."""
     table = table.detach().to(torch.float32)
     amax = table.abs().amax(dim=1)
-    scales = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
-    q = torch.round(table / scales.unsqueeze(1)).clamp(-127, 127).to(torch.int8)
+    # fp16 scales (2 bytes a row instead of 4), rounded before quantizing so that q * scale is
+    # exactly what the program computes.
+    scales = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax)).to(torch.float16)
+    q = torch.round(table / scales.to(torch.float32).unsqueeze(1)).clamp(-127, 127).to(torch.int8)
     return q.contiguous(), scales.contiguous()
 
 
@@ -69,8 +71,8 @@ class Int8Rows(nn.Module):
         return self.weight.shape
 
     def __getitem__(self, rows: torch.Tensor) -> torch.Tensor:
-        return torch.ops.quantized_decomposed.embedding_byte.default(
-            self.weight, self.scales, None, QUANT_MIN, QUANT_MAX, rows)
+        return torch.ops.quantized_decomposed.embedding_byte.dtype(
+            self.weight, self.scales, None, QUANT_MIN, QUANT_MAX, rows, dtype=torch.float32)
 
 
 class Fp16Rows(nn.Module):
@@ -100,7 +102,7 @@ def quantize_program(program: nn.Module) -> nn.Module:
 
 def quantize_constants(constants: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The int8 program's per-user constants from the fp32 ones, by state-dict name
-    (`item_table` -> `item_table.weight` int8 + `item_table.scales` fp32, `category_table` ->
+    (`item_table` -> `item_table.weight` int8 + `item_table.scales` fp16, `category_table` ->
     `category_table.weight` fp16); others unchanged."""
     out = {}
     for name, value in constants.items():
