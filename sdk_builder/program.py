@@ -223,7 +223,8 @@ def head_logits(head: TSLHead, history: torch.Tensor, w: torch.Tensor) -> torch.
     """TSLHead.forward for one shared history (T, Z) and N candidates (1, N, Z) -> logits (1, N, 1).
 
     scores[n, t] = h_t . q(w_n); for def, q = A^T A w, so scores = w @ (H A^T A)^T: the history
-    side is folded once per request and each candidate costs one (Z x T) product. bmm, not
+    side is folded once per request and each candidate costs one (Z x T) product. With the MLP
+    mechanism the attention's first layer is folded in as well (it is linear in the scores). bmm, not
     mm/linear: XNNPACK delegates a bmm, while a matmul with a weight computed at run time stays on
     the portable kernels (~50 us slower at 1000 candidates).
     """
@@ -233,8 +234,17 @@ def head_logits(head: TSLHead, history: torch.Tensor, w: torch.Tensor) -> torch.
         folded = torch.matmul(history, head.A)
     else:
         folded = history
-    scores = torch.bmm(w, folded.t().unsqueeze(0))
-    weights = head.attention(scores) if head.attention is not None else scores
+    if head.attention is None:
+        weights = torch.bmm(w, folded.t().unsqueeze(0))
+    else:
+        # The attention MLP's first layer is linear in the scores: fold it into the history side
+        # too, so a candidate costs one (Z x hidden) product instead of (Z x T) + (T x hidden).
+        mlp_layers, squash = head.attention
+        first, *rest = mlp_layers
+        hidden = torch.bmm(w, torch.matmul(first.weight, folded).t().unsqueeze(0)) + first.bias
+        for layer in rest:
+            hidden = layer(hidden)
+        weights = squash(hidden)
     context = torch.bmm(weights, history.unsqueeze(0))
     return head.head(torch.cat([context, w], dim=-1))
 
