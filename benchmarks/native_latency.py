@@ -133,7 +133,7 @@ def main() -> None:
         big = timing[1000]
         ratio = big["median_us"] / gemm
         macs = programs.get(str(bundle))
-        rows.append(f"| {bundle.name} ({manifest.recipe}, {len(manifest.items.ids)} items) | "
+        rows.append(f"| {bundle} ({manifest.recipe}, {len(manifest.items.ids)} items) | "
                     f"{timing[1]['median_us']:.0f} / {timing[1]['p99_us']:.0f} | {big['median_us']:.0f} / {big['p99_us']:.0f} | "
                     f"{gemm:.0f} ({before:.0f}, {after:.0f}) | {ratio:.2f}x | "
                     f"{'-' if macs is None else f'{macs_per_candidate(macs):,.0f}'} | "
