@@ -162,7 +162,7 @@ class Quantization(BaseModel):
     """The build-time accuracy check of a bundle built with `--recipe int8` (see docs/bundle-format.md)."""
 
     requested_recipe: str = Field(description="The recipe asked for: int8.")
-    tables: list[str] = Field(description="Per-user tables stored as per-row int8 with fp32 scales.")
+    tables: list[str] = Field(description="Per-user tables stored lossy: per-row int8 or fp16 (docs/bundle-format.md, int8 bundles).")
     accuracy_budget: float = Field(description="Max |score drift| allowed against the fp32 model.")
     max_score_drift: float = Field(description="Measured max |int8 program in the ExecuTorch runtime - fp32 eager "
                                                "full model| over the golden histories x every shard item.")

@@ -99,10 +99,10 @@ def test_quantize_rows_keeps_zero_rows_exact_and_bounds_the_error():
     table = torch.randn(50, 16)
     table[0] = 0
     q, scales = quantize_rows(table)
-    assert q.dtype == torch.int8 and scales.dtype == torch.float32 and scales.shape == (50,)
-    back = q.to(torch.float32) * scales[:, None]
+    assert q.dtype == torch.int8 and scales.dtype == torch.float16 and scales.shape == (50,)
+    back = q.to(torch.float32) * scales[:, None].to(torch.float32)
     assert torch.equal(back[0], torch.zeros(16))
-    assert bool(((back - table).abs() <= scales[:, None] / 2 + 1e-7).all())
+    assert bool(((back - table).abs() <= scales[:, None].to(torch.float32) / 2 + 1e-7).all())
 
 
 def test_int8_bundle_builds_verifies_and_stays_within_budget(int8_bundle):
@@ -111,7 +111,7 @@ def test_int8_bundle_builds_verifies_and_stays_within_budget(int8_bundle):
     q = manifest["quantization"]
     assert manifest["recipe"] == "int8" and q["requested_recipe"] == "int8" and not q["fallback"]
     assert 0 < q["max_score_drift"] <= q["accuracy_budget"] == 0.01 and q["drift_points"] > 1000
-    assert set(q["tables"]) == {"item_table", "category_table", "candidate_features"}
+    assert set(q["tables"]) == {"item_table", "category_table", "candidate_features", "candidate_prior"}
     report = verify_bundle(int8_bundle.path)  # golden vectors (the int8 program's eager scores) in the runtime
     assert report["ok"] and report["max_abs_diff"] <= manifest["golden_tolerance"]
 
@@ -131,8 +131,9 @@ def test_padding_row_is_exactly_zero(int8_builder, user_id):
     program = int8_program(int8_builder.model, slice_constants(int8_builder.model, shard, int8_builder.ckpt.item_category,
                                                                int8_builder.layout))
     zero = torch.zeros(1, dtype=torch.long)
-    for table in (program.item_table, program.category_table, program.candidate_features):
-        assert table.weight.dtype == torch.int8
+    for table, dtype in ((program.item_table, torch.int8), (program.category_table, torch.float16),
+                         (program.candidate_features, torch.float16)):
+        assert table.weight.dtype == dtype
         assert torch.count_nonzero(table[zero]) == 0
 
 
@@ -148,7 +149,9 @@ def test_int8_is_smaller_than_fp32_with_the_same_contract(int8_bundle, fallback_
     table_bytes = lambda pte, names: sum(p["bytes"] for p in inspect_program(pte.read_bytes()) if p["name"] in names)  # noqa: E731
     fp32_tables = table_bytes(fp32_pte, tables)
     int8_tables = table_bytes(int8_pte, tables + tuple(f"{t}.scales" for t in tables))
-    assert int8_tables < 0.45 * fp32_tables  # 1 byte per value plus a 4-byte scale per row, vs 4 bytes per value
+    # items: 1 byte per value plus a 2-byte scale per row; categories and candidate features: 2 bytes
+    # per value; vs 4 bytes per value
+    assert int8_tables < 0.45 * fp32_tables
     assert fp32_pte.stat().st_size - int8_pte.stat().st_size >= 0.9 * (fp32_tables - int8_tables)
     total = lambda p: sum(f.stat().st_size for f in Path(p).iterdir())  # noqa: E731
     assert total(int8_bundle.path) < total(fp32)
@@ -180,9 +183,11 @@ def test_inspect_json_adds_up_to_the_file_sizes(int8_bundle):
         assert sum(p["bytes"] for p in f["parts"]) == f["bytes"], f["name"]
     program = {p["name"]: p for p in report["files"][0]["parts"]}
     assert report["files"][0]["name"] == "model.pte" and report["recipe"] == "int8"
-    for table in ("item_table", "category_table", "candidate_features"):
-        assert program[table]["dtype"] == "int8" and program[f"{table}.scales"]["dtype"] == "float32"
-        assert program[table]["bytes"] == int(np.prod(program[table]["shape"]))
+    assert program["item_table"]["dtype"] == "int8" and program["item_table.scales"]["dtype"] == "float16"
+    assert program["item_table"]["bytes"] == int(np.prod(program["item_table"]["shape"]))
+    for table in ("category_table", "candidate_features"):
+        assert program[table]["dtype"] == "float16" and f"{table}.scales" not in program
+        assert program[table]["bytes"] == 2 * int(np.prod(program[table]["shape"]))
     assert any(p["kind"] == "delegate" for p in program.values())
     from sdk_builder.bundle.inspect import format_report
 
@@ -205,3 +210,23 @@ def test_stamped_int8_program_matches_the_full_export(int8_builder, int8_bundle,
     for case in builder.golden_requests(user_id, shard):
         request = encode(view, case.history, case.request_time, list(view.items.ids) + [10**12]).tensors()
         assert torch.equal(a.execute(request)[0], b.execute(request)[0])
+
+
+def test_int8_drift_stays_within_budget_without_the_prior_blend(int8_builder):
+    """The budget must hold for a model whose logit is not scaled down by a prior blend (prior
+    weight 0): per-row int8 candidate features and category rows drifted beyond it (issue 12)."""
+    from sdk_builder.program import UserProgram
+    from sdk_builder.recipes import DEFAULT_ACCURACY_BUDGET
+
+    builder, model = int8_builder, int8_builder.ckpt.model.eval()
+    worst = 0.0
+    with torch.no_grad():
+        for user_id in builder.ckpt.users.ids[:8]:
+            shard, _ = builder.shard_for(builder.user_row(int(user_id)))
+            constants = slice_constants(model, shard, builder.ckpt.item_category, builder.layout)
+            fp32, int8 = UserProgram(model, constants).eval(), int8_program(model, constants)
+            view = ShardView(builder.ckpt, shard)
+            for case in builder.golden_requests(int(user_id), shard):
+                request = encode(view, case.history, case.request_time, list(view.items.ids) + [10**12]).tensors()
+                worst = max(worst, float((int8(*request) - fp32(*request)).abs().max()))
+    assert 0 < worst <= DEFAULT_ACCURACY_BUDGET / 2

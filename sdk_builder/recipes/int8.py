@@ -1,21 +1,26 @@
-"""The `int8` recipe: per-row int8 per-user tables, and the accuracy budget checked at build time.
+"""The `int8` recipe: lossy per-user tables, and the accuracy budget checked at build time.
 
-What is quantized: the per-user tables that dominate a bundle's bytes (`INT8_TABLES`: item
-embeddings, category embeddings and the per-item candidate features). Each row is stored as int8
-with one fp32 scale (symmetric, no zero point: `x ~= q * scale`, |q| <= 127) and read through
-`quantized_decomposed::embedding_byte`, a gather that dequantizes only the rows it returns. The
-portable `quantized` kernel library runs it (the Python runtime registers it on
-`import executorch.kernels.quantized`; native apps link `kernels_quantized`). An all-zero row (the
-padding row) gets scale 1 and stays exactly zero.
+What is stored lossy: the per-user tables that dominate a bundle's bytes.
+- `item_table` (`INT8_TABLES`): each row as int8 with one fp16 scale (symmetric, no zero point:
+  `x ~= q * scale`, |q| <= 127), read through `quantized_decomposed::embedding_byte`, a gather that
+  dequantizes only the rows it returns. The portable `quantized` kernel library runs it (the Python
+  runtime registers it on `import executorch.kernels.quantized`; native apps link
+  `kernels_quantized`). An all-zero row (the padding row) gets scale 1 and stays exactly zero.
+- `category_table`, `candidate_features` and `candidate_prior` (`FP16_TABLES`): fp16, gathered
+  and cast to fp32. Their values feed the first candidate layer (or the logit) directly and with
+  large weights: per-row int8 drifted up to 4.5e-2 in score for a model without the prior blend
+  (the 5 candidate features of a row differ in scale by orders of magnitude, so one row scale
+  rounds the small ones away); fp16 keeps each value's own exponent for 2 bytes, about the bytes
+  of int8 plus a per-row fp32 scale (docs/benchmarks.md, "int8 size").
 
-Not quantized: the user row (`user`, ~30 floats: its int8 copy plus scale would save less than the
-extra ops cost) and the shared MLP weights, which XNNPACK runs in fp32 (dynamic-int8 linears were
-not faster for these 15-wide layers, see docs/benchmarks.md).
+Not lossy: the user row (`user`, ~30 floats) and the shared MLP weights, which XNNPACK runs in
+fp32 (dynamic-int8 linears were not faster for these 15-wide layers, see docs/benchmarks.md).
 
 The program's inputs and outputs are those of the fp32 recipes: the contract does not depend on
-the recipe. `quantize_program` swaps the tables of a `UserProgram` for `Int8Rows` modules, which
-support the same `table[rows]` indexing the program already uses, so `forward` is unchanged. The
-build-time accuracy budget is `sdk_builder/bundle/budget.py`; stamping is `sdk_builder/stamp.py`.
+the recipe. `quantize_program` swaps the tables of a `UserProgram` for `Int8Rows` / `Fp16Rows`
+modules, which support the same `table[rows]` indexing the program already uses, so `forward` is
+unchanged. The build-time accuracy budget is `sdk_builder/bundle/budget.py`; stamping is
+`sdk_builder/stamp.py`.
 """
 
 from __future__ import annotations
@@ -27,7 +32,9 @@ from sdk_builder.program import UserProgram
 from sdk_builder.recipes.base import Recipe, register
 from sdk_builder.recipes.fp32 import xnnpack_partitioners
 
-INT8_TABLES = ("item_table", "category_table", "candidate_features")
+INT8_TABLES = ("item_table",)
+FP16_TABLES = ("category_table", "candidate_features", "candidate_prior")
+LOSSY_TABLES = INT8_TABLES + FP16_TABLES
 # The dtype's full range, as ExecuTorch's own int8 embedding recipes pass it; the stored values
 # are symmetric, in [-127, 127].
 QUANT_MIN, QUANT_MAX = -128, 127
@@ -39,11 +46,13 @@ def _register_ops() -> None:
 
 @torch.no_grad()
 def quantize_rows(table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-row int8: (q int8 [R, D], scales fp32 [R]); an all-zero row stays exactly zero."""
+    """Symmetric per-row int8: (q int8 [R, D], scales fp16 [R]); an all-zero row stays exactly zero."""
     table = table.detach().to(torch.float32)
     amax = table.abs().amax(dim=1)
-    scales = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
-    q = torch.round(table / scales.unsqueeze(1)).clamp(-127, 127).to(torch.int8)
+    # fp16 scales (2 bytes a row instead of 4), rounded before quantizing so that q * scale is
+    # exactly what the program computes.
+    scales = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax)).to(torch.float16)
+    q = torch.round(table / scales.to(torch.float32).unsqueeze(1)).clamp(-127, 127).to(torch.int8)
     return q.contiguous(), scales.contiguous()
 
 
@@ -62,27 +71,45 @@ class Int8Rows(nn.Module):
         return self.weight.shape
 
     def __getitem__(self, rows: torch.Tensor) -> torch.Tensor:
-        return torch.ops.quantized_decomposed.embedding_byte.default(
-            self.weight, self.scales, None, QUANT_MIN, QUANT_MAX, rows)
+        return torch.ops.quantized_decomposed.embedding_byte.dtype(
+            self.weight, self.scales, None, QUANT_MIN, QUANT_MAX, rows, dtype=torch.float32)
+
+
+class Fp16Rows(nn.Module):
+    """An fp16 table that reads like the fp32 buffer it replaces: `table[rows]` (fp32 rows)."""
+
+    def __init__(self, table: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("weight", table.detach().to(torch.float16).contiguous())
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.weight.shape
+
+    def __getitem__(self, rows: torch.Tensor) -> torch.Tensor:
+        return self.weight[rows].to(torch.float32)
 
 
 def quantize_program(program: nn.Module) -> nn.Module:
-    """Replace the fp32 per-user tables of a `UserProgram` by `Int8Rows`, in place; returns it."""
-    for name in INT8_TABLES:
+    """Replace the fp32 per-user tables of a `UserProgram` by `Int8Rows` / `Fp16Rows`, in place."""
+    for name in LOSSY_TABLES:
         table = program._buffers.pop(name, None)
         if table is None:
             raise ValueError(f"{type(program).__name__} has no fp32 buffer {name!r} to quantize")
-        setattr(program, name, Int8Rows(table))
+        setattr(program, name, Int8Rows(table) if name in INT8_TABLES else Fp16Rows(table))
     return program
 
 
 def quantize_constants(constants: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The int8 program's per-user constants from the fp32 ones, by state-dict name
-    (`item_table` -> `item_table.weight` int8 + `item_table.scales` fp32); others unchanged."""
+    (`item_table` -> `item_table.weight` int8 + `item_table.scales` fp16, `category_table` ->
+    `category_table.weight` fp16); others unchanged."""
     out = {}
     for name, value in constants.items():
         if name in INT8_TABLES:
             out[f"{name}.weight"], out[f"{name}.scales"] = quantize_rows(value)
+        elif name in FP16_TABLES:
+            out[f"{name}.weight"] = value.detach().to(torch.float16).contiguous()
         else:
             out[name] = value
     return out
@@ -93,6 +120,6 @@ def int8_program(model: nn.Module, constants: dict[str, torch.Tensor]) -> nn.Mod
     return quantize_program(UserProgram(model, constants)).eval()
 
 
-INT8 = register(Recipe("int8", "per-row int8 per-user tables + XNNPACK, checked against an accuracy budget",
+INT8 = register(Recipe("int8", "per-row int8 item table, fp16 other per-user tables + XNNPACK, checked against an accuracy budget",
                        partitioners=xnnpack_partitioners, program=int8_program, stored_constants=quantize_constants,
-                       quantized_tables=INT8_TABLES, fallback="xnnpack"))
+                       quantized_tables=LOSSY_TABLES, fallback="xnnpack"))
