@@ -349,6 +349,8 @@ def build_cmd(run, users, users_file, all_users, out, recipe, shard_size, catego
     """
     from tqdm import tqdm
 
+    if users and not skip_unknown:
+        _fail_on_cached_unknown_ids(Path(run), users)
     from sdk_builder.bundle.many import BuildSpec, all_user_ids, build_many, read_user_file
     from sdk_builder.bundle.store import parse_user_id
     from sdk_builder.formats import BundleError
@@ -393,6 +395,27 @@ def build_cmd(run, users, users_file, all_users, out, recipe, shard_size, catego
         lines += [f"... {len(shown) - 10:,} more"] * (len(shown) > 10) + [f"{len(fallbacks):,} fp32 fallback(s)"] * bool(fallbacks)
         human = "\n".join(lines + [human])
     _emit(as_json, payload, human)
+
+
+def _fail_on_cached_unknown_ids(run: Path, users: tuple[str, ...]) -> None:
+    """Unknown --user-shard ids, reported before torch is imported: from the user id map an earlier
+    build cached beside the checkpoint (`bundle.many.user_ids_path`: named by the checkpoint's size
+    and mtime). Without a matching map, or with ids that are not plain integers, the full path decides."""
+    checkpoint = run / "checkpoint.pt" if run.is_dir() else run
+    try:
+        st = checkpoint.stat()
+        ids = np.load(checkpoint.parent / "build-cache" / f"user-ids-{st.st_size}-{st.st_mtime_ns}.npy",
+                      allow_pickle=False)
+    except (OSError, ValueError):
+        return
+    if not all(u.isdigit() and len(u) <= 19 for u in users):
+        return
+    requested = list(dict.fromkeys(int(u) for u in users))
+    unknown = [u for u, known in zip(requested, np.isin(np.asarray(requested, dtype=np.uint64), ids.astype(np.uint64)))
+               if not known]
+    if unknown:
+        shown = ", ".join(map(str, unknown[:20])) + (" ..." if len(unknown) > 20 else "")
+        _fail(f"{len(unknown)} unknown user id(s): {shown} (pass --skip-unknown to build the others)")
 
 
 @main.command("verify")

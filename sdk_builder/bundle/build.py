@@ -18,7 +18,7 @@ import numpy as np
 from model.tbsm import RESERVED_ROWS
 from sdk_builder.bundle.budget import BudgetOutcome, apply_accuracy_budget
 from sdk_builder.bundle.golden import (
-    GOLDEN_TOLERANCE, EagerReference, Request, ShardView, golden_requests, replay_encoded, score_cases,
+    GOLDEN_TOLERANCE, EagerReference, Request, ShardView, golden_requests, replay_encoded, score_golden,
 )
 from sdk_builder.bundle.select import select_shard
 from sdk_builder.bundle.store import bundle_path, is_current, write_bundle_atomically
@@ -172,14 +172,15 @@ class BundleBuilder:
         return self.golden_cases_many([(user_id, shard)])[0]
 
     def golden_cases_many(self, users: list[tuple[int, Shard]]) -> list[list[GoldenCase]]:
-        """Golden cases of several users, scored by the eager full model (one batch per user)."""
-        return [self.scored_golden(user_id, shard)[1] for user_id, shard in users]
+        """Golden cases of several users, scored by the eager full model."""
+        return [cases for _, cases, _ in self.scored_golden(users)]
 
-    def scored_golden(self, user_id: int, shard: Shard) -> tuple[ShardView, list[GoldenCase], list]:
-        """(the user's shard view, golden cases with eager scores, their encoded requests)."""
-        view = ShardView(self.ckpt, shard)
-        cases = self.golden_requests(user_id, shard)
-        return view, cases, score_cases(self.reference, view, shard, cases)
+    def scored_golden(self, users: list[tuple[int, Shard]]) -> list[tuple[ShardView, list[GoldenCase], list]]:
+        """Per user: (its shard view, golden cases with eager scores, their encoded requests)."""
+        views = [ShardView(self.ckpt, shard) for _, shard in users]
+        cases = [self.golden_requests(user_id, shard) for user_id, shard in users]
+        encoded = score_golden(self.reference, [(v, shard, c) for v, (_, shard), c in zip(views, users, cases)])
+        return list(zip(views, cases, encoded))
 
     def eager_scores(self, shard: Shard, history: EventHistory, request_time: int, candidate_ids) -> np.ndarray:
         return self.reference.scores_mixed([(shard, history, request_time, candidate_ids)])[0]
@@ -218,25 +219,25 @@ class BundleBuilder:
         """Bundles of several users; the first one built is checked against the pydantic formats."""
         started = time.perf_counter()
         results: dict[int, BuildResult] = {}
-        built = 0
+        todo = []
         for user_id in user_ids:
             path = bundle_path(out_root, user_id)
             if skip_current and self.is_current(path):
                 results[user_id] = BuildResult(user_id, path, (path / PROGRAM).stat().st_size,
                                                sum(f.stat().st_size for f in path.iterdir()), 0.0, 0.0, skipped=True)
-                continue
-            shard, sources = self.shard_for(self.user_row(user_id))
-            results[user_id] = self._build_one(user_id, shard, sources, out_root, check_formats=built == 0)
-            built += 1
-        seconds = (time.perf_counter() - started) / max(built, 1)
+            else:
+                todo.append((user_id, *self.shard_for(self.user_row(user_id))))
+        goldens = self.scored_golden([(user_id, shard) for user_id, shard, _ in todo]) if todo else []
+        for k, ((user_id, shard, sources), golden) in enumerate(zip(todo, goldens)):
+            results[user_id] = self._build_one(user_id, shard, sources, *golden, out_root, check_formats=k == 0)
+        seconds = (time.perf_counter() - started) / max(len(todo), 1)
         for r in results.values():
             if not r.skipped:
                 r.seconds = seconds
         return [results[u] for u in user_ids]
 
-    def _build_one(self, user_id: int, shard: Shard, sources: dict[str, int], out_root: Path, *,
-                   check_formats: bool = True) -> BuildResult:
-        view, cases, requests = self.scored_golden(user_id, shard)
+    def _build_one(self, user_id: int, shard: Shard, sources: dict[str, int], view: ShardView, cases: list[GoldenCase],
+                   requests: list, out_root: Path, *, check_formats: bool = True) -> BuildResult:
         program = self.program_for(shard)
         budget = self.check_budget(user_id, shard, program, cases) if self.steps.lossy else None
         if budget is not None:

@@ -22,6 +22,7 @@ from sdk_builder.runs import LoadedCheckpoint
 
 GOLDEN_TOLERANCE = 1e-5
 GOLDEN_CANDIDATES = 16
+GOLDEN_CASES = 4  # per user: full, short, empty and all-OOV histories
 _PROGRAM_SPEC = program_spec()  # read-only: shared by every view
 
 Request = tuple[EventHistory, int, list[int]]  # history, request time, global candidate ids
@@ -84,10 +85,10 @@ class EagerReference:
     def scores_many(self, shard: Shard, requests: list[Request]) -> list[np.ndarray]:
         return self.scores_mixed([(shard, *r) for r in requests])
 
-    def scores_encoded(self, requests: list[tuple[Shard, EncodedRequest]]) -> list[np.ndarray]:
-        """Scores of requests already encoded against their shard (local rows), in one eager batch.
-        Float sums depend on the batch's shape: callers that need the same bytes whatever else is
-        being built batch a fixed composition (see `score_cases`)."""
+    def scores_encoded(self, requests: list[tuple[Shard, EncodedRequest]], width: int = 0) -> list[np.ndarray]:
+        """Scores of requests already encoded against their shard (local rows), in one eager batch
+        whose candidates are padded to at least `width`. Float sums depend on the batch's shape
+        and a row's place in it: see `score_golden` for the same bytes whatever the batching."""
         item_category = self.ckpt.item_category
         rows: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
         encoded = []
@@ -106,27 +107,52 @@ class EagerReference:
             cand_cat = np.where(np.isin(cand_cat, shard.category_rows), cand_cat, OOV_ROW)
             encoded.append((shard.user_row, full_item[req.hist_items], full_cat[req.hist_categories], req.hist_behaviors,
                             req.hist_timestamps, int(req.request_time[0]), cand, cand_cat, full_prior[req.candidates]))
-        width = max(len(e[6]) for e in encoded)
-        pad = lambda a, fill: np.pad(a, (0, width - len(a)), constant_values=fill)  # noqa: E731
-        columns = list(zip(*encoded))
+        width = max(width, *(len(e[6]) for e in encoded))
+        cand_items = np.full((len(encoded), width), OOV_ROW, np.int64)
+        cand_cats = np.full((len(encoded), width), OOV_ROW, np.int64)
+        priors = np.zeros((len(encoded), width), np.float32)
+        for i, e in enumerate(encoded):
+            n = len(e[6])
+            cand_items[i, :n], cand_cats[i, :n], priors[i, :n] = e[6], e[7], e[8]
+        columns = list(zip(*[e[:6] for e in encoded]))
         tensors = [torch.from_numpy(np.asarray(columns[i], dtype=np.int64)) for i in range(6)]
-        cand_items = torch.from_numpy(np.stack([pad(a, OOV_ROW) for a in columns[6]]))
-        cand_cats = torch.from_numpy(np.stack([pad(a, OOV_ROW) for a in columns[7]]))
-        priors = torch.from_numpy(np.stack([pad(a, 0.0) for a in columns[8]]))
-        with torch.no_grad():
-            scores = torch.sigmoid(self.model.rank(*tensors, cand_items, cand_cats, logits=True) + priors)
-        return [scores[i, : len(e[6])].numpy().astype(np.float64) for i, e in enumerate(encoded)]
+        with torch.inference_mode():
+            logits = self.model.rank(*tensors, torch.from_numpy(cand_items), torch.from_numpy(cand_cats), logits=True)
+            scores = torch.sigmoid(logits + torch.from_numpy(priors)).numpy().astype(np.float64)
+        return [scores[i, : len(e[6])] for i, e in enumerate(encoded)]
 
 
-def score_cases(reference: EagerReference, view: ShardView, shard: Shard, cases: list[GoldenCase]) -> list[EncodedRequest]:
-    """Fill in the scores of one user's golden cases; returns their encoded requests (for the replay).
+GOLDEN_BATCH_USERS = 64  # users per eager batch of golden cases (fixed: see `score_golden`)
 
-    One eager batch holding exactly this user's cases, never other users': a batch's shape changes
-    how the model's float sums are split (~1 ulp), and golden.json must have the same bytes whether
-    the user is built alone or among thousands (issue 11)."""
-    encoded = [encode(view, c.history, c.request_time, c.candidates) for c in cases]
-    for case, scores in zip(cases, reference.scores_encoded([(shard, r) for r in encoded])):
-        case.scores = scores.tolist()
+
+def score_golden(reference: EagerReference, users: list[tuple[ShardView, Shard, list[GoldenCase]]]) -> list[list[EncodedRequest]]:
+    """Fill in the scores of several users' golden cases; returns their encoded requests (for the replay).
+
+    golden.json must have the same bytes whether a user is built alone or among thousands (issue
+    11), but an eager batch's float sums depend on its shape (BLAS kernels are chosen by size) and
+    on where a row sits (vector loops finish their last elements, and each thread's share, with
+    scalar code). So every batch has the same shape, whatever the number of users: exactly
+    GOLDEN_BATCH_USERS users' cases (short batches filled with copies of their first request),
+    every case padded to the same number of candidates, plus one filler user at the end that
+    takes the vector loops' tails, scored on one thread so that no loop is split between threads.
+    The batch-invariance test builds users alone, in batches and in reversed batches."""
+    if any(len(cases) != GOLDEN_CASES for _, _, cases in users):
+        raise ValueError(f"every user needs {GOLDEN_CASES} golden cases: batches are cut at user boundaries")
+    encoded = [[encode(view, c.history, c.request_time, c.candidates) for c in cases] for view, _, cases in users]
+    flat = [(shard, req) for (_, shard, _), reqs in zip(users, encoded) for req in reqs]
+    cases = [c for _, _, user_cases in users for c in user_cases]
+    per_batch = GOLDEN_BATCH_USERS * GOLDEN_CASES
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for start in range(0, len(flat), per_batch):
+            block = flat[start : start + per_batch]
+            filled = block + [block[0]] * (per_batch + GOLDEN_CASES - len(block))
+            scores = reference.scores_encoded(filled, width=GOLDEN_CANDIDATES + 1)
+            for case, row in zip(cases[start : start + per_batch], scores):
+                case.scores = row.tolist()
+    finally:
+        torch.set_num_threads(threads)
     return encoded
 
 
