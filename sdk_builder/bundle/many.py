@@ -29,7 +29,7 @@ from sdk_builder.recipes import DEFAULT_ACCURACY_BUDGET, DEFAULT_RECIPE
 from sdk_builder.runs import DATA, load_checkpoint
 from sdk_builder.shard import ShardPolicy
 from sdk_builder.program import SliceLayout
-from sdk_builder.stamp import ProgramTemplate, StampingError
+from sdk_builder.stamp import ProgramTemplate, StampingError, check_sentinels
 from sdk_builder.util import atomic_write_bytes, sha256_bytes
 
 CHUNK = 64
@@ -147,8 +147,9 @@ def save_user_ids(builder: BundleBuilder) -> None:
 
 
 def template_replays(builder: BundleBuilder, template: ProgramTemplate, user_id: int) -> bool:
-    """A cached template stamped for `user_id` must replay that user's golden cases like the eager
-    model: a stale or damaged cache is caught here (and every bundle is replayed again when built)."""
+    """A cached template must hold its sentinel pattern where it says (exact), and stamped for
+    `user_id` replay that user's golden cases like the eager model: a stale or damaged cache is
+    caught here (and every bundle is replayed again when built)."""
     from sdk_builder.bundle.golden import replay_encoded
     from sdk_builder.formats import GoldenSet
     from sdk_builder.runtime import load_runtime_method
@@ -156,7 +157,9 @@ def template_replays(builder: BundleBuilder, template: ProgramTemplate, user_id:
     shard, _ = builder.shard_for(builder.user_row(user_id))
     [(_, cases, requests)] = builder.scored_golden([(user_id, shard)])
     try:
-        method = load_runtime_method(template.stamp(builder.constants_for(shard)))
+        constants = builder.constants_for(shard)
+        check_sentinels(template, constants)
+        method = load_runtime_method(template.stamp(constants))
         worst = replay_encoded(GoldenSet.model_construct(tolerance=GOLDEN_TOLERANCE, cases=cases), requests, method)
     except (StampingError, RuntimeError, ValueError):
         return False
