@@ -387,7 +387,9 @@ def build_cmd(run, users, users_file, all_users, out, recipe, shard_size, catego
     """Cut per-user slices of a trained run and compile them to ExecuTorch bundles.
 
     One program is exported per run and stamped with each user's constants (checked against a
-    full export of a few users first). Reruns skip bundles that are already up to date.
+    full export of a few users first). The export is cached in RUN/build-cache/ (keyed by the
+    checkpoint, recipe, layout, code and versions; checked before each reuse), so later builds of the
+    same run skip it. Reruns skip bundles that are already up to date.
 
     \b
     Examples:
@@ -397,6 +399,8 @@ def build_cmd(run, users, users_file, all_users, out, recipe, shard_size, catego
     """
     from tqdm import tqdm
 
+    if users and not skip_unknown:
+        _fail_on_cached_unknown_ids(Path(run), users)
     from sdk_builder.bundle.many import BuildSpec, all_user_ids, build_many, read_user_file
     from sdk_builder.bundle.store import parse_user_id, read_sign_key, sign_bundle
     from sdk_builder.formats import BundleError
@@ -432,8 +436,9 @@ def build_cmd(run, users, users_file, all_users, out, recipe, shard_size, catego
     finally:
         bar.close()
     payload = {"summary": {k: v for k, v in summary.__dict__.items() if k != "rows"}, "bundles": summary.rows}
-    speed = (f"{summary.bundles_per_second:,.1f} bundles/s after a {summary.template_seconds:.1f} s export"
-             if summary.template_seconds else f"{summary.seconds:.1f} s (full export per bundle)")
+    template = ("the run's cached template (checked)" if summary.template_cache == "hit"
+                else f"a {summary.template_seconds:.1f} s export")
+    speed = f"{summary.bundles_per_second:,.1f} bundles/s after {template}; {summary.seconds:.1f} s in all"
     human = (f"{summary.built:,} built, {summary.skipped_current:,} already up to date, {len(summary.unknown):,} unknown "
              f"skipped; {speed}; index {summary.index}")
     if len(summary.rows) <= 10:
@@ -445,6 +450,27 @@ def build_cmd(run, users, users_file, all_users, out, recipe, shard_size, catego
         lines += [f"... {len(shown) - 10:,} more"] * (len(shown) > 10) + [f"{len(fallbacks):,} fp32 fallback(s)"] * bool(fallbacks)
         human = "\n".join(lines + [human])
     _emit(as_json, payload, human)
+
+
+def _fail_on_cached_unknown_ids(run: Path, users: tuple[str, ...]) -> None:
+    """Unknown --user-shard ids, reported before torch is imported: from the user id map an earlier
+    build cached beside the checkpoint (`bundle.many.user_ids_path`: named by the checkpoint's size
+    and mtime). Without a matching map, or with ids that are not plain integers, the full path decides."""
+    checkpoint = run / "checkpoint.pt" if run.is_dir() else run
+    try:
+        st = checkpoint.stat()
+        ids = np.load(checkpoint.parent / "build-cache" / f"user-ids-{st.st_size}-{st.st_mtime_ns}.npy",
+                      allow_pickle=False)
+    except (OSError, ValueError):
+        return
+    if not all(u.isdigit() and len(u) <= 19 for u in users):
+        return
+    requested = list(dict.fromkeys(int(u) for u in users))
+    unknown = [u for u, known in zip(requested, np.isin(np.asarray(requested, dtype=np.uint64), ids.astype(np.uint64)))
+               if not known]
+    if unknown:
+        shown = ", ".join(map(str, unknown[:20])) + (" ..." if len(unknown) > 20 else "")
+        _fail(f"{len(unknown)} unknown user id(s): {shown} (pass --skip-unknown to build the others)")
 
 
 @main.command("verify")

@@ -56,8 +56,7 @@ def build_template(model: TBSM, layout: SliceLayout, recipe: str | Recipe, examp
                    item_category: np.ndarray) -> ProgramTemplate:
     recipe = get_recipe(recipe)
     shapes = {name: tuple(t.shape) for name, t in slice_constants(model, example, item_category, layout).items()}
-    rng = np.random.default_rng(SENTINEL_SEED)
-    sentinels = {name: torch.from_numpy(rng.standard_normal(shape).astype(np.float32)) for name, shape in shapes.items()}
+    sentinels = sentinel_constants(shapes)
     program = recipe.compile(model, sentinels)
     stored = recipe.stored_constants({name: sentinels[name] for name in USER_CONSTANTS})
     offsets, stored_shapes, dtypes = {}, {}, {}
@@ -66,6 +65,27 @@ def build_template(model: TBSM, layout: SliceLayout, recipe: str | Recipe, examp
         offsets[name] = offset_once(program, array.tobytes(), name, recipe.name)
         stored_shapes[name], dtypes[name] = tuple(array.shape), str(array.dtype)
     return ProgramTemplate(program, offsets, stored_shapes, dtypes, layout, recipe.name)
+
+
+def sentinel_constants(shapes: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+    """The distinct random pattern a template is exported with, in place of each per-user constant."""
+    rng = np.random.default_rng(SENTINEL_SEED)
+    return {name: torch.from_numpy(rng.standard_normal(shape).astype(np.float32)) for name, shape in shapes.items()}
+
+
+def check_sentinels(template: ProgramTemplate, constants: dict[str, torch.Tensor]) -> None:
+    """A template read back (e.g. from a cache) must hold the sentinel pattern at every recorded offset,
+    for constants of these shapes: an offset off by a byte, or a template of other shapes or another
+    recipe, is refused (StampingError) rather than stamped into a subtly wrong program."""
+    sentinels = sentinel_constants({name: tuple(t.shape) for name, t in constants.items()})
+    stored = get_recipe(template.recipe).stored_constants({name: sentinels[name] for name in USER_CONSTANTS})
+    if set(stored) != set(template.offsets):
+        raise StampingError(f"template constants {sorted(template.offsets)} differ from the recipe's {sorted(stored)}")
+    for name, tensor in stored.items():
+        raw = tensor.detach().contiguous().numpy().tobytes()
+        offset = template.offsets[name]
+        if template.program[offset : offset + len(raw)] != raw:
+            raise StampingError(f"template constant {name}: no sentinel pattern at its offset {offset}")
 
 
 def offset_once(program: bytes, raw: bytes, name: str, recipe: str) -> int:

@@ -42,8 +42,15 @@ def builder(trained_run):
     from sdk_builder.shard import ShardPolicy
     from sdk_builder.runs import DATA, load_checkpoint
 
+    from sdk_builder.bundle.many import save_template, template_key
+
     ckpt = load_checkpoint(trained_run)
-    return BundleBuilder(ckpt, PreparedData.load(trained_run / DATA), ShardPolicy(shard_size=300), recipe="portable")
+    builder = BundleBuilder(ckpt, PreparedData.load(trained_run / DATA), ShardPolicy(shard_size=300), recipe="portable")
+    # Exported once per session and cached in the run, as `tbsm-sdk build` does: the CLI builds of the
+    # same recipe and layout (--recipe portable --shard-size 300) stamp it instead of exporting again.
+    builder.prepare_stamping()
+    save_template(trained_run, template_key(builder), builder.template)
+    return builder
 
 
 @pytest.fixture(scope="session")

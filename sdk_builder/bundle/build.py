@@ -18,17 +18,17 @@ import numpy as np
 from model.tbsm import RESERVED_ROWS
 from sdk_builder.bundle.budget import BudgetOutcome, apply_accuracy_budget
 from sdk_builder.bundle.golden import (
-    GOLDEN_TOLERANCE, EagerReference, Request, ShardView, golden_requests, replay_golden, score_cases,
+    GOLDEN_TOLERANCE, EagerReference, Request, ShardView, golden_requests, replay_encoded, score_golden,
 )
 from sdk_builder.bundle.select import select_shard
 from sdk_builder.bundle.store import bundle_path, is_current, write_bundle_atomically
 from sdk_builder.client import encode
 from sdk_builder.data.dataset import PreparedData
 from sdk_builder.formats import (
-    GOLDEN, MANIFEST, PROGRAM, SCHEMA, BundleError, EventHistory, GoldenCase, GoldenSet, IdShard, Manifest,
+    GOLDEN, MANIFEST, PROGRAM, SCHEMA, BundleError, EventHistory, GoldenCase, GoldenSet, Manifest,
     QualityGate, ShardPolicyRecord, compact_json, events_json_schema,
 )
-from sdk_builder.program import Shard, SliceLayout, program_spec, slice_constants
+from sdk_builder.program import Shard, SliceLayout, slice_constants
 from sdk_builder.recipes import DEFAULT_ACCURACY_BUDGET, DEFAULT_RECIPE, get_recipe
 from sdk_builder.runs import LoadedCheckpoint, versions
 from sdk_builder.runtime import load_runtime_method
@@ -121,6 +121,7 @@ class BundleBuilder:
                                   min(ckpt.categories.rows, max(category_capacity, 1) + RESERVED_ROWS))
         self.template: ProgramTemplate | None = None
         self.versions = versions()
+        self.model_config = ckpt.config.to_dict()
         self.schema_bytes = compact_json(events_json_schema()).encode()
         self.build_key = build_key(ckpt, data, self.policy, recipe, seed, self.layout, self.versions["tbsm_sdk"],
                                    (accuracy_budget, on_budget_exceeded) if self.steps.lossy else None)
@@ -150,14 +151,16 @@ class BundleBuilder:
     def constants_for(self, shard: Shard):
         return slice_constants(self.model, shard, self.ckpt.item_category, self.layout)
 
-    def manifest_for(self, user_id: int, shard: Shard, sources: dict[str, int], files: dict[str, str]) -> Manifest:
-        return Manifest(
+    def manifest_for(self, user_id: int, shard: Shard, sources: dict[str, int], files: dict[str, str],
+                     view: ShardView | None = None) -> Manifest:
+        """The manifest of one bundle, from values we computed ourselves: constructed without
+        per-bundle validation (`check_formats` validates one bundle of every batch instead)."""
+        view = view or ShardView(self.ckpt, shard)
+        return Manifest.model_construct(
             versions=self.versions, user_id=user_id, recipe=self.recipe, checkpoint_sha256=self.ckpt.sha256,
-            model_config=self.ckpt.config.to_dict(), program=program_spec(),
-            items=IdShard(ids=self.ckpt.items.global_id(shard.item_rows).tolist()),
-            categories=IdShard(ids=self.ckpt.categories.global_id(shard.category_rows).tolist()),
-            shard_policy=ShardPolicyRecord(name=self.policy.name, shard_size=self.policy.shard_size,
-                                           weights=self.policy.weights, sources=sources),
+            model_config=self.model_config, program=view.program, items=view.items, categories=view.categories,
+            shard_policy=ShardPolicyRecord.model_construct(name=self.policy.name, shard_size=self.policy.shard_size,
+                                                           weights=self.policy.weights, sources=sources),
             seeds={"train": int(self.ckpt.payload.get("seed", 0)), "bundle": self.seed},
             golden_tolerance=GOLDEN_TOLERANCE, files=files, build_key=self.build_key, quality=self.quality,
         )
@@ -169,10 +172,15 @@ class BundleBuilder:
         return self.golden_cases_many([(user_id, shard)])[0]
 
     def golden_cases_many(self, users: list[tuple[int, Shard]]) -> list[list[GoldenCase]]:
-        """Golden cases of several users, scored by the eager full model in one batch."""
-        per_user = [self.golden_requests(user_id, shard) for user_id, shard in users]
-        score_cases(self.reference, [(shard, cases) for (_, shard), cases in zip(users, per_user)])
-        return per_user
+        """Golden cases of several users, scored by the eager full model."""
+        return [cases for _, cases, _ in self.scored_golden(users)]
+
+    def scored_golden(self, users: list[tuple[int, Shard]]) -> list[tuple[ShardView, list[GoldenCase], list]]:
+        """Per user: (its shard view, golden cases with eager scores, their encoded requests)."""
+        views = [ShardView(self.ckpt, shard) for _, shard in users]
+        cases = [self.golden_requests(user_id, shard) for user_id, shard in users]
+        encoded = score_golden(self.reference, [(v, shard, c) for v, (_, shard), c in zip(views, users, cases)])
+        return list(zip(views, cases, encoded))
 
     def eager_scores(self, shard: Shard, history: EventHistory, request_time: int, candidate_ids) -> np.ndarray:
         return self.reference.scores_mixed([(shard, history, request_time, candidate_ids)])[0]
@@ -208,7 +216,7 @@ class BundleBuilder:
         return self.build_many([user_id], out_root, skip_current=skip_current)[0]
 
     def build_many(self, user_ids: list[int], out_root: Path, *, skip_current: bool = False) -> list[BuildResult]:
-        """Bundles of several users; their golden vectors are scored in one eager batch."""
+        """Bundles of several users; the first one built is checked against the pydantic formats."""
         started = time.perf_counter()
         results: dict[int, BuildResult] = {}
         todo = []
@@ -219,28 +227,30 @@ class BundleBuilder:
                                                sum(f.stat().st_size for f in path.iterdir()), 0.0, 0.0, skipped=True)
             else:
                 todo.append((user_id, *self.shard_for(self.user_row(user_id))))
-        goldens = self.golden_cases_many([(user_id, shard) for user_id, shard, _ in todo]) if todo else []
-        for (user_id, shard, sources), cases in zip(todo, goldens):
-            results[user_id] = self._build_one(user_id, shard, sources, cases, out_root)
+        goldens = self.scored_golden([(user_id, shard) for user_id, shard, _ in todo]) if todo else []
+        for k, ((user_id, shard, sources), golden) in enumerate(zip(todo, goldens)):
+            results[user_id] = self._build_one(user_id, shard, sources, *golden, out_root, check_formats=k == 0)
         seconds = (time.perf_counter() - started) / max(len(todo), 1)
         for r in results.values():
             if not r.skipped:
                 r.seconds = seconds
         return [results[u] for u in user_ids]
 
-    def _build_one(self, user_id: int, shard: Shard, sources: dict[str, int], cases: list[GoldenCase],
-                   out_root: Path) -> BuildResult:
+    def _build_one(self, user_id: int, shard: Shard, sources: dict[str, int], view: ShardView, cases: list[GoldenCase],
+                   requests: list, out_root: Path, *, check_formats: bool = True) -> BuildResult:
         program = self.program_for(shard)
         budget = self.check_budget(user_id, shard, program, cases) if self.steps.lossy else None
         if budget is not None:
             program, cases = budget.program, budget.cases
-        golden = GoldenSet(tolerance=GOLDEN_TOLERANCE, cases=cases)
+        golden = GoldenSet.model_construct(tolerance=GOLDEN_TOLERANCE, cases=cases)
         files = {PROGRAM: program, SCHEMA: self.schema_bytes, GOLDEN: golden.to_json().encode()}
-        manifest = self.manifest_for(user_id, shard, sources, {k: sha256_bytes(v) for k, v in sorted(files.items())})
+        manifest = self.manifest_for(user_id, shard, sources, {k: sha256_bytes(v) for k, v in sorted(files.items())}, view)
         if budget is not None:
             manifest = manifest.model_copy(update={"recipe": budget.recipe, "quantization": budget.quantization})
         files[MANIFEST] = manifest.to_json().encode()
-        max_diff = replay_golden(manifest, golden, load_runtime_method(program)) if self.verify_each else float("nan")
+        if check_formats:
+            check_against_formats(files)
+        max_diff = replay_encoded(golden, requests, load_runtime_method(program)) if self.verify_each else float("nan")
         if max_diff > GOLDEN_TOLERANCE:
             raise BundleError(f"user {user_id}: the compiled program differs from the eager model by {max_diff:.2e} "
                               f"(> {GOLDEN_TOLERANCE:g}); not writing the bundle")
@@ -248,3 +258,15 @@ class BundleBuilder:
         return BuildResult(user_id, path, len(program), sum(len(v) for v in files.values()),
                            0.0, max_diff, manifest_sha256=sha256_bytes(files[MANIFEST]),
                            recipe=manifest.recipe, note=budget.note if budget is not None else "")
+
+
+def check_against_formats(files: dict[str, bytes]) -> None:
+    """Manifests and golden sets are constructed without validation (ours, and validating costs more
+    than the rest of a bundle): one bundle per batch is validated and must re-serialise to its bytes."""
+    for name, model in ((MANIFEST, Manifest), (GOLDEN, GoldenSet)):
+        try:
+            same = model.model_validate_json(files[name]).to_json().encode() == files[name]
+        except ValueError as exc:
+            raise BundleError(f"{name}: the built file fails its own format: {str(exc).splitlines()[0]}") from None
+        if not same:
+            raise BundleError(f"{name}: the built file does not round-trip through its format")

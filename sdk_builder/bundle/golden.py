@@ -12,104 +12,160 @@ import numpy as np
 import torch
 
 from model.tbsm import OOV_ROW, PADDING_ROW, RESERVED_ROWS, TBSM
-from sdk_builder.client import encode
+from sdk_builder.client import EncodedRequest, encode
 from sdk_builder.data.dataset import PreparedData
 from sdk_builder.formats import (
-    BEHAVIOR_CODES, BEHAVIOR_NAMES, MAX_HISTORY, Event, EventHistory, GoldenCase, GoldenSet, IdShard, Manifest,
+    BEHAVIOR_CODES, BEHAVIOR_NAMES, Behavior, MAX_HISTORY, Event, EventHistory, GoldenCase, GoldenSet, IdShard, Manifest,
 )
 from sdk_builder.program import Shard, program_spec
 from sdk_builder.runs import LoadedCheckpoint
 
 GOLDEN_TOLERANCE = 1e-5
 GOLDEN_CANDIDATES = 16
+GOLDEN_CASES = 4  # per user: full, short, empty and all-OOV histories
+_PROGRAM_SPEC = program_spec()  # read-only: shared by every view
 
 Request = tuple[EventHistory, int, list[int]]  # history, request time, global candidate ids
 
 
 class ShardView:
-    """The parts of a manifest `encode` needs, before the manifest itself exists."""
+    """The parts of a manifest `encode` needs, before the manifest itself exists. Built once per
+    user: the id lists come from our own id maps (sorted, non-negative), so they skip validation."""
 
     def __init__(self, ckpt: LoadedCheckpoint, shard: Shard) -> None:
-        self.items = IdShard(ids=ckpt.items.global_id(shard.item_rows).tolist())
-        self.categories = IdShard(ids=ckpt.categories.global_id(shard.category_rows).tolist())
+        self.items = IdShard.model_construct(ids=ckpt.items.global_id(shard.item_rows).tolist())
+        self.categories = IdShard.model_construct(ids=ckpt.categories.global_id(shard.category_rows).tolist())
         self.behaviors = dict(BEHAVIOR_CODES)
-        self.program = program_spec()
+        self.program = _PROGRAM_SPEC
 
 
 def golden_requests(ckpt: LoadedCheckpoint, data: PreparedData, seed: int, user_id: int, shard: Shard) -> list[GoldenCase]:
     """Real histories of the user (full, short, empty, all-OOV) with shard and unknown candidates (no scores yet)."""
     sl = data.user_events(shard.user_row)
+    # Events of our own prepared data (non-negative ids, known behaviours): built without
+    # re-validating what the ingestion already checked (~40 us a case otherwise).
     events = [
-        Event(item_id=int(i), category_id=int(c), behavior=BEHAVIOR_NAMES[int(b)], timestamp=int(t))
-        for i, c, b, t in zip(ckpt.items.global_id(data.item_rows[sl][-MAX_HISTORY:]),
-                              ckpt.categories.global_id(data.cat_rows[sl][-MAX_HISTORY:]),
-                              data.behaviors[sl][-MAX_HISTORY:], data.timestamps[sl][-MAX_HISTORY:])
+        Event.model_construct(item_id=int(i), category_id=int(c), behavior=Behavior(BEHAVIOR_NAMES[int(b)]),
+                              timestamp=int(t))
+        for i, c, b, t in zip(ckpt.items.global_id(data.item_rows[sl][-MAX_HISTORY:]).tolist(),
+                              ckpt.categories.global_id(data.cat_rows[sl][-MAX_HISTORY:]).tolist(),
+                              data.behaviors[sl][-MAX_HISTORY:].tolist(), data.timestamps[sl][-MAX_HISTORY:].tolist())
     ]
     last_time = events[-1].timestamp if events else 0
     rng = np.random.default_rng([seed, user_id])
     shard_ids = ckpt.items.global_id(shard.item_rows)
     picks = np.sort(rng.choice(len(shard_ids), min(GOLDEN_CANDIDATES, len(shard_ids)), replace=False))
     unknown_id = int(ckpt.items.ids.max()) + 1 + int(rng.integers(0, 1000))
-    candidates = [int(x) for x in shard_ids[picks]] + [unknown_id]
+    candidates = shard_ids[picks].tolist() + [unknown_id]
     foreign = [e.model_copy(update={"item_id": unknown_id + 1 + k}) for k, e in enumerate(events[-5:])]
     histories = {"full_history": events, "short_history": events[-3:], "empty_history": [], "all_oov_history": foreign}
-    return [GoldenCase(name=name, history=EventHistory(user_id=user_id, events=hist), request_time=last_time + 3600,
-                       candidates=candidates, scores=[]) for name, hist in histories.items()]
+    return [GoldenCase.model_construct(name=name, history=EventHistory.model_construct(user_id=user_id, events=hist),
+                                       request_time=last_time + 3600, candidates=candidates, scores=[])
+            for name, hist in histories.items()]
 
 
 class EagerReference:
-    """The full eager model on requests as the phone encodes them, in one batch: the
-    sigmoid of its logit plus the shard's prior of the candidate, exactly what a program returns."""
+    """The full eager model on requests as the phone encodes them: the sigmoid of its logit plus
+    the shard's prior of the candidate, exactly what a program returns."""
 
     def __init__(self, model: TBSM, ckpt: LoadedCheckpoint) -> None:
         self.model, self.ckpt = model, ckpt
 
     def scores_mixed(self, requests: list[tuple[Shard, EventHistory, int, list[int]]]) -> list[np.ndarray]:
-        """Scores of each (shard, request); ids outside a request's shard map to the OOV row, as on the phone."""
-        item_category = self.ckpt.item_category
+        """Scores of each (shard, request) in one batch; ids outside a request's shard map to the
+        OOV row, as on the phone."""
+        views: dict[int, ShardView] = {}
         encoded = []
         for shard, history, request_time, candidate_ids in requests:
-            req = encode(ShardView(self.ckpt, shard), history, request_time, candidate_ids)
-            full_item = np.concatenate([[PADDING_ROW, OOV_ROW], shard.item_rows])
-            full_cat = np.concatenate([[PADDING_ROW, OOV_ROW], shard.category_rows])
+            if id(shard) not in views:
+                views[id(shard)] = ShardView(self.ckpt, shard)
+            encoded.append((shard, encode(views[id(shard)], history, request_time, candidate_ids)))
+        return self.scores_encoded(encoded)
+
+    def scores_many(self, shard: Shard, requests: list[Request]) -> list[np.ndarray]:
+        return self.scores_mixed([(shard, *r) for r in requests])
+
+    def scores_encoded(self, requests: list[tuple[Shard, EncodedRequest]], width: int = 0) -> list[np.ndarray]:
+        """Scores of requests already encoded against their shard (local rows), in one eager batch
+        whose candidates are padded to at least `width`. Float sums depend on the batch's shape
+        and a row's place in it: see `score_golden` for the same bytes whatever the batching."""
+        item_category = self.ckpt.item_category
+        rows: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        encoded = []
+        for shard, req in requests:
+            if id(shard) not in rows:
+                full_prior = np.full(len(shard.item_rows) + RESERVED_ROWS, shard.prior_of_unknown(), np.float32)
+                if shard.item_prior is not None:
+                    full_prior[RESERVED_ROWS:] = shard.item_prior
+                rows[id(shard)] = (np.concatenate([[PADDING_ROW, OOV_ROW], shard.item_rows]),
+                                   np.concatenate([[PADDING_ROW, OOV_ROW], shard.category_rows]), full_prior)
+            full_item, full_cat, full_prior = rows[id(shard)]
             cand = full_item[req.candidates]
             # A candidate's category as the program sees it: OOV when the bundle does not carry it
             # (over the category capacity), exactly like an unknown id on the phone.
             cand_cat = np.where(cand >= RESERVED_ROWS, item_category[cand], OOV_ROW)
             cand_cat = np.where(np.isin(cand_cat, shard.category_rows), cand_cat, OOV_ROW)
-            full_prior = np.full(len(full_item), shard.prior_of_unknown(), np.float32)
-            if shard.item_prior is not None:
-                full_prior[RESERVED_ROWS:] = shard.item_prior
             encoded.append((shard.user_row, full_item[req.hist_items], full_cat[req.hist_categories], req.hist_behaviors,
-                            req.hist_timestamps, request_time, cand, cand_cat, full_prior[req.candidates]))
-        width = max(len(e[6]) for e in encoded)
-        pad = lambda a, fill: np.pad(a, (0, width - len(a)), constant_values=fill)  # noqa: E731
-        columns = list(zip(*encoded))
+                            req.hist_timestamps, int(req.request_time[0]), cand, cand_cat, full_prior[req.candidates]))
+        width = max(width, *(len(e[6]) for e in encoded))
+        cand_items = np.full((len(encoded), width), OOV_ROW, np.int64)
+        cand_cats = np.full((len(encoded), width), OOV_ROW, np.int64)
+        priors = np.zeros((len(encoded), width), np.float32)
+        for i, e in enumerate(encoded):
+            n = len(e[6])
+            cand_items[i, :n], cand_cats[i, :n], priors[i, :n] = e[6], e[7], e[8]
+        columns = list(zip(*[e[:6] for e in encoded]))
         tensors = [torch.from_numpy(np.asarray(columns[i], dtype=np.int64)) for i in range(6)]
-        cand_items = torch.from_numpy(np.stack([pad(a, OOV_ROW) for a in columns[6]]))
-        cand_cats = torch.from_numpy(np.stack([pad(a, OOV_ROW) for a in columns[7]]))
-        priors = torch.from_numpy(np.stack([pad(a, 0.0) for a in columns[8]]))
-        scores = torch.sigmoid(self.model.rank(*tensors, cand_items, cand_cats, logits=True) + priors)
-        return [scores[i, : len(e[6])].numpy().astype(np.float64) for i, e in enumerate(encoded)]
-
-    def scores_many(self, shard: Shard, requests: list[Request]) -> list[np.ndarray]:
-        return self.scores_mixed([(shard, *r) for r in requests])
+        with torch.inference_mode():
+            logits = self.model.rank(*tensors, torch.from_numpy(cand_items), torch.from_numpy(cand_cats), logits=True)
+            scores = torch.sigmoid(logits + torch.from_numpy(priors)).numpy().astype(np.float64)
+        return [scores[i, : len(e[6])] for i, e in enumerate(encoded)]
 
 
-def score_cases(reference: EagerReference, users: list[tuple[Shard, list[GoldenCase]]]) -> None:
-    """Fill in the scores of golden cases of several users with one eager batch."""
-    requests = [(shard, c.history, c.request_time, c.candidates) for shard, cases in users for c in cases]
-    scores = iter(reference.scores_mixed(requests))
-    for _, cases in users:
-        for case in cases:
-            case.scores = [float(x) for x in next(scores)]
+GOLDEN_BATCH_USERS = 64  # users per eager batch of golden cases (fixed: see `score_golden`)
+
+
+def score_golden(reference: EagerReference, users: list[tuple[ShardView, Shard, list[GoldenCase]]]) -> list[list[EncodedRequest]]:
+    """Fill in the scores of several users' golden cases; returns their encoded requests (for the replay).
+
+    golden.json must have the same bytes whether a user is built alone or among thousands (issue
+    11), but an eager batch's float sums depend on its shape (BLAS kernels are chosen by size) and
+    on where a row sits (vector loops finish their last elements, and each thread's share, with
+    scalar code). So every batch has the same shape, whatever the number of users: exactly
+    GOLDEN_BATCH_USERS users' cases (short batches filled with copies of their first request),
+    every case padded to the same number of candidates, plus one filler user at the end that
+    takes the vector loops' tails, scored on one thread so that no loop is split between threads.
+    The batch-invariance test builds users alone, in batches and in reversed batches."""
+    if any(len(cases) != GOLDEN_CASES for _, _, cases in users):
+        raise ValueError(f"every user needs {GOLDEN_CASES} golden cases: batches are cut at user boundaries")
+    encoded = [[encode(view, c.history, c.request_time, c.candidates) for c in cases] for view, _, cases in users]
+    flat = [(shard, req) for (_, shard, _), reqs in zip(users, encoded) for req in reqs]
+    cases = [c for _, _, user_cases in users for c in user_cases]
+    per_batch = GOLDEN_BATCH_USERS * GOLDEN_CASES
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for start in range(0, len(flat), per_batch):
+            block = flat[start : start + per_batch]
+            filled = block + [block[0]] * (per_batch + GOLDEN_CASES - len(block))
+            scores = reference.scores_encoded(filled, width=GOLDEN_CANDIDATES + 1)
+            for case, row in zip(cases[start : start + per_batch], scores):
+                case.scores = row.tolist()
+    finally:
+        torch.set_num_threads(threads)
+    return encoded
 
 
 def replay_golden(manifest: Manifest, golden: GoldenSet, method) -> float:
     """Max abs difference between a runtime method's scores and the golden scores."""
+    return replay_encoded(golden, [encode(manifest, c.history, c.request_time, c.candidates) for c in golden.cases],
+                          method)
+
+
+def replay_encoded(golden: GoldenSet, requests: list[EncodedRequest], method) -> float:
+    """`replay_golden` with the cases already encoded (the build encodes them once for eager and runtime)."""
     worst = 0.0
-    for case in golden.cases:
-        request = encode(manifest, case.history, case.request_time, case.candidates)
+    for case, request in zip(golden.cases, requests):
         got = method.execute(request.tensors())[0].numpy().astype(np.float64)
         worst = max(worst, float(np.max(np.abs(got - np.asarray(case.scores)))))
     return worst

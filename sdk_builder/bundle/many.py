@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import json
 import resource
 import time
 from dataclasses import dataclass, field
@@ -20,16 +21,25 @@ from typing import Callable, Iterator
 import numpy as np
 
 from sdk_builder.bundle.build import BuildResult, BundleBuilder
+from sdk_builder.bundle.golden import GOLDEN_TOLERANCE
 from sdk_builder.bundle.store import check_output, parse_user_id, write_index
 from sdk_builder.data.dataset import PreparedData
 from sdk_builder.formats import BundleError
 from sdk_builder.recipes import DEFAULT_ACCURACY_BUDGET, DEFAULT_RECIPE
 from sdk_builder.runs import DATA, load_checkpoint
 from sdk_builder.shard import ShardPolicy
-from sdk_builder.stamp import ProgramTemplate
+from sdk_builder.program import SliceLayout
+from sdk_builder.stamp import ProgramTemplate, StampingError, check_sentinels
+from sdk_builder.util import atomic_write_bytes, sha256_bytes
 
 CHUNK = 64
 GUARD_USERS = 3
+# Under the run directory: exported templates (one per checkpoint, recipe, layout, code and
+# versions) and the user id map `tbsm-sdk build` checks requested ids against before importing torch.
+BUILD_CACHE = "build-cache"
+# Files whose code shapes a template's bytes: a change in any of them makes a cached template stale.
+_TEMPLATE_CODE = ("model/tbsm.py", "sdk_builder/program.py", "sdk_builder/stamp.py", "sdk_builder/recipes/__init__.py",
+                  "sdk_builder/recipes/base.py", "sdk_builder/recipes/fp32.py", "sdk_builder/recipes/int8.py")
 
 
 @dataclass(frozen=True)
@@ -58,6 +68,7 @@ class BatchSummary:
     bundles_per_second: float = 0.0
     guard_max_abs_diff: float = 0.0
     template_seconds: float = 0.0
+    template_cache: str = ""  # "hit": the run's cached template (replayed against eager first), "written", or ""
     peak_rss_mb: dict[str, float] = field(default_factory=dict)
     index: str = ""
     jobs: int = 1
@@ -74,6 +85,103 @@ def make_builder(spec: BuildSpec, template: ProgramTemplate | None = None) -> Bu
                             allow_weak_model=spec.allow_weak_model)
     builder.template = template
     return builder
+
+
+def template_key(builder: BundleBuilder) -> str:
+    """Everything a template's bytes depend on: checkpoint, recipe, layout, versions and the code."""
+    root = Path(__file__).resolve().parents[2]
+    code = {name: sha256_bytes((root / name).read_bytes()) for name in _TEMPLATE_CODE if (root / name).exists()}
+    material = {"checkpoint": builder.ckpt.sha256, "recipe": builder.recipe, "versions": builder.versions,
+                "layout": [builder.layout.item_rows, builder.layout.category_rows], "code": code}
+    return sha256_bytes(json.dumps(material, sort_keys=True).encode())
+
+
+def save_template(run_dir: Path, key: str, template: ProgramTemplate) -> None:
+    """The program, then its description naming the program's hash: a reader that finds both
+    consistent has a whole template (each file is written atomically)."""
+    cache = run_dir / BUILD_CACHE
+    cache.mkdir(exist_ok=True)
+    atomic_write_bytes(cache / f"template-{key}.pte", template.program)
+    meta = {"key": key, "program_sha256": sha256_bytes(template.program), "offsets": template.offsets,
+            "shapes": template.shapes, "dtypes": template.dtypes, "recipe": template.recipe,
+            "layout": [template.layout.item_rows, template.layout.category_rows]}
+    atomic_write_bytes(cache / f"template-{key}.json", json.dumps(meta, sort_keys=True).encode())
+
+
+def load_template(run_dir: Path, key: str) -> ProgramTemplate | None:
+    """The cached template of `key`, or None when absent, partial or inconsistent (it is then rebuilt)."""
+    cache = run_dir / BUILD_CACHE
+    try:
+        meta = json.loads((cache / f"template-{key}.json").read_text())
+        program = (cache / f"template-{key}.pte").read_bytes()
+        if meta["key"] != key or meta["program_sha256"] != sha256_bytes(program):
+            return None
+        shapes = {name: tuple(int(d) for d in shape) for name, shape in meta["shapes"].items()}
+        offsets = {name: int(offset) for name, offset in meta["offsets"].items()}
+        if set(offsets) != set(shapes) or any(not 0 <= o < len(program) for o in offsets.values()):
+            return None
+        return ProgramTemplate(program, offsets, shapes, dict(meta["dtypes"]), SliceLayout(*meta["layout"]),
+                               str(meta["recipe"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def user_ids_path(checkpoint: Path) -> Path:
+    """The checkpoint's user ids as .npy, named by the checkpoint file's size and mtime: a replaced
+    checkpoint never matches an old map. `tbsm-sdk build` reads it without torch (unknown ids fail
+    fast); keep the name in step with `build_cmd`."""
+    st = checkpoint.stat()
+    return checkpoint.parent / BUILD_CACHE / f"user-ids-{st.st_size}-{st.st_mtime_ns}.npy"
+
+
+def save_user_ids(builder: BundleBuilder) -> None:
+    path = user_ids_path(builder.ckpt.path)
+    if path.exists():
+        return
+    import io
+
+    path.parent.mkdir(exist_ok=True)
+    buffer = io.BytesIO()
+    np.save(buffer, np.asarray(builder.ckpt.users.ids, dtype=np.int64), allow_pickle=False)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def template_replays(builder: BundleBuilder, template: ProgramTemplate, user_id: int) -> bool:
+    """A cached template must hold its sentinel pattern where it says (exact), and stamped for
+    `user_id` replay that user's golden cases like the eager model: a stale or damaged cache is
+    caught here (and every bundle is replayed again when built)."""
+    from sdk_builder.bundle.golden import replay_encoded
+    from sdk_builder.formats import GoldenSet
+    from sdk_builder.runtime import load_runtime_method
+
+    shard, _ = builder.shard_for(builder.user_row(user_id))
+    [(_, cases, requests)] = builder.scored_golden([(user_id, shard)])
+    try:
+        constants = builder.constants_for(shard)
+        check_sentinels(template, constants)
+        method = load_runtime_method(template.stamp(constants))
+        worst = replay_encoded(GoldenSet.model_construct(tolerance=GOLDEN_TOLERANCE, cases=cases), requests, method)
+    except (StampingError, RuntimeError, ValueError):
+        return False
+    return worst <= GOLDEN_TOLERANCE
+
+
+def prepare_template(builder: BundleBuilder, known: list[int], summary: BatchSummary) -> None:
+    """The run's cached template when it replays, else a fresh export checked by the guard (and cached)."""
+    t0 = time.perf_counter()
+    run_dir = builder.ckpt.path.parent
+    key = template_key(builder)
+    cached = load_template(run_dir, key)
+    if cached is not None and template_replays(builder, cached, known[0]):
+        builder.template, summary.template_cache = cached, "hit"
+    else:
+        summary.guard_max_abs_diff = builder.prepare_stamping(min(GUARD_USERS, len(known)))
+        try:
+            save_template(run_dir, key, builder.template)
+            summary.template_cache = "written"
+        except OSError:  # a read-only run directory: the build goes on, the next one exports again
+            summary.template_cache = ""
+    summary.template_seconds = time.perf_counter() - t0
 
 
 def resolve_users(builder: BundleBuilder, requested: list[int]) -> tuple[list[int], list[int]]:
@@ -138,6 +246,10 @@ def build_many(spec: BuildSpec, users: list[int], *, jobs: int = 1, backend: str
     out = Path(spec.out)
     builder = make_builder(spec)
     known, unknown = resolve_users(builder, users)
+    try:
+        save_user_ids(builder)
+    except OSError:  # read-only run directory: unknown ids are then found after the imports, as here
+        pass
     summary = BatchSummary(requested=len(users), unknown=unknown, jobs=jobs, backend=backend)
     if unknown and not skip_unknown:
         shown = ", ".join(map(str, unknown[:20])) + (" ..." if len(unknown) > 20 else "")
@@ -145,13 +257,8 @@ def build_many(spec: BuildSpec, users: list[int], *, jobs: int = 1, backend: str
     check_output(out, len(known), 200_000)
     watch = CheckpointWatch(builder.ckpt.path)
 
-    if len(known) > GUARD_USERS:
-        t0 = time.perf_counter()
-        summary.guard_max_abs_diff = builder.prepare_stamping(GUARD_USERS)
-        summary.template_seconds = time.perf_counter() - t0
-    else:
-        # A full export per user is cheaper than a template plus its guard exports.
-        builder.stamping = False
+    if known:
+        prepare_template(builder, known, summary)
     watch.check()
 
     rows: list[dict] = []

@@ -1,0 +1,97 @@
+"""Bundles built fast stay exact: the same bytes whatever the batching, and the cached template."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BUNDLE_FILES = ("model.pte", "manifest.json", "golden.json", "events.schema.json")
+
+
+def bundle_bytes(path: Path) -> dict[str, bytes]:
+    return {name: (path / name).read_bytes() for name in BUNDLE_FILES}
+
+
+def test_bundle_bytes_do_not_depend_on_which_users_share_a_batch(builder, tmp_path):
+    """Issue 11 item 4: golden scores (and so golden.json and the manifest) differed by ~1 ulp
+    between a user built alone and the same user built in a batch with others."""
+    ids = [int(u) for u in builder.ckpt.users.ids[40:52]]
+    batch = {r.user_id: r.path for r in builder.build_many(ids, tmp_path / "batch")}
+    reversed_batch = {r.user_id: r.path for r in builder.build_many(ids[::-1], tmp_path / "reversed")}
+    differ = []
+    for user in ids:
+        alone = bundle_bytes(builder.build(user, tmp_path / "alone").path)
+        for together in (batch, reversed_batch):
+            got = bundle_bytes(together[user])
+            differ += [(user, name) for name in BUNDLE_FILES if got[name] != alone[name]]
+    assert differ == []
+
+
+@pytest.fixture(scope="module")
+def cached_run(trained_run, tmp_path_factory):
+    """A copy of the trained run (its build cache starts empty) after one single-user build."""
+    from sdk_builder.bundle.many import BuildSpec, build_many
+    from sdk_builder.runs import CHECKPOINT, DATA
+
+    run = tmp_path_factory.mktemp("cached-run")
+    for name in (CHECKPOINT, DATA):
+        shutil.copy2(trained_run / name, run / name)
+    spec = BuildSpec(run=str(run), out=str(run / "first"), recipe="portable", shard_size=300, allow_weak_model=True)
+    first = build_many(spec, [user_ids(run)[0]])
+    return run, spec, first
+
+
+def user_ids(run: Path) -> list[int]:
+    from sdk_builder.runs import load_checkpoint
+
+    return [int(u) for u in load_checkpoint(run).users.ids]
+
+
+def test_second_build_of_a_checkpoint_uses_the_cached_template(cached_run, tmp_path):
+    from sdk_builder.bundle.many import build_many
+
+    run, spec, first = cached_run
+    assert first.template_cache == "written" and first.built == 1
+    ids = user_ids(run)
+    again = build_many(dataclasses.replace(spec, out=str(tmp_path)), ids[:2])
+    assert again.template_cache == "hit" and again.guard_max_abs_diff == 0.0 and again.built == 2
+    rows = {r["user_id"]: Path(r["path"]) for r in again.rows}
+    assert bundle_bytes(rows[ids[0]]) == bundle_bytes(Path(first.rows[0]["path"]))
+    assert all(r["max_golden_diff"] <= 1e-5 for r in again.rows)
+
+
+def test_stale_or_damaged_cached_template_is_rebuilt_not_trusted(cached_run, tmp_path):
+    from sdk_builder.bundle.many import BUILD_CACHE, build_many
+
+    run, spec, first = cached_run
+    meta_path = next((run / BUILD_CACHE).glob("template-*.json"))
+    meta = json.loads(meta_path.read_text())
+    # Consistent files (the hash matches) that stamp a user's table 4 bytes off: a stale template.
+    meta["offsets"]["item_table"] += 4
+    meta_path.write_text(json.dumps(meta))
+    summary = build_many(dataclasses.replace(spec, out=str(tmp_path / "stale")), user_ids(run)[:1])
+    assert summary.template_cache == "written"
+    assert bundle_bytes(Path(summary.rows[0]["path"])) == bundle_bytes(Path(first.rows[0]["path"]))
+    program = next((run / BUILD_CACHE).glob("template-*.pte"))
+    program.write_bytes(program.read_bytes()[:-10])  # truncated: its hash no longer matches
+    summary = build_many(dataclasses.replace(spec, out=str(tmp_path / "truncated")), user_ids(run)[:1])
+    assert summary.template_cache == "written"
+    assert bundle_bytes(Path(summary.rows[0]["path"])) == bundle_bytes(Path(first.rows[0]["path"]))
+
+
+def test_unknown_user_id_is_reported_before_torch_is_imported(cached_run, tmp_path):
+    run, _, _ = cached_run
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "sdk_builder.cli", "build", str(run),
+                           "--user-shard", "999999999", "--out", str(tmp_path)], capture_output=True, text=True,
+                          timeout=600)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode != 0 and "999999999" in lines[-1] and "--skip-unknown" in lines[-1]
+    imported = {line.rsplit("|", 1)[-1].strip() for line in lines if line.startswith("import time:")}
+    assert "sdk_builder.formats" in imported and "torch" not in imported
+    assert not any(tmp_path.iterdir())
