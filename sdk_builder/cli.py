@@ -463,7 +463,7 @@ def _fail_on_cached_unknown_ids(run: Path, users: tuple[str, ...]) -> None:
                       allow_pickle=False)
     except (OSError, ValueError):
         return
-    if not all(u.isdigit() and len(u) <= 19 for u in users):
+    if not all(u.isascii() and u.isdigit() and int(u) < 2**63 for u in users):  # "²".isdigit() is True
         return
     requested = list(dict.fromkeys(int(u) for u in users))
     unknown = [u for u, known in zip(requested, np.isin(np.asarray(requested, dtype=np.uint64), ids.astype(np.uint64)))
