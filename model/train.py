@@ -6,14 +6,21 @@ are callbacks. That keeps it usable from the CLI, the benchmark and the tests al
 
 from __future__ import annotations
 
+import mmap
+import queue
+import threading
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Protocol
+from typing import Callable, Iterable, Iterator, Protocol
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from model.tbsm import PADDING_ROW, TBSM
+
+# Tables at least this large get memory the kernel may back with 2 MB pages (see `_huge_page_zeros`).
+HUGE_PAGE_MIN_BYTES = 64 << 20
+PREFETCH_DEPTH = 2
 
 
 class BatchLike(Protocol):
@@ -32,6 +39,92 @@ class TrainConfig:
     select_by: str = "val_hr10"  # the validation metric that picks the best checkpoint (higher is better)
 
 
+@dataclass
+class DedupedBatch:
+    """A batch plus, per id table it reads, its unique rows and the inverse index (`dedup`)."""
+
+    batch: BatchLike
+    rows: list[tuple[np.ndarray, np.ndarray]]
+
+    @property
+    def labels(self) -> torch.Tensor:
+        return self.batch.labels
+
+    def inputs(self) -> tuple[torch.Tensor, ...]:
+        return self.batch.inputs()
+
+
+def dedup(model: TBSM, batch: BatchLike) -> DedupedBatch:
+    """np.unique of the user, item, category (and behaviour) rows: pure numpy, so it can run on a
+    prefetch thread while the previous batch trains."""
+    user_rows, item_rows, cat_rows, behaviors, _ = batch.inputs()
+    lookups = [user_rows, item_rows, cat_rows] + ([behaviors] if model.tower.behavior_emb is not None else [])
+    rows = []
+    for r in lookups:
+        unique, inverse = np.unique(r.numpy(), return_inverse=True)
+        rows.append((unique, inverse.reshape(r.shape)))
+    return DedupedBatch(batch, rows)
+
+
+def prefetched(items: Iterable, depth: int = PREFETCH_DEPTH) -> Iterator:
+    """`items`, produced on a background thread up to `depth` ahead, in the same order.
+
+    For collate and de-duplication (numpy, mostly outside the GIL) of batch k+1 while batch k
+    trains; the batches are the same as without prefetching, so training stays deterministic.
+    """
+    done = object()
+    out: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        out.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            out.put(done)
+        except BaseException as error:  # re-raised on the consumer's thread
+            out.put(error)
+
+    worker = threading.Thread(target=produce, name="batch-prefetch", daemon=True)
+    worker.start()
+    try:
+        while True:
+            item = out.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        worker.join()
+
+
+def _huge_page_zeros(like: torch.Tensor) -> torch.Tensor | None:
+    """Zeros shaped like `like`, in anonymous memory advised for transparent huge pages; None for
+    tables under HUGE_PAGE_MIN_BYTES or where that is unsupported (ordinary memory then).
+
+    A step reads and writes a few thousand random rows of tables up to 266 MB: with 4 KB pages
+    nearly every row is a TLB miss; with 2 MB pages the gathers and write-backs took 1.3-1.9x less
+    time (5,000 random rows of the 4.2M-row item table and its Adagrad sums, 1 thread).
+    """
+    nbytes = like.numel() * like.element_size()
+    if nbytes < HUGE_PAGE_MIN_BYTES or like.device.type != "cpu" or not hasattr(mmap, "MADV_HUGEPAGE"):
+        return None
+    try:
+        buffer = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        buffer.madvise(mmap.MADV_HUGEPAGE)
+    except OSError:
+        return None
+    return torch.frombuffer(buffer, dtype=like.dtype).view(like.shape)  # the tensor keeps `buffer` alive
+
+
 class TBSMOptimizer:
     """Adagrad (torch's formula: sum += g^2; p -= lr * g / (sqrt(sum) + eps)) in two parts.
 
@@ -48,6 +141,9 @@ class TBSMOptimizer:
         table_ids = {id(t) for t in self.tables}
         for t in self.tables:
             t.requires_grad_(False)  # rows are trained through the gathered leaves, never in place
+            moved = _huge_page_zeros(t)
+            if moved is not None:
+                t.data = moved.copy_(t.detach())
         self.dense = [p for p in model.parameters() if id(p) not in table_ids]
         self.flat = torch.cat([p.detach().reshape(-1) for p in self.dense])
         self.flat_grad = torch.zeros_like(self.flat)
@@ -58,14 +154,12 @@ class TBSMOptimizer:
             p.grad = self.flat_grad[offset : offset + n].view_as(p)
             offset += n
         self.dense_sum = torch.zeros_like(self.flat)
-        self.table_sum = [torch.zeros_like(t) for t in self.tables]
+        self.table_sum = [z if (z := _huge_page_zeros(t)) is not None else torch.zeros_like(t) for t in self.tables]
 
-    def gather(self, table_index: int, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(unique rows, leaf of their vectors, inverse index with the shape of `rows`)."""
-        unique, inverse = np.unique(rows, return_inverse=True)
+    def gather(self, table_index: int, unique: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """(unique rows as a tensor, leaf of their vectors)."""
         unique_t = torch.from_numpy(unique)
-        leaf = self.tables[table_index].index_select(0, unique_t).requires_grad_()
-        return unique_t, leaf, torch.from_numpy(inverse.reshape(rows.shape))
+        return unique_t, self.tables[table_index].index_select(0, unique_t).requires_grad_()
 
     def zero_grad(self) -> None:
         self.flat_grad.zero_()
@@ -92,28 +186,32 @@ class TBSMOptimizer:
             mine.copy_(saved)
 
 
-def train_step(model: TBSM, optimizer: TBSMOptimizer, batch: BatchLike, log_q: torch.Tensor | None = None) -> float:
+def train_step(model: TBSM, optimizer: TBSMOptimizer, batch: BatchLike | DedupedBatch,
+               log_q: torch.Tensor | None = None, fused: bool = True) -> float:
     """One Adagrad step on the batch's binary cross-entropy.
+
+    `batch` may come de-duplicated already (`dedup`, e.g. on a prefetch thread). `fused`: the
+    event tower's hand-written backward (`TBSM.forward_vectors`); False runs plain autograd.
 
     `log_q` (one value per item row): log-probability that the negative sampler draws the item.
     Subtracting it from every candidate's logit (the "logQ correction") makes the model learn the
     user's preference over all items, popularity included, whatever the sampler; without it,
     popularity-sampled negatives would teach the model to ignore popularity.
     """
-    user_rows, item_rows, cat_rows, behaviors, timestamps = batch.inputs()
+    if not isinstance(batch, DedupedBatch):
+        batch = dedup(model, batch)
+    _, item_rows, _, behaviors, timestamps = batch.inputs()
     tower = model.tower
-    lookups = [(tower.user_emb, user_rows), (tower.item_emb, item_rows), (tower.cat_emb, cat_rows)]
-    if tower.behavior_emb is not None:
-        lookups.append((tower.behavior_emb, behaviors))
+    tables = [tower.user_emb, tower.item_emb, tower.cat_emb, tower.behavior_emb]
     touched, vectors = [], []
-    for table, rows in lookups:
+    for table, (unique, inverse) in zip(tables, batch.rows):
         index = next(i for i, t in enumerate(optimizer.tables) if t is table.weight)
-        unique, leaf, inverse = optimizer.gather(index, rows.numpy())
-        touched.append((index, unique, leaf))
-        vectors.append(leaf[inverse])
+        unique_t, leaf = optimizer.gather(index, unique)
+        touched.append((index, unique_t, leaf))
+        vectors.append(leaf[torch.from_numpy(inverse)])
     optimizer.zero_grad()
     logits = model.forward_vectors(*vectors[:3], behaviors, timestamps, item_rows != PADDING_ROW,
-                                   behavior_vec=vectors[3] if len(vectors) > 3 else None)
+                                   behavior_vec=vectors[3] if len(vectors) > 3 else None, fused=fused)
     if log_q is not None:
         logits = logits - log_q[item_rows[:, -1]]
     loss = F.binary_cross_entropy_with_logits(logits, batch.labels)
@@ -158,12 +256,30 @@ def fit(
     state: TrainState | None = None,
     progress: Callable[[int, float], None] = lambda step, loss: None,
     log_q: torch.Tensor | None = None,
+    prefetch: bool | None = None,
 ) -> TrainState:
     """Train for cfg.epochs from state.epoch; validate every cfg.eval_every steps and at epoch end.
 
     `train_batches(epoch)` must yield the epoch's batches in a deterministic order. `validate`
     returns a metrics dict with the `cfg.select_by` key; `on_best` is called when it improves.
+    `prefetch` (default: when torch has more than one thread) prepares the next batch on a
+    background thread that takes one of torch's threads: intra-op threads do not speed up ops on
+    tensors this small, a pipeline does. The result is the same either way.
     """
+    threads = torch.get_num_threads()
+    if prefetch is None:
+        prefetch = threads > 1
+    if prefetch and threads > 1:
+        torch.set_num_threads(threads - 1)
+    try:
+        return _fit_epochs(model, optimizer, cfg, train_batches, steps_per_epoch, validate, on_best, on_epoch_end,
+                           state, progress, log_q, prefetch)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _fit_epochs(model, optimizer, cfg, train_batches, steps_per_epoch, validate, on_best, on_epoch_end, state,
+                progress, log_q, prefetch) -> TrainState:
     state = state or TrainState()
     model.train()
     recent_losses: list[float] = []
@@ -179,7 +295,10 @@ def fit(
             on_best(state, metrics)
 
     while state.epoch < cfg.epochs:
-        for batch in train_batches(state.epoch):
+        batches: Iterable = (dedup(model, b) for b in train_batches(state.epoch))
+        if prefetch:
+            batches = prefetched(batches)
+        for batch in batches:
             loss = train_step(model, optimizer, batch, log_q)
             recent_losses.append(loss)
             state.step += 1
