@@ -456,9 +456,12 @@ def _fail_on_cached_unknown_ids(run: Path, users: tuple[str, ...]) -> None:
     """Unknown --user-shard ids, reported before torch is imported: from the user id map an earlier
     build cached beside the checkpoint (`bundle.many.user_ids_path`: named by the checkpoint's size
     and mtime). Without a matching map, or with ids that are not plain integers, the full path decides."""
+    import numpy as np
+
     checkpoint = run / "checkpoint.pt" if run.is_dir() else run
     try:
         st = checkpoint.stat()
+        # "build-cache" is runs.BUILD_CACHE, not imported here: runs imports torch.
         ids = np.load(checkpoint.parent / "build-cache" / f"user-ids-{st.st_size}-{st.st_mtime_ns}.npy",
                       allow_pickle=False)
     except (OSError, ValueError):

@@ -43,7 +43,9 @@ STALLED_AUC = 0.55  # a run whose best validation AUC stays below this learned n
 FEW_TEST_POINTS = 100
 # What a run directory holds that a new run replaces; anything else found in `out` is carried over.
 # ondevice.* (from `evaluate --on-device`) describe the old model, so they go with it.
-RUN_OUTPUTS = frozenset({CHECKPOINT, LAST, DATA, "metrics.json", "training_curve.png", "ondevice.json", "ondevice.png"})
+BUILD_CACHE = "build-cache"  # templates `build` exported from this run's checkpoint (bundle/many.py)
+RUN_OUTPUTS = frozenset({CHECKPOINT, LAST, DATA, "metrics.json", "training_curve.png", "ondevice.json", "ondevice.png",
+                         BUILD_CACHE})
 # What LoadedCheckpoint and `evaluate` read, and what `--resume` reads on top.
 CHECKPOINT_KEYS = ("model_state", "model_config", "id_maps", "item_category", "data_fingerprint")
 RESUME_KEYS = CHECKPOINT_KEYS + ("optimizer_state", "train_config", "train_state", "torch_rng")

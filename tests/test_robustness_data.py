@@ -195,14 +195,14 @@ def test_killed_force_training_keeps_the_old_run(run_copy):
     run = run_copy("force")
     before = cli("evaluate", run, "--json")
     assert before.exit_code == 0, before.output
-    files = {name: (run / name).read_bytes() for name in os.listdir(run)}
+    files = {name: (run / name).read_bytes() for name in os.listdir(run) if (run / name).is_file()}
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]), OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-c", _KILLED_FORCE_TRAIN, str(run)], env=env, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == -9, proc.stderr[-3000:]  # killed mid-training, as by kill -9
     after = cli("evaluate", run, "--json")
     assert after.exit_code == 0 and after.stdout == before.stdout, after.output
-    assert {name: (run / name).read_bytes() for name in os.listdir(run)} == files
+    assert {name: (run / name).read_bytes() for name in os.listdir(run) if (run / name).is_file()} == files
     leftovers = [p for p in run.parent.iterdir() if p.name.startswith(f".{run.name}.train-")]
     assert len(leftovers) == 1 and (leftovers[0] / DATA).exists()  # the new run was being written beside the old
     from sdk_builder.runs import _staging_dir

@@ -26,7 +26,7 @@ from sdk_builder.bundle.store import check_output, parse_user_id, write_index
 from sdk_builder.data.dataset import PreparedData
 from sdk_builder.formats import BundleError
 from sdk_builder.recipes import DEFAULT_ACCURACY_BUDGET, DEFAULT_RECIPE
-from sdk_builder.runs import DATA, load_checkpoint
+from sdk_builder.runs import BUILD_CACHE, DATA, load_checkpoint
 from sdk_builder.shard import ShardPolicy
 from sdk_builder.program import SliceLayout
 from sdk_builder.stamp import ProgramTemplate, StampingError, check_sentinels
@@ -36,7 +36,6 @@ CHUNK = 64
 GUARD_USERS = 3
 # Under the run directory: exported templates (one per checkpoint, recipe, layout, code and
 # versions) and the user id map `tbsm-sdk build` checks requested ids against before importing torch.
-BUILD_CACHE = "build-cache"
 # Files whose code shapes a template's bytes: a change in any of them makes a cached template stale.
 _TEMPLATE_CODE = ("model/tbsm.py", "sdk_builder/program.py", "sdk_builder/stamp.py", "sdk_builder/recipes/__init__.py",
                   "sdk_builder/recipes/base.py", "sdk_builder/recipes/fp32.py", "sdk_builder/recipes/int8.py")
