@@ -111,12 +111,13 @@ def mlp(sizes: tuple[int, ...], *, final_activation: bool, init: str = "normal")
     layers: list[nn.Module] = []
     for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
         linear = nn.Linear(n_in, n_out)
-        with torch.no_grad():
-            linear.weight.normal_(0.0, math.sqrt(2.0 / (n_in + n_out)))
-            if init == "reference":
-                linear.bias.normal_(0.0, math.sqrt(1.0 / n_out))
-            else:
-                linear.bias.zero_()
+        if not linear.weight.is_meta:  # on meta: shapes only, a checkpoint fills them (_embedding_table)
+            with torch.no_grad():
+                linear.weight.normal_(0.0, math.sqrt(2.0 / (n_in + n_out)))
+                if init == "reference":
+                    linear.bias.normal_(0.0, math.sqrt(1.0 / n_out))
+                else:
+                    linear.bias.zero_()
         layers.append(linear)
         if i < len(sizes) - 2 or final_activation:
             layers.append(nn.ReLU())
@@ -128,7 +129,12 @@ def _embedding_table(rows: int, dim: int, *, reserved: int, init: str, std: floa
 
     `reference`: uniform(+-sqrt(1/rows)) as the reference. `normal`: N(0, std).
     """
-    table = nn.Embedding(rows, dim, sparse=True, padding_idx=PADDING_ROW if reserved else None)
+    padding_idx = PADDING_ROW if reserved else None
+    if torch.empty(0).is_meta:
+        # Built to load a checkpoint into: `normal_` on the meta device runs torch._refs, whose first
+        # call imports torch._dynamo (~1.5 s of every `build`), for values the checkpoint replaces.
+        return nn.Embedding(rows, dim, sparse=True, padding_idx=padding_idx, _weight=torch.empty(rows, dim))
+    table = nn.Embedding(rows, dim, sparse=True, padding_idx=padding_idx)
     if init == "reference":
         bound = math.sqrt(1.0 / rows)
         nn.init.uniform_(table.weight, -bound, bound)
@@ -278,7 +284,7 @@ class TSLHead(nn.Module):
         self.cfg = cfg
         z, t = cfg.z_dim, cfg.history
         self.A = nn.Parameter(torch.empty(z, z)) if cfg.tsl_inner != "dot" else None
-        if self.A is not None:
+        if self.A is not None and not self.A.is_meta:
             nn.init.uniform_(self.A, -math.sqrt(1.0 / z), math.sqrt(1.0 / z))
         self.attention = (
             nn.Sequential(mlp((t, *cfg.tsl_mlp, t), final_activation=False, init=cfg.init), nn.Sigmoid())

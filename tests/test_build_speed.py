@@ -95,3 +95,12 @@ def test_unknown_user_id_is_reported_before_torch_is_imported(cached_run, tmp_pa
     imported = {line.rsplit("|", 1)[-1].strip() for line in lines if line.startswith("import time:")}
     assert "sdk_builder.formats" in imported and "torch" not in imported
     assert not any(tmp_path.iterdir())
+
+
+def test_loading_a_checkpoint_does_not_import_the_compiler_stack(trained_run):
+    """Random init on the meta device used to import torch._dynamo (~1.5 s of every `build`)."""
+    code = ("import sys; from sdk_builder.runs import load_checkpoint; load_checkpoint(sys.argv[1], mmap=True); "
+            "print('torch._dynamo' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code, str(trained_run)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "False"
