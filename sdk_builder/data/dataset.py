@@ -17,12 +17,15 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from model.tbsm import OOV_ROW, PADDING_ROW, RESERVED_ROWS
-from sdk_builder.data.events import EventLog
+
+if TYPE_CHECKING:  # annotations only: events imports pyarrow (~0.8 s), which build and evaluate never need
+    from sdk_builder.data.events import EventLog
 
 PROTOCOLS = ("holdout", "reference")
 # uniform: the reference's sampler (any item the user never touched); popularity: a mix of uniform
