@@ -1,5 +1,6 @@
 """Wall time of the phone-side commands (`--help`, `rank`, `verify`, `inspect`) on one bundle,
-before and after the start-up work, in one run.
+and with --run of a second `build` of one user (the template cached by an earlier build), before
+and after the start-up work, in one run; `import torch` alone as the floor.
 
 "Before" is a checkout of --before-ref (default: the commit before the start-up work) extracted
 with `git archive` into a temporary directory; "after" is this checkout. Each command runs
@@ -58,12 +59,18 @@ def tiny_bundle(work: Path) -> Path:
     return out / json.loads((out / "bundles.jsonl").read_text().splitlines()[0])["path"]
 
 
-def timed(checkout: Path, args: list[str]) -> tuple[float, float, bool, int]:
-    """Wall seconds, CPU seconds (user + system: less sensitive to a busy machine), exir loaded, exit code."""
+_CALLS = iter(range(10**9))
+
+
+def timed(checkout: Path, args: list[str] | None) -> tuple[float, float, bool, int]:
+    """Wall seconds, CPU seconds (user + system: less sensitive to a busy machine), exir loaded, exit code.
+    "{n}" in an argument becomes a number new on every call (a fresh --out: the bundle is built, not skipped)."""
     env = {**os.environ, "PYTHONPATH": str(checkout), "OMP_NUM_THREADS": "1"}
+    call = next(_CALLS)
+    probe = ["-c", "import torch"] if args is None else ["-c", PROBE, *(a.replace("{n}", str(call)) for a in args)]
     cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
-    done = subprocess.run([sys.executable, "-c", PROBE, *args], cwd=checkout, env=env, capture_output=True, text=True)
+    done = subprocess.run([sys.executable, *probe], cwd=checkout, env=env, capture_output=True, text=True)
     seconds = time.perf_counter() - start
     cpu_after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (cpu_after.ru_utime - cpu_before.ru_utime) + (cpu_after.ru_stime - cpu_before.ru_stime)
@@ -73,6 +80,8 @@ def timed(checkout: Path, args: list[str]) -> tuple[float, float, bool, int]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--bundle", type=Path, help="A bundle directory (default: build one from a tiny run).")
+    parser.add_argument("--run", type=Path, help="A run directory: also time `build --user-shard` of its bundle's user "
+                        "(the first, untimed call fills the run's template cache).")
     parser.add_argument("--before-ref", default=BEFORE_REF)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-report", action="store_true", help="Print only; do not append to docs/benchmarks.md.")
@@ -90,11 +99,17 @@ def main() -> None:
         "verify": ["verify", str(bundle)],
         "inspect": ["inspect", str(bundle)],
     }
+    if args.run:
+        user = str(golden["cases"][0]["history"]["user_id"])
+        commands["build (cached template)"] = ["build", str(args.run), "--user-shard", user, "--out", str(work / "out-{n}")]
+        commands["build (unknown user id)"] = ["build", str(args.run), "--user-shard", "999999999999", "--out", str(work / "out-{n}")]
+        commands["python -c 'import torch' (floor)"] = None
     checkouts = {"before": extract(args.before_ref, work / "before"), "after": ROOT}
     times: dict[tuple[str, str], list[float]] = {}
     cpu: dict[tuple[str, str], list[float]] = {}
     exir: dict[tuple[str, str], bool] = {}
     codes: dict[tuple[str, str], int] = {}
+    commands.setdefault("python -c 'import torch' (floor)", None)
     for name, which in [(c, w) for c in commands for w in checkouts]:  # warm the page cache once
         timed(checkouts[which], commands[name])
     for _ in range(args.repeats):
@@ -109,7 +124,7 @@ def main() -> None:
     for name in commands:
         before, after = (statistics.median(times[(name, w)]) for w in ("before", "after"))
         cpu_before, cpu_after = (statistics.median(cpu[(name, w)]) for w in ("before", "after"))
-        rows.append([f"`tbsm-sdk {name}`", f"{before:.2f}", f"{after:.2f}", f"{before / after:.1f}x",
+        rows.append([f"`tbsm-sdk {name}`" if commands[name] is not None else name, f"{before:.2f}", f"{after:.2f}", f"{before / after:.1f}x",
                      f"{cpu_before:.2f}", f"{cpu_after:.2f}",
                      "yes" if exir[(name, "before")] else "no", "yes" if exir[(name, "after")] else "no",
                      f"{codes[(name, 'before')]}/{codes[(name, 'after')]}"])
