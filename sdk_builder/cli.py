@@ -453,27 +453,19 @@ def build_cmd(run, users, users_file, all_users, out, recipe, shard_size, catego
 
 
 def _fail_on_cached_unknown_ids(run: Path, users: tuple[str, ...]) -> None:
-    """Unknown --user-shard ids, reported before torch is imported: from the user id map an earlier
-    build cached beside the checkpoint (`bundle.many.user_ids_path`: named by the checkpoint's size
-    and mtime). Without a matching map, or with ids that are not plain integers, the full path decides."""
-    import numpy as np
+    """Unknown --user-shard ids, reported before torch is imported, from the user id map an earlier
+    build cached beside the checkpoint. Without a current map, or with ids that are not plain int64
+    integers, the full path decides (and reports those)."""
+    from sdk_builder.bundle.store import cached_unknown_user_ids, parse_user_id, unknown_users_message
+    from sdk_builder.formats import BundleError
 
-    checkpoint = run / "checkpoint.pt" if run.is_dir() else run
     try:
-        st = checkpoint.stat()
-        # "build-cache" is runs.BUILD_CACHE, not imported here: runs imports torch.
-        ids = np.load(checkpoint.parent / "build-cache" / f"user-ids-{st.st_size}-{st.st_mtime_ns}.npy",
-                      allow_pickle=False)
-    except (OSError, ValueError):
+        requested = [parse_user_id(u) for u in users]
+    except BundleError:
         return
-    if not all(u.isascii() and u.isdigit() and int(u) < 2**63 for u in users):  # "²".isdigit() is True
-        return
-    requested = list(dict.fromkeys(int(u) for u in users))
-    unknown = [u for u, known in zip(requested, np.isin(np.asarray(requested, dtype=np.uint64), ids.astype(np.uint64)))
-               if not known]
+    unknown = cached_unknown_user_ids(run / "checkpoint.pt" if run.is_dir() else run, requested)
     if unknown:
-        shown = ", ".join(map(str, unknown[:20])) + (" ..." if len(unknown) > 20 else "")
-        _fail(f"{len(unknown)} unknown user id(s): {shown} (pass --skip-unknown to build the others)")
+        _fail(unknown_users_message(unknown))
 
 
 @main.command("verify")

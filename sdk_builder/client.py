@@ -17,7 +17,7 @@ import torch
 from pydantic import ValidationError
 
 from sdk_builder.formats import (
-    BUNDLE_FORMAT_VERSION, GOLDEN, INT64_MAX, MANIFEST, PROGRAM, BundleError, EventHistory, GoldenSet, IdShard,
+    BUNDLE_FORMAT_VERSION, GOLDEN, INT64_MAX, MANIFEST, PROGRAM, BundleError, EventHistory, GoldenCase, GoldenSet, IdShard,
     Manifest, validation_message,
 )
 from sdk_builder.runtime import load_runtime_method
@@ -86,6 +86,19 @@ def encode(manifest: Manifest, history: EventHistory, request_time: int, candida
                           local_rows(manifest.items, candidates))
 
 
+def run_method(method, request: EncodedRequest) -> np.ndarray:
+    """Scores of one encoded request from a runtime method (float64, for comparisons)."""
+    return method.execute(request.tensors())[0].numpy().astype(np.float64)
+
+
+def golden_max_diff(cases: list[GoldenCase], requests: list[EncodedRequest], execute) -> float:
+    """Max abs difference between `execute(request)` and the golden scores of each case."""
+    worst = 0.0
+    for case, request in zip(cases, requests):
+        worst = max(worst, float(np.max(np.abs(execute(request) - np.asarray(case.scores)))))
+    return worst
+
+
 def read_manifest(bundle: Path) -> Manifest:
     path = bundle / MANIFEST
     if not path.is_file():
@@ -139,7 +152,7 @@ class Bundle:
 
     def execute(self, request: EncodedRequest) -> np.ndarray:
         try:
-            return self.method.execute(request.tensors())[0].numpy().astype(np.float64)
+            return run_method(self.method, request)
         except RuntimeError as exc:  # the runtime's message is its multi-line log
             raise BundleError(f"{self.path / PROGRAM}: ExecuTorch could not run it "
                               f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None

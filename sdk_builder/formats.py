@@ -32,6 +32,7 @@ GOLDEN = "golden.json"
 BUNDLE_FILES = (PROGRAM, MANIFEST, SCHEMA, GOLDEN)
 # Optional: HMAC-SHA256 of manifest.json's bytes under the app's key (`build --sign-key`).
 SIGNATURE = "manifest.json.hmac"
+BUILD_CACHE = "build-cache"  # in a run directory: what `build` cached (templates, the user id map)
 # Every id and time reaches the program as an int64 tensor.
 INT64_MAX = 2**63 - 1
 # Names in a manifest's `files`: plain names inside the bundle directory (no separators, no

@@ -32,6 +32,7 @@ from model.tbsm import RESERVED_ROWS, TBSM, TBSMConfig
 from model.train import TBSMOptimizer, TrainConfig, TrainState, fit, predict
 from sdk_builder.data.dataset import Batch, IdMap, NegativeSampler, PreparedData, SampleSet
 from sdk_builder.evaluation import PRIMARY_METRIC, ValidationRanking
+from sdk_builder.formats import BUILD_CACHE
 from sdk_builder.util import atomic_write_bytes, exchange_paths, sha256_file
 
 CHECKPOINT = "checkpoint.pt"
@@ -43,7 +44,6 @@ STALLED_AUC = 0.55  # a run whose best validation AUC stays below this learned n
 FEW_TEST_POINTS = 100
 # What a run directory holds that a new run replaces; anything else found in `out` is carried over.
 # ondevice.* (from `evaluate --on-device`) describe the old model, so they go with it.
-BUILD_CACHE = "build-cache"  # templates `build` exported from this run's checkpoint (bundle/many.py)
 RUN_OUTPUTS = frozenset({CHECKPOINT, LAST, DATA, "metrics.json", "training_curve.png", "ondevice.json", "ondevice.png",
                          BUILD_CACHE})
 # What LoadedCheckpoint and `evaluate` read, and what `--resume` reads on top.

@@ -67,7 +67,8 @@ def test_second_build_of_a_checkpoint_uses_the_cached_template(cached_run, tmp_p
 
 
 def test_stale_or_damaged_cached_template_is_rebuilt_not_trusted(cached_run, tmp_path):
-    from sdk_builder.bundle.many import BUILD_CACHE, build_many
+    from sdk_builder.bundle.many import build_many
+    from sdk_builder.formats import BUILD_CACHE
 
     run, spec, first = cached_run
     meta_path = next((run / BUILD_CACHE).glob("template-*.json"))

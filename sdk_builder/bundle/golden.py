@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from model.tbsm import OOV_ROW, PADDING_ROW, RESERVED_ROWS, TBSM
-from sdk_builder.client import EncodedRequest, encode
+from sdk_builder.client import EncodedRequest, encode, golden_max_diff, run_method
 from sdk_builder.data.dataset import PreparedData
 from sdk_builder.formats import (
     BEHAVIOR_CODES, BEHAVIOR_NAMES, Behavior, MAX_HISTORY, Event, EventHistory, GoldenCase, GoldenSet, IdShard, Manifest,
@@ -164,8 +164,4 @@ def replay_golden(manifest: Manifest, golden: GoldenSet, method) -> float:
 
 def replay_encoded(golden: GoldenSet, requests: list[EncodedRequest], method) -> float:
     """`replay_golden` with the cases already encoded (the build encodes them once for eager and runtime)."""
-    worst = 0.0
-    for case, request in zip(golden.cases, requests):
-        got = method.execute(request.tensors())[0].numpy().astype(np.float64)
-        worst = max(worst, float(np.max(np.abs(got - np.asarray(case.scores)))))
-    return worst
+    return golden_max_diff(golden.cases, requests, lambda request: run_method(method, request))

@@ -22,11 +22,11 @@ import numpy as np
 
 from sdk_builder.bundle.build import BuildResult, BundleBuilder
 from sdk_builder.bundle.golden import GOLDEN_TOLERANCE
-from sdk_builder.bundle.store import check_output, parse_user_id, write_index
+from sdk_builder.bundle.store import check_output, parse_user_id, unknown_users_message, user_ids_path, write_index
 from sdk_builder.data.dataset import PreparedData
-from sdk_builder.formats import BundleError
+from sdk_builder.formats import BUILD_CACHE, BundleError
 from sdk_builder.recipes import DEFAULT_ACCURACY_BUDGET, DEFAULT_RECIPE
-from sdk_builder.runs import BUILD_CACHE, DATA, load_checkpoint
+from sdk_builder.runs import DATA, load_checkpoint
 from sdk_builder.shard import ShardPolicy
 from sdk_builder.program import SliceLayout
 from sdk_builder.stamp import ProgramTemplate, StampingError, check_sentinels
@@ -123,14 +123,6 @@ def load_template(run_dir: Path, key: str) -> ProgramTemplate | None:
                                str(meta["recipe"]))
     except (OSError, ValueError, KeyError, TypeError):
         return None
-
-
-def user_ids_path(checkpoint: Path) -> Path:
-    """The checkpoint's user ids as .npy, named by the checkpoint file's size and mtime: a replaced
-    checkpoint never matches an old map. `tbsm-sdk build` reads it without torch (unknown ids fail
-    fast); keep the name in step with `build_cmd`."""
-    st = checkpoint.stat()
-    return checkpoint.parent / BUILD_CACHE / f"user-ids-{st.st_size}-{st.st_mtime_ns}.npy"
 
 
 def save_user_ids(builder: BundleBuilder) -> None:
@@ -251,8 +243,7 @@ def build_many(spec: BuildSpec, users: list[int], *, jobs: int = 1, backend: str
         pass
     summary = BatchSummary(requested=len(users), unknown=unknown, jobs=jobs, backend=backend)
     if unknown and not skip_unknown:
-        shown = ", ".join(map(str, unknown[:20])) + (" ..." if len(unknown) > 20 else "")
-        raise BundleError(f"{len(unknown)} unknown user id(s): {shown} (pass --skip-unknown to build the others)")
+        raise BundleError(unknown_users_message(unknown))
     check_output(out, len(known), 200_000)
     watch = CheckpointWatch(builder.ckpt.path)
 

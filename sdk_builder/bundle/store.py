@@ -11,7 +11,7 @@ import re
 import shutil
 from pathlib import Path
 
-from sdk_builder.formats import MANIFEST, SIGNATURE, BundleError
+from sdk_builder.formats import BUILD_CACHE, MANIFEST, SIGNATURE, BundleError
 from sdk_builder.util import atomic_write_bytes, atomic_write_dir, sha256_bytes, sha256_file
 
 INDEX = "bundles.jsonl"
@@ -25,6 +25,32 @@ def parse_user_id(text: str) -> int:
     if not _SAFE_USER_ID.fullmatch(str(text)) or int(text) > _MAX_USER_ID:
         raise BundleError(f"user id {text!r} is not a non-negative 64-bit integer (bundle directories are named by user id)")
     return int(text)
+
+
+def user_ids_path(checkpoint: Path) -> Path:
+    """The checkpoint's user ids as .npy, named by the checkpoint file's size and mtime: a replaced
+    checkpoint never matches an old map."""
+    st = checkpoint.stat()
+    return checkpoint.parent / BUILD_CACHE / f"user-ids-{st.st_size}-{st.st_mtime_ns}.npy"
+
+
+def cached_unknown_user_ids(checkpoint: Path, user_ids: list[int]) -> list[int] | None:
+    """The ids (deduplicated, in order) missing from the checkpoint's cached id map, read without
+    torch so `build` reports unknown ids at once; None when no current map is cached."""
+    import numpy as np
+
+    try:
+        known = np.load(user_ids_path(checkpoint), allow_pickle=False)
+    except (OSError, ValueError):
+        return None
+    requested = list(dict.fromkeys(user_ids))
+    found = np.isin(np.asarray(requested, dtype=np.int64), known)
+    return [u for u, ok in zip(requested, found) if not ok]
+
+
+def unknown_users_message(unknown: list[int]) -> str:
+    shown = ", ".join(map(str, unknown[:20])) + (" ..." if len(unknown) > 20 else "")
+    return f"{len(unknown)} unknown user id(s): {shown} (pass --skip-unknown to build the others)"
 
 
 def bundle_path(out_root: Path, user_id: int) -> Path:

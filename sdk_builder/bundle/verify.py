@@ -24,10 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
-import numpy as np
-
 from sdk_builder.bundle.store import INDEX, manifest_signature
-from sdk_builder.client import Bundle, encode
+from sdk_builder.client import Bundle, encode, golden_max_diff
 from sdk_builder.formats import GOLDEN, MANIFEST, PROGRAM, SCHEMA, SIGNATURE, BundleError, compact_json, events_json_schema
 from sdk_builder.util import sha256_bytes, sha256_file
 
@@ -125,7 +123,6 @@ def verify_bundle(path: Path, expected: Expected = Expected()) -> dict:
         raise BundleError(f"{bundle.path / GOLDEN}: tolerance {golden.tolerance:g} differs from the manifest's {m.golden_tolerance:g}")
     if not golden.cases:
         raise BundleError(f"{bundle.path / GOLDEN}: no cases")
-    worst = 0.0
     for case in golden.cases:
         if case.history.user_id != m.user_id:
             raise BundleError(f"{bundle.path / GOLDEN}: case {case.name}: history of user {case.history.user_id}, "
@@ -136,8 +133,8 @@ def verify_bundle(path: Path, expected: Expected = Expected()) -> dict:
         if len(case.scores) != len(case.candidates):
             raise BundleError(f"{bundle.path / GOLDEN}: case {case.name}: {len(case.scores)} scores for "
                               f"{len(case.candidates)} candidates")
-        got = bundle.execute(encode(m, case.history, case.request_time, case.candidates))
-        worst = max(worst, float(np.max(np.abs(got - np.asarray(case.scores)))))
+    requests = [encode(m, case.history, case.request_time, case.candidates) for case in golden.cases]
+    worst = golden_max_diff(golden.cases, requests, bundle.execute)
     if not worst <= golden.tolerance:  # NaN fails too
         raise BundleError(f"{bundle.path}: golden vectors differ by {worst:.2e} > tolerance {golden.tolerance:g}")
     return {"bundle": str(bundle.path), "user_id": m.user_id, "ok": True, "cases": len(golden.cases),
