@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from sdk_builder.formats import BUNDLE_FILES, INT64_MAX
+from sdk_builder.formats import BUNDLE_FILES, INT64_MAX, parse_int64_text
 from sdk_builder.recipes import DEFAULT_ACCURACY_BUDGET, DEFAULT_RECIPE, ON_BUDGET_EXCEEDED, RECIPE_NAMES, get_recipe
 
 DEFAULT_SEED = 0
@@ -39,12 +39,11 @@ def _quiet_third_party() -> None:
 
 
 def _int64(text: str, what: str) -> int:
-    """A non-negative decimal integer that fits the program's int64 inputs (ASCII digits only:
-    str.isdigit() also accepts '²' and other digits int() cannot read)."""
-    text = text.strip()
-    if not re.fullmatch(r"[0-9]{1,19}", text) or int(text) > INT64_MAX:
-        _fail(f"{what}: {text[:40]!r} is not an integer in 0..{INT64_MAX}")
-    return int(text)
+    """A non-negative decimal integer that fits the program's int64 inputs."""
+    value = parse_int64_text(text.strip())
+    if value is None:
+        _fail(f"{what}: {text.strip()[:40]!r} is not an integer in 0..{INT64_MAX}")
+    return value
 
 
 def _json_safe(value):

@@ -11,6 +11,7 @@ agree with them.
 from __future__ import annotations
 
 import json
+import re
 from enum import Enum
 from typing import Annotated, Any
 
@@ -35,6 +36,12 @@ SIGNATURE = "manifest.json.hmac"
 BUILD_CACHE = "build-cache"  # in a run directory: what `build` cached (templates, the user id map)
 # Every id and time reaches the program as an int64 tensor.
 INT64_MAX = 2**63 - 1
+
+
+def parse_int64_text(text: str) -> int | None:
+    """A non-negative int64 written as 1-19 ASCII digits, else None (str.isdigit() also accepts
+    '²' and other digits int() cannot read)."""
+    return int(text) if re.fullmatch(r"[0-9]{1,19}", text) and int(text) <= INT64_MAX else None
 # Names in a manifest's `files`: plain names inside the bundle directory (no separators, no
 # "..", no hidden or absolute paths), so a manifest can never point outside its bundle.
 PLAIN_FILE_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"

@@ -7,24 +7,22 @@ import hashlib
 import hmac
 import json
 import os
-import re
 import shutil
 from pathlib import Path
 
-from sdk_builder.formats import BUILD_CACHE, MANIFEST, SIGNATURE, BundleError
+from sdk_builder.formats import BUILD_CACHE, MANIFEST, SIGNATURE, BundleError, parse_int64_text
 from sdk_builder.util import atomic_write_bytes, atomic_write_dir, sha256_bytes, sha256_file
 
 INDEX = "bundles.jsonl"
 MIN_KEY_BYTES = 32  # HMAC-SHA256 keys shorter than the hash add no strength; refuse them
-_SAFE_USER_ID = re.compile(r"[0-9]{1,19}", re.ASCII)  # ASCII digits only: "²".isdigit() is True
-_MAX_USER_ID = 2**63 - 1  # ids are int64 everywhere (event logs, checkpoints, the bundle program)
 
 
 def parse_user_id(text: str) -> int:
     """User ids name bundle directories: only plain non-negative int64 integers are accepted."""
-    if not _SAFE_USER_ID.fullmatch(str(text)) or int(text) > _MAX_USER_ID:
+    user_id = parse_int64_text(str(text))
+    if user_id is None:
         raise BundleError(f"user id {text!r} is not a non-negative 64-bit integer (bundle directories are named by user id)")
-    return int(text)
+    return user_id
 
 
 def user_ids_path(checkpoint: Path) -> Path:
