@@ -357,6 +357,8 @@ def _open_run(run: str):
 @click.option("--user-shard", "users", multiple=True, metavar="USER_ID", help="Global user id to build a bundle for (repeatable).")
 @click.option("--users", "users_file", type=click.Path(exists=True, dir_okay=False), help="File with one user id per line.")
 @click.option("--all", "all_users", is_flag=True, help="Every user of the checkpoint.")
+@click.option("--new-user", is_flag=True, help="Also (or only) the cold-start bundle, OUT/cold_start/: for users without "
+                                              "a bundle of their own (a population user vector, popular and diverse items).")
 @click.option("--out", type=click.Path(file_okay=False), required=True,
               help="Output root: bundles go to OUT/<h>/<h>/<user_id>/, listed in OUT/bundles.jsonl.")
 @click.option("--recipe", type=click.Choice(RECIPE_NAMES), default=DEFAULT_RECIPE, show_default=True,
@@ -382,7 +384,7 @@ def _open_run(run: str):
 @click.option("--json", "as_json", is_flag=True)
 def build_cmd(run, users, users_file, all_users, out, recipe, shard_size, category_capacity, seed, jobs, backend,
               ray_address, skip_unknown, fsync, as_json, accuracy_budget=DEFAULT_ACCURACY_BUDGET, on_budget_exceeded="fail",
-              allow_weak_model=False, sign_key=None):
+              allow_weak_model=False, sign_key=None, new_user=False):
     """Cut per-user slices of a trained run and compile them to ExecuTorch bundles.
 
     One program is exported per run and stamped with each user's constants (checked against a
@@ -395,6 +397,7 @@ def build_cmd(run, users, users_file, all_users, out, recipe, shard_size, catego
       tbsm-sdk build runs/demo --user-shard 1234 --out bundles
       tbsm-sdk build runs/demo --users cohort.txt --jobs 2 --out bundles --json
       tbsm-sdk build runs/demo --all --backend ray --ray-address auto --out bundles
+      tbsm-sdk build runs/demo --new-user --out bundles
     """
     from tqdm import tqdm
 
@@ -413,18 +416,18 @@ def build_cmd(run, users, users_file, all_users, out, recipe, shard_size, catego
             requested += all_user_ids(Path(run))
     except BundleError as exc:
         _fail(str(exc))
-    if not requested:
-        _fail("no users: pass --user-shard ID, --users FILE or --all")
+    if not requested and not new_user:
+        _fail("no users: pass --user-shard ID, --users FILE, --all or --new-user")
     if shard_size < 1 or jobs < 1 or category_capacity < 1:
         _fail("--shard-size, --jobs and --category-capacity must be at least 1")
     spec = BuildSpec(run=str(run), out=str(out), recipe=recipe, shard_size=shard_size, seed=seed,
                      category_capacity=category_capacity, durable=fsync,
                      accuracy_budget=accuracy_budget, on_budget_exceeded=on_budget_exceeded,
                      allow_weak_model=allow_weak_model)
-    bar = tqdm(total=len(requested), unit="bundle", desc="build", disable=as_json, leave=False)
+    bar = tqdm(total=len(requested) + new_user, unit="bundle", desc="build", disable=as_json, leave=False)
     try:
         summary = build_many(spec, requested, jobs=jobs, backend=backend, ray_address=ray_address,
-                             skip_unknown=skip_unknown, progress=bar.update)
+                             skip_unknown=skip_unknown, new_user=new_user, progress=bar.update)
         if key is not None:  # also the bundles skipped as up to date: signing is idempotent, the key may be new
             for row in summary.rows:
                 sign_bundle(Path(out) / row["path"], key, durable=fsync)
@@ -501,7 +504,7 @@ def verify_cmd(bundles, index, key_file, as_json):
             found = find_bundles(Path(root))
             targets += [(p, Expected(key=key)) for p in found] or [(Path(root), Expected(key=key))]
         if index:
-            targets += [(p, Expected(e.manifest_sha256, e.user_id, key, e.index)) for p, e in read_index(Path(index))]
+            targets += [(p, Expected(e.manifest_sha256, e.user_id, key, e.index, e.cold_start)) for p, e in read_index(Path(index))]
     except BundleError as exc:
         _fail(str(exc))
     if not targets:

@@ -145,7 +145,7 @@ class Bundle:
                               f"{spec.max_candidates} do not match {PROGRAM}'s inputs {[list(s) for s in shapes]}")
 
     def score(self, history: EventHistory, request_time: int, candidate_ids) -> np.ndarray:
-        if history.user_id != self.manifest.user_id:
+        if not self.manifest.accepts(history):
             raise BundleError(f"history is for user {history.user_id}, this bundle is for user {self.manifest.user_id}")
         request = encode(self.manifest, history, request_time, candidate_ids)
         return self.execute(request)

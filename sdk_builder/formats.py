@@ -13,11 +13,11 @@ from __future__ import annotations
 import json
 import re
 from enum import Enum
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
 
-BUNDLE_FORMAT_VERSION = 1
+BUNDLE_FORMAT_VERSION = 2
 MAX_HISTORY = 20
 MAX_CANDIDATES = 4096
 # The on-device row codes: model.tbsm.PADDING_ROW, OOV_ROW and RESERVED_ROWS (tests/test_layering.py).
@@ -100,7 +100,9 @@ class EventHistory(BaseModel):
         },
     )
 
-    user_id: NonNegativeInt = Field(description="Global id of the user the bundle was built for.")
+    user_id: NonNegativeInt | None = Field(
+        description="Global id of the user the bundle was built for; null with a cold-start bundle (a new user, "
+                    "who may have no id yet).")
     events: list[Event] = Field(max_length=MAX_HISTORY, description="Oldest first; [] for a user with no events yet.")
 
     @model_validator(mode="after")
@@ -192,10 +194,16 @@ class QualityGate(BaseModel):
     passed: bool = Field(description="shipped > popularity; false only when built with --allow-weak-model.")
 
 
+BundleKind = Literal["personal", "cold_start"]
+
+
 class Manifest(BaseModel):
     format_version: int = BUNDLE_FORMAT_VERSION
     versions: dict[str, str]
-    user_id: int
+    kind: BundleKind = Field(default="personal", description=(
+        "personal: one user's bundle (user_id set); cold_start: for users without a personal bundle (a new "
+        "install): a population user vector and popular, category-diverse items (user_id null)."))
+    user_id: int | None = Field(description="The user of a personal bundle; null for a cold-start bundle.")
     recipe: str
     checkpoint_sha256: str
     model_config_: dict[str, Any] = Field(alias="model_config")
@@ -217,6 +225,18 @@ class Manifest(BaseModel):
                                         description="The build-time quality gate: validation HR@10 vs popularity.")
 
     model_config = ConfigDict(populate_by_name=True, protected_namespaces=())
+
+    @model_validator(mode="after")
+    def _user_matches_kind(self) -> Manifest:
+        if (self.kind == "cold_start") != (self.user_id is None):
+            raise ValueError(f"kind {self.kind!r} with user_id {self.user_id!r}: a personal bundle names its user, "
+                             "a cold_start bundle has user_id null")
+        return self
+
+    def accepts(self, history: EventHistory) -> bool:
+        """A personal bundle ranks its own user's history; a cold-start bundle any history (a new
+        install, with or without a user id, that has no personal bundle yet)."""
+        return self.kind == "cold_start" or history.user_id == self.user_id
 
     def to_json(self) -> str:
         return compact_json(self.model_dump(by_alias=True, mode="json"))

@@ -30,7 +30,7 @@ LAYERS: dict[str, int] = {
     "sdk_builder.bundle.select": 9, "sdk_builder.bundle.store": 9, "sdk_builder.bundle.golden": 9,
     "sdk_builder.bundle.budget": 10, "sdk_builder.bundle.verify": 10, "sdk_builder.bundle.inspect": 10,
     "sdk_builder.bundle.build": 11,
-    "sdk_builder.bundle.many": 12, "sdk_builder.bundle": 12,
+    "sdk_builder.bundle.many": 12, "sdk_builder.bundle.coldstart": 12, "sdk_builder.bundle": 12,
     "sdk_builder.demo": 13,
     "sdk_builder.ondevice": 13,
     "sdk_builder.cli": 14,

@@ -21,7 +21,7 @@ from sdk_builder.bundle.golden import (
     GOLDEN_TOLERANCE, EagerReference, Request, ShardView, golden_requests, replay_encoded, score_golden,
 )
 from sdk_builder.bundle.select import select_shard
-from sdk_builder.bundle.store import bundle_path, is_current, write_bundle_atomically
+from sdk_builder.bundle.store import bundle_path, cold_start_path, is_current, write_bundle_atomically
 from sdk_builder.client import encode
 from sdk_builder.data.dataset import PreparedData
 from sdk_builder.formats import (
@@ -39,7 +39,7 @@ from sdk_builder.util import sha256_bytes
 
 @dataclass
 class BuildResult:
-    user_id: int
+    user_id: int | None  # None: the cold-start bundle
     path: Path
     bytes_program: int
     bytes_total: int
@@ -157,7 +157,7 @@ class BundleBuilder:
         per-bundle validation (`check_formats` validates one bundle of every batch instead)."""
         view = view or ShardView(self.ckpt, shard)
         return Manifest.model_construct(
-            versions=self.versions, user_id=user_id, recipe=self.recipe, checkpoint_sha256=self.ckpt.sha256,
+            versions=self.versions, kind="personal" if user_id is not None else "cold_start", user_id=user_id, recipe=self.recipe, checkpoint_sha256=self.ckpt.sha256,
             model_config=self.model_config, program=view.program, items=view.items, categories=view.categories,
             shard_policy=ShardPolicyRecord.model_construct(name=self.policy.name, shard_size=self.policy.shard_size,
                                                            weights=self.policy.weights, sources=sources),
@@ -252,9 +252,10 @@ class BundleBuilder:
             check_against_formats(files)
         max_diff = replay_encoded(golden, requests, load_runtime_method(program)) if self.verify_each else float("nan")
         if max_diff > GOLDEN_TOLERANCE:
-            raise BundleError(f"user {user_id}: the compiled program differs from the eager model by {max_diff:.2e} "
+            raise BundleError(f"{'user ' + str(user_id) if user_id is not None else 'cold start'}: the compiled program differs from the eager model by {max_diff:.2e} "
                               f"(> {GOLDEN_TOLERANCE:g}); not writing the bundle")
-        path = write_bundle_atomically(bundle_path(out_root, user_id), files, durable=self.durable)
+        final = bundle_path(out_root, user_id) if user_id is not None else cold_start_path(out_root)
+        path = write_bundle_atomically(final, files, durable=self.durable)
         return BuildResult(user_id, path, len(program), sum(len(v) for v in files.values()),
                            0.0, max_diff, manifest_sha256=sha256_bytes(files[MANIFEST]),
                            recipe=manifest.recipe, note=budget.note if budget is not None else "")

@@ -263,14 +263,15 @@ def inspect_bundle(path: Path) -> dict[str, Any]:
         else:
             parts = [_part(name, "file", len(data))]
         files.append({"name": name, "bytes": len(data), "parts": parts})
-    return {"bundle": str(path), "user_id": manifest.get("user_id"), "recipe": manifest.get("recipe"),
+    return {"bundle": str(path), "kind": manifest.get("kind", "personal"), "user_id": manifest.get("user_id"), "recipe": manifest.get("recipe"),
             "quantization": manifest.get("quantization"), "total_bytes": sum(f["bytes"] for f in files),
             "files": files}
 
 
 def format_report(report: dict[str, Any]) -> str:
     total = report["total_bytes"] or 1
-    lines = [f"{report['bundle']}: {report['total_bytes']:,} B, recipe {report['recipe']}"]
+    lines = [f"{report['bundle']}: {report['total_bytes']:,} B, recipe {report['recipe']}"
+             + (", cold start (no user)" if report.get("kind") == "cold_start" else "")]
     q = report.get("quantization")
     if q:
         lines[0] += (f" (requested {q['requested_recipe']}, drift {q['max_score_drift']:.2e}, "

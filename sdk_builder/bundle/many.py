@@ -219,7 +219,7 @@ def _build_chunk(users: list[int], out: str) -> list[dict]:
 
 
 def _result_row(r: BuildResult, out: Path) -> dict:
-    return {"user_id": r.user_id, "path": str(r.path.relative_to(out)), "manifest_sha256": r.manifest_sha256,
+    return {"user_id": r.user_id, **({"kind": "cold_start"} if r.user_id is None else {}), "path": str(r.path.relative_to(out)), "manifest_sha256": r.manifest_sha256,
             "bytes": r.bytes_total, "skipped": r.skipped,
             "max_golden_diff": None if np.isnan(r.max_golden_diff) else r.max_golden_diff,
             **({"recipe": r.recipe, "note": r.note} if r.note else {})}  # int8 builds: drift vs budget, fallback
@@ -231,8 +231,9 @@ def _chunks(users: list[int], size: int) -> Iterator[list[int]]:
 
 
 def build_many(spec: BuildSpec, users: list[int], *, jobs: int = 1, backend: str = "local",
-               ray_address: str | None = None, skip_unknown: bool = False,
+               ray_address: str | None = None, skip_unknown: bool = False, new_user: bool = False,
                progress: Callable[[int], None] = lambda n: None) -> BatchSummary:
+    """Bundles of the known `users`, and with `new_user` the cold-start bundle (OUT/cold_start)."""
     started = time.perf_counter()
     out = Path(spec.out)
     builder = make_builder(spec)
@@ -244,14 +245,19 @@ def build_many(spec: BuildSpec, users: list[int], *, jobs: int = 1, backend: str
     summary = BatchSummary(requested=len(users), unknown=unknown, jobs=jobs, backend=backend)
     if unknown and not skip_unknown:
         raise BundleError(unknown_users_message(unknown))
-    check_output(out, len(known), 200_000)
+    check_output(out, len(known) + new_user, 200_000)
     watch = CheckpointWatch(builder.ckpt.path)
 
-    if known:
-        prepare_template(builder, known, summary)
+    if known or new_user:
+        prepare_template(builder, known or [int(builder.ckpt.users.ids[0])], summary)
     watch.check()
 
     rows: list[dict] = []
+    if new_user:
+        from sdk_builder.bundle.coldstart import build_cold_start
+
+        rows.append(_result_row(build_cold_start(builder, out, skip_current=True), out))
+        progress(1)
     if backend == "ray":
         rows = _run_ray(spec, builder.template, known, jobs, ray_address, watch, progress)
     elif jobs <= 1:

@@ -57,6 +57,14 @@ def bundle_path(out_root: Path, user_id: int) -> Path:
     return Path(out_root) / digest[:2] / digest[2:4] / str(user_id)
 
 
+COLD_START_DIR = "cold_start"  # beside the fan-out directories (two hex digits: no clash)
+
+
+def cold_start_path(out_root: Path) -> Path:
+    """<out>/cold_start: the bundle for users without one of their own (`build --new-user`)."""
+    return Path(out_root) / COLD_START_DIR
+
+
 def write_bundle_atomically(final: Path, files: dict[str, bytes], *, durable: bool = False) -> Path:
     """Write the bundle `files` into the directory `final`: readers, and a process killed at any
     point, see the old bundle or the new one, never a mix. `durable` also fsyncs."""
@@ -100,19 +108,21 @@ def format_bytes(n: int) -> str:
 def write_index(out: Path, rows: list[dict], checkpoint_sha256: str) -> Path:
     """Merge this run's bundles into `bundles.jsonl` (one line per user, sorted), atomically."""
     index = out / INDEX
-    entries: dict[int, dict] = {}
+    entries: dict[int | None, dict] = {}  # None: the cold-start bundle (listed first)
     if index.exists():
         for line in index.read_text().splitlines():
             if line.strip():
                 entry = json.loads(line)
-                entries[int(entry["user_id"])] = entry
+                entries[None if entry["user_id"] is None else int(entry["user_id"])] = entry
     for r in rows:
         if r["skipped"] and r["user_id"] in entries:
             continue
         manifest_sha = r["manifest_sha256"] or sha256_file(out / r["path"] / MANIFEST)
         entries[r["user_id"]] = {"user_id": r["user_id"], "path": r["path"], "manifest_sha256": manifest_sha,
-                                 "checkpoint_sha256": checkpoint_sha256}
-    text = "".join(json.dumps(entries[u], sort_keys=True) + "\n" for u in sorted(entries))
+                                 "checkpoint_sha256": checkpoint_sha256,
+                                 **({"kind": "cold_start"} if r["user_id"] is None else {})}
+    order = sorted(entries, key=lambda u: (u is not None, u or 0))
+    text = "".join(json.dumps(entries[u], sort_keys=True) + "\n" for u in order)
     try:
         return atomic_write_bytes(index, text.encode())
     except OSError as exc:

@@ -4,7 +4,8 @@ What binds a bundle together (a bundle that passes has all of these):
 - `manifest.json` lists the sha256 of `model.pte`, `events.schema.json` and `golden.json` by plain
   file name; nothing else may sit in the bundle directory except the optional signature;
 - the program's input shapes are the manifest's `program.max_history` / `max_candidates`;
-- `golden.json`'s histories are all for the manifest's `user_id`, and its scores, computed by the
+- `golden.json`'s histories are all for the manifest's `user_id` (null, synthetic histories, in a
+  cold-start bundle), and its scores, computed by the
   eager full model at build time, replay in the program within tolerance: the scores depend on
   the user's embedding row and on the local rows the manifest's `items.ids` give the candidates,
   so another user's program or a reordered id list fails here;
@@ -38,6 +39,7 @@ class Expected:
     user_id: int | None = None
     key: bytes | None = None
     index: str = INDEX
+    cold_start: bool = False  # the index lists the cold-start bundle here
 
 
 @functools.cache
@@ -80,6 +82,8 @@ def _check_directory(bundle: Bundle) -> None:
 
 def _check_outside(bundle: Bundle, expected: Expected) -> None:
     manifest = bundle.path / MANIFEST
+    if expected.cold_start and bundle.manifest.kind != "cold_start":
+        raise BundleError(f"{manifest}: kind {bundle.manifest.kind!r} but {expected.index} lists the cold-start bundle here")
     if expected.user_id is not None and expected.user_id != bundle.manifest.user_id:
         raise BundleError(f"{manifest}: user_id {bundle.manifest.user_id} but {expected.index} lists this bundle "
                           f"for user {expected.user_id}")
@@ -137,7 +141,7 @@ def verify_bundle(path: Path, expected: Expected = Expected()) -> dict:
     worst = golden_max_diff(golden.cases, requests, bundle.execute)
     if not worst <= golden.tolerance:  # NaN fails too
         raise BundleError(f"{bundle.path}: golden vectors differ by {worst:.2e} > tolerance {golden.tolerance:g}")
-    return {"bundle": str(bundle.path), "user_id": m.user_id, "ok": True, "cases": len(golden.cases),
+    return {"bundle": str(bundle.path), "kind": m.kind, "user_id": m.user_id, "ok": True, "cases": len(golden.cases),
             "max_abs_diff": worst, "items": len(m.items.ids), "categories": len(m.categories.ids),
             "signed": (bundle.path / SIGNATURE).is_file(), "index_checked": expected.manifest_sha256 is not None,
             "signature_checked": expected.key is not None,
@@ -158,11 +162,13 @@ def read_index(index: Path) -> Iterator[tuple[Path, Expected]]:
             rel, digest, user_id = entry["path"], entry["manifest_sha256"], entry["user_id"]
             if not isinstance(rel, str) or Path(rel).is_absolute() or ".." in Path(rel).parts:
                 raise ValueError("path must be relative, inside the index's directory")
-            if not isinstance(user_id, int) or not isinstance(digest, str):
-                raise ValueError("user_id must be an integer, manifest_sha256 a string")
+            if not (isinstance(user_id, int) or (user_id is None and entry.get("kind") == "cold_start")) \
+                    or not isinstance(digest, str):
+                raise ValueError("user_id must be an integer (null for kind cold_start), manifest_sha256 a string")
         except (ValueError, KeyError, TypeError) as exc:
             raise BundleError(f"{index}:{number}: not an index entry ({type(exc).__name__}: {exc})") from None
-        yield Path(index).parent / rel, Expected(manifest_sha256=digest, user_id=user_id, index=str(index))
+        yield Path(index).parent / rel, Expected(manifest_sha256=digest, user_id=user_id, index=str(index),
+                                                 cold_start=user_id is None)
 
 
 def find_bundles(root: Path) -> list[Path]:

@@ -1,0 +1,197 @@
+"""Cold start: new users (held out of training entirely) ranked by the cold-start bundle vs popularity.
+
+Per data set: a seeded fraction of the users is held out (`hold_out_users`: their events reach
+neither training, the id maps, popularity nor the shard); the default model is trained on the
+others; the cold-start bundle (`build --new-user`) is built once per population vector (mean of
+the trained user rows, the zero row) and ranks its shard in the ExecuTorch runtime for each
+held-out user:
+  (i)  k = 0: no on-device history; request at the user's first event;
+  (ii) k = `--known` (5): the user's first k events are on the device; request at event k.
+Targets: the distinct items of the next `--next` events after the first k that are not among the
+k known items (docs/quality.md's counting: new items only; users with none are skipped); the known
+items are never recommended. Next to: global popularity (training-event counts, whole catalogue)
+and the cold-start shard in its own order (no model). HR@10 etc. with 95% bootstrap intervals.
+
+    python benchmarks/cold_start.py                     # ml-latest-small (../shared) and synthetic
+    python benchmarks/cold_start.py --only synthetic --synthetic-users 3000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import ML_SMALL, REPO, append_to_doc, context_line  # noqa: E402
+
+SECTION = "## Cold start (users held out of training entirely)"
+METRICS = ("hr@10", "hr@50", "ndcg@10", "recall@50")
+
+
+def rows_of(ckpt, ids: np.ndarray) -> np.ndarray:
+    """Item rows of global ids; ids the checkpoint never saw get distinct negative codes (a target
+    nobody can rank, still counted)."""
+    rows = ckpt.items.lookup(np.asarray(ids, np.int64), unknown=-1)
+    missing = rows < 0
+    rows[missing] = -2 - np.arange(int(missing.sum()))
+    return rows
+
+
+def user_requests(held, ckpt, known: int, following: int) -> list[dict]:
+    """Per held-out user: the first `known` events (global ids, oldest first), the request time and the targets."""
+    from sdk_builder.formats import BEHAVIOR_NAMES, Event
+
+    order = np.lexsort((held.item, held.timestamp, held.user))
+    held = held.take(order)
+    starts = np.flatnonzero(np.r_[True, held.user[1:] != held.user[:-1]])
+    ends = np.r_[starts[1:], len(held)]
+    out = []
+    for lo, hi in zip(starts.tolist(), ends.tolist()):
+        if hi - lo <= known:
+            continue
+        seen = held.item[lo : lo + known]
+        nxt = held.item[lo + known : min(hi, lo + known + following)]
+        targets = np.unique(nxt[~np.isin(nxt, seen)])
+        events = [Event(item_id=int(held.item[j]), category_id=int(held.category[j]),
+                        behavior=BEHAVIOR_NAMES[int(held.behavior[j])], timestamp=int(held.timestamp[j]))
+                  for j in range(lo, lo + known)]
+        out.append({"user": int(held.user[lo]), "events": events, "request_time": int(held.timestamp[lo + known]),
+                    "seen_rows": rows_of(ckpt, seen), "target_rows": rows_of(ckpt, targets)})
+    return out
+
+
+def evaluate(name: str, events, args) -> dict:
+    from model.tbsm import TBSMConfig
+    from model.train import TrainConfig
+    from sdk_builder.bundle import BundleBuilder
+    from sdk_builder.bundle.coldstart import POPULATIONS, build_cold_start, cold_start_ranked, hold_out_users
+    from sdk_builder.client import Bundle
+    from sdk_builder.data.dataset import prepare
+    from sdk_builder.evaluation import bootstrap_interval, ranking_metrics, top_unseen
+    from sdk_builder.formats import EventHistory
+    from sdk_builder.runs import load_checkpoint, train_run
+
+    started = time.perf_counter()
+    kept, held = hold_out_users(events, args.held_out, seed=args.seed)
+    data = prepare(kept, protocol="holdout", seed=args.seed)
+    result: dict = {"data": name, "users": int(len(np.unique(events.user))), "held_out_users": int(len(np.unique(held.user)))}
+    with tempfile.TemporaryDirectory(prefix="tbsm-coldstart-bench-") as tmp:
+        metrics = train_run(data, Path(tmp) / "run", TBSMConfig(**data.table_sizes()),
+                            TrainConfig(epochs=args.epochs, seed=args.seed))
+        result["train_seconds"] = time.perf_counter() - started
+        result["validation"] = metrics["ranking_validation"]
+        ckpt = load_checkpoint(Path(tmp) / "run")
+        builder = BundleBuilder(ckpt, data, seed=args.seed, allow_weak_model=True)
+        bundles = {p: Bundle(build_cold_start(builder, Path(tmp) / p, population=p).path) for p in POPULATIONS}
+        shard_ids = next(iter(bundles.values())).manifest.items.ids
+        shard_rows = ckpt.items.lookup(np.asarray(shard_ids, np.int64))
+        policy_order, _ = cold_start_ranked(builder.index, builder.policy.shard_size)
+        popular = builder.index.popular
+        result["tables"] = {}
+        for k in (0, args.known):
+            requests = [r for r in user_requests(held, ckpt, k, args.next) if len(r["target_rows"])]
+            ranked: dict[str, list[np.ndarray]] = {"popularity": [], "shard_policy": []}
+            ranked.update({f"bundle_{p}": [] for p in POPULATIONS})
+            for r in requests:
+                ranked["popularity"].append(top_unseen(-np.arange(len(popular), dtype=np.float64), popular, r["seen_rows"]))
+                ranked["shard_policy"].append(top_unseen(-np.arange(len(policy_order), dtype=np.float64), policy_order,
+                                                         r["seen_rows"]))
+                history = EventHistory(user_id=None, events=r["events"])
+                for p, bundle in bundles.items():
+                    scores = bundle.score(history, r["request_time"], shard_ids)
+                    ranked[f"bundle_{p}"].append(top_unseen(scores, shard_rows, r["seen_rows"]))
+            targets = [r["target_rows"] for r in requests]
+            table = {}
+            for row, lists in ranked.items():
+                per_user = ranking_metrics(np.stack(lists), targets)
+                table[row] = {m: {"mean": float(v.mean()), "ci95": list(bootstrap_interval(v, seed=args.seed))}
+                              for m, v in per_user.items()}
+            result["tables"][k] = {"users": len(requests), "targets": int(sum(len(t) for t in targets)),
+                                   "shard_coverage": float(sum(np.isin(t, shard_rows).sum() for t in targets)
+                                                           / max(sum(len(t) for t in targets), 1)),
+                                   "rows": table}
+    result["seconds"] = time.perf_counter() - started
+    return result
+
+
+ROW_NAMES = {
+    "popularity": "global popularity, whole catalogue",
+    "shard_policy": "cold-start shard in its own order (no model)",
+    "bundle_mean": "cold-start bundle, mean user row (ExecuTorch)",
+    "bundle_zero": "cold-start bundle, zero user row (ExecuTorch)",
+}
+
+
+def format_tables(result: dict, args) -> str:
+    parts = []
+    for k, t in result["tables"].items():
+        head = "| ranking | " + " | ".join(METRICS) + " |\n|---|" + "---:|" * len(METRICS)
+        lines = [f"*{'no on-device history' if int(k) == 0 else f'first {k} events on the device'}*: {t['users']:,} users, "
+                 f"{t['targets']:,} target items (next {args.next} events' new items), shard coverage "
+                 f"{t['shard_coverage']:.3f}", "", head]
+        for row, metrics in t["rows"].items():
+            cells = [f"{metrics[m]['mean']:.3f} [{metrics[m]['ci95'][0]:.3f}, {metrics[m]['ci95'][1]:.3f}]" for m in METRICS]
+            lines.append(f"| {ROW_NAMES[row]} | " + " | ".join(cells) + " |")
+        pop = t["rows"]["popularity"]["hr@10"]["mean"]
+        verdicts = [f"{ROW_NAMES[r].split(',')[1].strip()}: HR@10 {t['rows'][r]['hr@10']['mean'] - pop:+.3f} vs popularity"
+                    for r in t["rows"] if r.startswith("bundle_")]
+        lines += ["", "; ".join(verdicts) + "."]
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--only", choices=["ml-small", "synthetic"])
+    parser.add_argument("--data", type=Path, default=ML_SMALL, help="A Taobao-format CSV (default: ../shared's ml-latest-small).")
+    parser.add_argument("--synthetic-users", type=int, default=3000)
+    parser.add_argument("--held-out", type=float, default=0.2, help="Fraction of users held out of training entirely.")
+    parser.add_argument("--known", type=int, default=5, help="Events known on the device in case (ii).")
+    parser.add_argument("--next", type=int, default=10, help="Events after the known ones whose new items are targets.")
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-doc", action="store_true", help="Print only; do not append to docs/benchmarks.md.")
+    args = parser.parse_args()
+
+    import torch
+    from executorch.extension.pybindings import portable_lib
+
+    from sdk_builder.data.events import read_taobao_csv
+    from sdk_builder.data.synthetic import generate_taobao_events
+
+    torch.set_num_threads(1)
+    portable_lib._unsafe_reset_threadpool(1)
+    ctx = context_line("benchmarks/cold_start.py " + " ".join(sys.argv[1:]))
+    sets = []
+    if args.only in (None, "ml-small"):
+        if args.data.is_file():
+            sets.append(("ml-small", lambda: read_taobao_csv(args.data)[0]))
+        else:
+            print(f"{args.data}: not found; skipping ml-latest-small", file=sys.stderr)
+    if args.only in (None, "synthetic"):
+        sets.append((f"synthetic-{args.synthetic_users}", lambda: generate_taobao_events(args.synthetic_users, seed=args.seed)))
+    entries = []
+    for name, load in sets:
+        result = evaluate(name, load(), args)
+        (REPO / "docs" / f"coldstart-{name}.json").write_text(json.dumps(result, indent=1, default=float) + "\n")
+        v = result["validation"]
+        text = (f"**{name}**: {result['held_out_users']:,} of {result['users']:,} users held out of training; validation "
+                f"HR@10 of the trained users {v['blended']:.4f} vs popularity {v['popularity']:.4f}; "
+                f"{result['seconds']:.0f} s (training {result['train_seconds']:.0f} s).\n\n{format_tables(result, args)}")
+        print(text, flush=True)
+        entries.append(text)
+    settings = (f"held out {args.held_out:.0%} of users (seed {args.seed}), {args.epochs} epoch(s), k = {args.known} known "
+                f"events, targets from the next {args.next}")
+    if not args.no_doc:
+        append_to_doc(SECTION, f"{ctx}; {settings}.\n\n" + "\n\n".join(entries))
+
+
+if __name__ == "__main__":
+    main()
