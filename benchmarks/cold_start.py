@@ -27,11 +27,12 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _common import ML_SMALL, REPO, append_to_doc, context_line  # noqa: E402
+from benchmarks._common import ML_SMALL, REPO  # noqa: E402
+from benchmarks.report import append_report  # noqa: E402
 
-SECTION = "## Cold start (users held out of training entirely)"
+TITLE = "Cold start (issue 13): users held out of training entirely"
 METRICS = ("hr@10", "hr@50", "ndcg@10", "recall@50")
 
 
@@ -168,7 +169,6 @@ def main() -> None:
 
     torch.set_num_threads(1)
     portable_lib._unsafe_reset_threadpool(1)
-    ctx = context_line("benchmarks/cold_start.py " + " ".join(sys.argv[1:]))
     sets = []
     if args.only in (None, "ml-small"):
         if args.data.is_file():
@@ -190,7 +190,7 @@ def main() -> None:
     settings = (f"held out {args.held_out:.0%} of users (seed {args.seed}), {args.epochs} epoch(s), k = {args.known} known "
                 f"events, targets from the next {args.next}")
     if not args.no_doc:
-        append_to_doc(SECTION, f"{ctx}; {settings}.\n\n" + "\n\n".join(entries))
+        append_report(TITLE, settings, "\n\n".join(entries))
 
 
 if __name__ == "__main__":

@@ -114,7 +114,7 @@ std::string floats_json(const std::vector<float>& v) {
 
 tbsm::History history_for(const tbsm::Bundle& bundle, const json& doc) {
   tbsm::History h = tbsm::parse_history(doc);
-  if (h.user_id != bundle.manifest().user_id) {
+  if (bundle.manifest().user_id != tbsm::kNoUser && h.user_id != bundle.manifest().user_id) {
     throw std::runtime_error("history user_id " + std::to_string(h.user_id) + " is not the bundle's user_id " +
                              std::to_string(bundle.manifest().user_id));
   }

@@ -71,7 +71,7 @@ Manifest parse_manifest(const json& doc) {
     throw std::runtime_error("unsupported bundle format_version " + std::to_string(m.format_version) +
                              " (this client reads " + std::to_string(kFormatVersion) + ")");
   }
-  m.user_id = doc.at("user_id").get<int64_t>();
+  m.user_id = doc.at("user_id").is_null() ? kNoUser : doc.at("user_id").get<int64_t>();
   m.items = parse_shard(doc.at("items"));
   m.categories = parse_shard(doc.at("categories"));
   m.behaviors = doc.at("behaviors").get<std::map<std::string, int64_t>>();
@@ -89,7 +89,7 @@ Manifest parse_manifest(const json& doc) {
 
 History parse_history(const json& doc) {
   History h;
-  h.user_id = doc.at("user_id").get<int64_t>();
+  h.user_id = doc.at("user_id").is_null() ? kNoUser : doc.at("user_id").get<int64_t>();
   const auto events = doc.find("events");  // may be absent: the schema's default is []
   if (events == doc.end()) return h;
   for (const auto& e : *events) {

@@ -24,7 +24,9 @@ class Module;
 
 namespace tbsm {
 
-constexpr int64_t kFormatVersion = 1;
+constexpr int64_t kFormatVersion = 2;
+// user_id null: a cold-start bundle (it ranks any user's history), or the history of a new user.
+constexpr int64_t kNoUser = -1;
 
 struct IdShard {
   std::vector<int64_t> ids;  // sorted ascending

@@ -60,13 +60,13 @@ public struct IdShard {
 
 /// The fields of manifest.json a phone needs (sdk_builder/formats.py: Manifest).
 public struct BundleManifest {
-    public static let supportedFormatVersion = 1
+    public static let supportedFormatVersion = 2
     public static let inputNames = [
         "hist_items", "hist_categories", "hist_behaviors", "hist_timestamps", "request_time", "candidates",
     ]
 
     public let formatVersion: Int
-    public let userId: Int64
+    public let userId: Int64?  // nil: a cold-start bundle (manifest kind cold_start), for any user without one
     public let items: IdShard
     public let categories: IdShard
     public let behaviors: [String: Int64]
@@ -86,7 +86,7 @@ public struct BundleManifest {
         if names != inputNames { throw TbsmError.bundle("program inputs \(names) differ from \(inputNames)") }
         return try BundleManifest(
             formatVersion: version,
-            userId: json.long("user_id"),
+            userId: json.values["user_id"] is NSNull ? nil : json.long("user_id"),
             items: IdShard.parse(json.object("items")),
             categories: IdShard.parse(json.object("categories")),
             behaviors: json.longMap("behaviors"),

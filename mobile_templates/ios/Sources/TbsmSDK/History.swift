@@ -18,11 +18,11 @@ public struct Event: Equatable {
 /// The user's most recent events, oldest first, at most `capacity` (the manifest's max_history).
 /// An event older than the last one is rejected: the model reads the history as a time series.
 public final class HistoryBuffer {
-    public let userId: Int64
+    public let userId: Int64?
     public let capacity: Int
     private var items: [Event] = []
 
-    public init(userId: Int64, capacity: Int) {
+    public init(userId: Int64?, capacity: Int) {
         self.userId = userId
         self.capacity = capacity
     }
@@ -53,14 +53,14 @@ public final class HistoryBuffer {
         let events: [[String: Any]] = items.map { e in
             ["item_id": e.itemId, "category_id": e.categoryId, "behavior": e.behavior, "timestamp": e.timestamp]
         }
-        let document: [String: Any] = ["user_id": userId, "events": events]
+        let document: [String: Any] = ["user_id": userId.map { $0 as Any } ?? NSNull(), "events": events]
         return try JSONSerialization.data(withJSONObject: document)
     }
 
     /// Parses an EventHistory document; throws when invalid.
     public static func fromJson(_ data: Data, capacity: Int) throws -> HistoryBuffer {
         let json = try JSONObject(data: data)
-        let buffer = try HistoryBuffer(userId: json.long("user_id"), capacity: capacity)
+        let buffer = try HistoryBuffer(userId: json.values["user_id"] is NSNull ? nil : json.long("user_id"), capacity: capacity)
         // "events" may be absent (the schema's default is an empty list).
         let events = try json.values["events"] == nil ? [] : json.objects("events")
         for (i, e) in events.enumerated() {
@@ -111,7 +111,7 @@ public final class HistoryStore {
         self.buffer = buffer
     }
 
-    public var userId: Int64 {
+    public var userId: Int64? {
         lock.lock()
         defer { lock.unlock() }
         return buffer.userId
@@ -172,7 +172,7 @@ public final class HistoryStore {
             store = try HistoryStore(file: canonical, key: key, buffer: load(canonical, manifest, onProblem))
             registry[key] = store
         }
-        if store.buffer.userId != manifest.userId || store.buffer.capacity != manifest.maxHistory {
+        if (manifest.userId != nil && store.buffer.userId != manifest.userId) || store.buffer.capacity != manifest.maxHistory {
             throw TbsmError.illegalState(
                 "\(file.path) is already open for user \(store.buffer.userId) (max_history \(store.buffer.capacity)), " +
                     "not for user \(manifest.userId) (max_history \(manifest.maxHistory)): close that recommender first"
@@ -201,7 +201,7 @@ public final class HistoryStore {
         do {
             let buffer = try HistoryBuffer.fromJson(data, capacity: manifest.maxHistory)
             let unknown = buffer.events().map { $0.behavior }.filter { manifest.behaviors[$0] == nil }
-            if buffer.userId != manifest.userId {
+            if manifest.userId != nil && buffer.userId != manifest.userId {
                 problem = "history is for user \(buffer.userId), the bundle for \(manifest.userId)"
             } else if !unknown.isEmpty {
                 problem = "history has unknown behaviors \(unknown)"

@@ -30,7 +30,7 @@ class IdShard(val ids: LongArray, val firstRow: Long, val oovRow: Long, val padd
 /** The fields of manifest.json a phone needs (sdk_builder/formats.py: Manifest). */
 class BundleManifest(
     val formatVersion: Int,
-    val userId: Long,
+    val userId: Long?, // null: a cold-start bundle (manifest kind cold_start), for any user without one
     val items: IdShard,
     val categories: IdShard,
     val behaviors: Map<String, Long>,
@@ -40,7 +40,7 @@ class BundleManifest(
     val files: Map<String, String>,
 ) {
     companion object {
-        const val FORMAT_VERSION = 1
+        const val FORMAT_VERSION = 2
         val INPUT_NAMES = listOf(
             "hist_items", "hist_categories", "hist_behaviors", "hist_timestamps", "request_time", "candidates",
         )
@@ -59,7 +59,7 @@ class BundleManifest(
             val files = json.getJSONObject("files")
             return BundleManifest(
                 formatVersion = version,
-                userId = json.getLong("user_id"),
+                userId = if (json.get("user_id") == JSONObject.NULL) null else json.getLong("user_id"),
                 items = IdShard.parse(json.getJSONObject("items")),
                 categories = IdShard.parse(json.getJSONObject("categories")),
                 behaviors = behaviors.keys().asSequence().associateWith { behaviors.getLong(it) },

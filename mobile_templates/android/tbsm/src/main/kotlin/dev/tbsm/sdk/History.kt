@@ -13,7 +13,7 @@ data class Event(val itemId: Long, val categoryId: Long, val behavior: String, v
  * The user's most recent events, oldest first, at most [capacity] (the manifest's max_history).
  * An event older than the last one is rejected: the model reads the history as a time series.
  */
-class HistoryBuffer(val userId: Long, val capacity: Int) {
+class HistoryBuffer(val userId: Long?, val capacity: Int) {
     private val events = ArrayDeque<Event>()
 
     val size: Int get() = events.size
@@ -46,14 +46,14 @@ class HistoryBuffer(val userId: Long, val capacity: Int) {
                     .put("timestamp", e.timestamp),
             )
         }
-        return JSONObject().put("user_id", userId).put("events", array).toString()
+        return JSONObject().put("user_id", userId ?: JSONObject.NULL).put("events", array).toString()
     }
 
     companion object {
         /** Parses an EventHistory document; throws IllegalArgumentException or JSONException when invalid. */
         fun fromJson(text: String, capacity: Int): HistoryBuffer {
             val json = JSONObject(text)
-            val buffer = HistoryBuffer(json.getLong("user_id"), capacity)
+            val buffer = HistoryBuffer(if (json.get("user_id") == JSONObject.NULL) null else json.getLong("user_id"), capacity)
             // "events" may be absent (the schema's default is an empty list).
             val array = if (json.has("events")) json.getJSONArray("events") else JSONArray()
             for (i in 0 until array.length()) {
@@ -88,7 +88,7 @@ class HistoryStore private constructor(
     /** Open recommenders using this store; guarded by [registry]. */
     private var users = 0
 
-    val userId: Long get() = buffer.userId
+    val userId: Long? get() = buffer.userId
 
     @Synchronized
     fun events(): List<Event> = buffer.events()
@@ -138,7 +138,7 @@ class HistoryStore private constructor(
             val key = canonical.path
             synchronized(registry) {
                 val store = registry[key] ?: HistoryStore(canonical, key, load(canonical, manifest, onProblem)).also { registry[key] = it }
-                check(store.buffer.userId == manifest.userId && store.buffer.capacity == manifest.maxHistory) {
+                check((manifest.userId == null || store.buffer.userId == manifest.userId) && store.buffer.capacity == manifest.maxHistory) {
                     "$file is already open for user ${store.buffer.userId} (max_history ${store.buffer.capacity}), " +
                         "not for user ${manifest.userId} (max_history ${manifest.maxHistory}): close that recommender first"
                 }
@@ -168,7 +168,7 @@ class HistoryStore private constructor(
                 val buffer = HistoryBuffer.fromJson(String(bytes, Charsets.UTF_8), manifest.maxHistory)
                 val unknown = buffer.events().map { it.behavior }.filter { it !in manifest.behaviors }
                 when {
-                    buffer.userId != manifest.userId -> "history is for user ${buffer.userId}, the bundle for ${manifest.userId}"
+                    manifest.userId != null && buffer.userId != manifest.userId -> "history is for user ${buffer.userId}, the bundle for ${manifest.userId}"
                     unknown.isNotEmpty() -> "history has unknown behaviors $unknown"
                     else -> return buffer
                 }
