@@ -72,7 +72,12 @@ def evaluate(name: str, events, args) -> dict:
     from model.tbsm import TBSMConfig
     from model.train import TrainConfig
     from sdk_builder.bundle import BundleBuilder
-    from sdk_builder.bundle.coldstart import POPULATIONS, build_cold_start, cold_start_ranked, hold_out_users
+    from sdk_builder.bundle.coldstart import (
+        build_cold_start, cold_start_ranked, cold_start_shard, hold_out_users, population_vector, with_user_row,
+    )
+    from sdk_builder.bundle.golden import EagerReference
+    from sdk_builder.program import Shard
+    from sdk_builder.shard import policy_prior
     from sdk_builder.client import Bundle
     from sdk_builder.data.dataset import prepare
     from sdk_builder.evaluation import bootstrap_interval, ranking_metrics, top_unseen
@@ -84,22 +89,40 @@ def evaluate(name: str, events, args) -> dict:
     data = prepare(kept, protocol="holdout", seed=args.seed)
     result: dict = {"data": name, "users": int(len(np.unique(events.user))), "held_out_users": int(len(np.unique(held.user)))}
     with tempfile.TemporaryDirectory(prefix="tbsm-coldstart-bench-") as tmp:
-        metrics = train_run(data, Path(tmp) / "run", TBSMConfig(**data.table_sizes()),
-                            TrainConfig(epochs=args.epochs, seed=args.seed))
+        # The default run (mean and zero rows), and one trained with user-id dropout (its unknown-user row).
+        variants = {"default": (0.0, ("mean", "zero")), "dropout": (args.user_dropout, ("unknown",))}
+        bundles, result["validation"] = {}, {}
+        for variant, (dropout, populations) in variants.items():
+            if variant == "dropout" and not dropout:
+                continue
+            run = Path(tmp) / variant
+            metrics = train_run(data, run, TBSMConfig(**data.table_sizes()),
+                                TrainConfig(epochs=args.epochs, seed=args.seed, user_dropout=dropout))
+            result["validation"][variant] = metrics["ranking_validation"]
+            builder = BundleBuilder(load_checkpoint(run), data, seed=args.seed, allow_weak_model=True)
+            if variant == "default":
+                default_builder = builder
+            for p in populations:
+                bundles[p] = Bundle(build_cold_start(builder, Path(tmp) / f"bundle-{p}", population=p).path)
         result["train_seconds"] = time.perf_counter() - started
-        result["validation"] = metrics["ranking_validation"]
-        ckpt = load_checkpoint(Path(tmp) / "run")
-        builder = BundleBuilder(ckpt, data, seed=args.seed, allow_weak_model=True)
-        bundles = {p: Bundle(build_cold_start(builder, Path(tmp) / p, population=p).path) for p in POPULATIONS}
+        ckpt = builder.ckpt
         shard_ids = next(iter(bundles.values())).manifest.items.ids
         shard_rows = ckpt.items.lookup(np.asarray(shard_ids, np.int64))
         policy_order, _ = cold_start_ranked(builder.index, builder.policy.shard_size)
         popular = builder.index.popular
+        # The blend weight of the prior: the bundles use the run's (chosen on personal shards);
+        # the eager rows show what other weights would give (measured on these users: not a choice).
+        base = default_builder.ckpt.model.eval()
+        extended, population_row = with_user_row(base, population_vector(base, "mean"))
+        reference = EagerReference(extended, ckpt)
+        prior_rows, prior = policy_prior(policy_order)
+        plain_shard = Shard(population_row, prior_rows, cold_start_shard(default_builder, population_row)[0].category_rows)
         result["tables"] = {}
         for k in (0, args.known):
             requests = [r for r in user_requests(held, ckpt, k, args.next) if len(r["target_rows"])]
             ranked: dict[str, list[np.ndarray]] = {"popularity": [], "shard_policy": []}
-            ranked.update({f"bundle_{p}": [] for p in POPULATIONS})
+            ranked.update({f"bundle_{p}": [] for p in bundles})
+            ranked.update({f"eager_w{w:g}": [] for w in args.weights})
             for r in requests:
                 ranked["popularity"].append(top_unseen(-np.arange(len(popular), dtype=np.float64), popular, r["seen_rows"]))
                 ranked["shard_policy"].append(top_unseen(-np.arange(len(policy_order), dtype=np.float64), policy_order,
@@ -108,6 +131,10 @@ def evaluate(name: str, events, args) -> dict:
                 for p, bundle in bundles.items():
                     scores = bundle.score(history, r["request_time"], shard_ids)
                     ranked[f"bundle_{p}"].append(top_unseen(scores, shard_rows, r["seen_rows"]))
+                [probability] = reference.scores_mixed([(plain_shard, history, r["request_time"], shard_ids)])
+                logit = np.log(probability) - np.log1p(-probability)
+                for w in args.weights:
+                    ranked[f"eager_w{w:g}"].append(top_unseen(logit + w * prior, prior_rows, r["seen_rows"]))
             targets = [r["target_rows"] for r in requests]
             table = {}
             for row, lists in ranked.items():
@@ -127,6 +154,7 @@ ROW_NAMES = {
     "shard_policy": "cold-start shard in its own order (no model)",
     "bundle_mean": "cold-start bundle, mean user row (ExecuTorch)",
     "bundle_zero": "cold-start bundle, zero user row (ExecuTorch)",
+    "bundle_unknown": "cold-start bundle, unknown-user row trained with user-id dropout (ExecuTorch)",
 }
 
 
@@ -139,10 +167,15 @@ def format_tables(result: dict, args) -> str:
                  f"{t['shard_coverage']:.3f}", "", head]
         for row, metrics in t["rows"].items():
             cells = [f"{metrics[m]['mean']:.3f} [{metrics[m]['ci95'][0]:.3f}, {metrics[m]['ci95'][1]:.3f}]" for m in METRICS]
-            lines.append(f"| {ROW_NAMES[row]} | " + " | ".join(cells) + " |")
+            label = ROW_NAMES.get(row) or f"mean row, eager: logit + {row.removeprefix('eager_w')} x prior"
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
         pop = t["rows"]["popularity"]["hr@10"]["mean"]
-        verdicts = [f"{ROW_NAMES[r].split(',')[1].strip()}: HR@10 {t['rows'][r]['hr@10']['mean'] - pop:+.3f} vs popularity"
+        verdicts = [f"{r.removeprefix('bundle_')} row: HR@10 {t['rows'][r]['hr@10']['mean'] - pop:+.3f} vs popularity"
                     for r in t["rows"] if r.startswith("bundle_")]
+        eager = {r: t["rows"][r]["hr@10"]["mean"] - pop for r in t["rows"] if r.startswith("eager_w")}
+        if eager:
+            best = max(eager, key=eager.get)
+            verdicts.append(f"best eager weight {best.removeprefix('eager_w')}: {eager[best]:+.3f}")
         lines += ["", "; ".join(verdicts) + "."]
         parts.append("\n".join(lines))
     return "\n\n".join(parts)
@@ -157,6 +190,10 @@ def main() -> None:
     parser.add_argument("--known", type=int, default=5, help="Events known on the device in case (ii).")
     parser.add_argument("--next", type=int, default=10, help="Events after the known ones whose new items are targets.")
     parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--weights", type=lambda text: [float(w) for w in text.split(",") if w], default=[0, 0.5, 1, 4],
+                        help="Prior weights of the eager rows (comma-separated; empty: none).")
+    parser.add_argument("--user-dropout", type=float, default=0.1,
+                        help="Second run: this fraction of training samples on the unknown-user row (0: skip it).")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-doc", action="store_true", help="Print only; do not append to docs/benchmarks.md.")
     args = parser.parse_args()
@@ -181,13 +218,15 @@ def main() -> None:
     for name, load in sets:
         result = evaluate(name, load(), args)
         (REPO / "docs" / f"coldstart-{name}.json").write_text(json.dumps(result, indent=1, default=float) + "\n")
-        v = result["validation"]
+        v = "; ".join(f"{k} run {r['blended']:.4f} (prior weight {r['blend_weight']:g})" for k, r in result["validation"].items())
+        pop = next(iter(result["validation"].values()))["popularity"]
         text = (f"**{name}**: {result['held_out_users']:,} of {result['users']:,} users held out of training; validation "
-                f"HR@10 of the trained users {v['blended']:.4f} vs popularity {v['popularity']:.4f}; "
-                f"{result['seconds']:.0f} s (training {result['train_seconds']:.0f} s).\n\n{format_tables(result, args)}")
+                f"HR@10 of the trained users' personal rankings: {v}, popularity {pop:.4f}; "
+                f"{result['seconds']:.0f} s (training and building {result['train_seconds']:.0f} s).\n\n{format_tables(result, args)}")
         print(text, flush=True)
         entries.append(text)
-    settings = (f"held out {args.held_out:.0%} of users (seed {args.seed}), {args.epochs} epoch(s), k = {args.known} known "
+    settings = (f"held out {args.held_out:.0%} of users (seed {args.seed}), {args.epochs} epoch(s), user-id dropout "
+                f"{args.user_dropout:g} in the second run, k = {args.known} known "
                 f"events, targets from the next {args.next}")
     if not args.no_doc:
         append_report(TITLE, settings, "\n\n".join(entries))

@@ -37,6 +37,10 @@ class TrainConfig:
     seed: int = 0
     eval_every: int = 0  # steps between validations; 0 = once per epoch
     select_by: str = "val_hr10"  # the validation metric that picks the best checkpoint (higher is better)
+    # Fraction of training samples whose user row is the "unknown user" row instead (the last row
+    # of the user table, one more than the data's users): a row trained for users the model never
+    # saw, which a cold-start bundle can ship (sdk_builder/bundle/coldstart.py). 0: no such row.
+    user_dropout: float = 0.0
 
 
 @dataclass

@@ -196,13 +196,15 @@ def prepare_cmd(inputs, fmt, columns, strict, time_range, tz, protocol, samples_
 @click.option("--select-by", type=click.Choice(["val_hr10", "val_auc"]), default="val_hr10", show_default=True,
               help="Best checkpoint by the on-device-style validation ranking (HR@10 of each user's shard) or by AUC.")
 @click.option("--threads", type=int, help="torch intra-op threads.")
+@click.option("--user-dropout", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True,
+              help="Fraction of training samples on an extra 'unknown user' row (build --new-user --population unknown).")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last finished epoch.")
 @click.option("--force", is_flag=True, help="Overwrite an existing checkpoint in --out.")
 @click.option("--json", "as_json", is_flag=True)
 def train_cmd(inputs, fmt, columns, strict, time_range, tz, protocol, samples_per_user, synthetic_users, holdout_last,
               negatives, negatives_per_positive, prepared, out, epochs, batch_size, lr, seed, eval_every, model_type,
               tsl_inner, tsl_mechanism, tsl_num_heads, tsl_seq, dense_feature, use_behavior, init, select_by,
-              threads, resume, force, as_json):
+              threads, resume, force, as_json, user_dropout=0.0):
     """Train TBSM (Adagrad, best-validation-AUC checkpoint) into a run directory.
 
     \b
@@ -235,7 +237,8 @@ def train_cmd(inputs, fmt, columns, strict, time_range, tz, protocol, samples_pe
                                init=init)
     except ValueError as exc:
         _fail(str(exc))
-    train_cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, eval_every=eval_every, select_by=select_by)
+    train_cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, eval_every=eval_every, select_by=select_by,
+                            user_dropout=user_dropout)
     bar = tqdm(total=0, unit="step", disable=as_json or not sys.stderr.isatty(), desc="train", leave=False)
 
     def progress(step: int, loss: float) -> None:
@@ -359,6 +362,9 @@ def _open_run(run: str):
 @click.option("--all", "all_users", is_flag=True, help="Every user of the checkpoint.")
 @click.option("--new-user", is_flag=True, help="Also (or only) the cold-start bundle, OUT/cold_start/: for users without "
                                               "a bundle of their own (a population user vector, popular and diverse items).")
+@click.option("--population", type=click.Choice(["mean", "zero", "unknown"]), default="mean", show_default=True,
+              help="--new-user: the user vector: the mean trained row, the zero row, or the row a run trained with "
+                   "user-id dropout has for unknown users (docs/quality.md, \"Cold start\").")
 @click.option("--out", type=click.Path(file_okay=False), required=True,
               help="Output root: bundles go to OUT/<h>/<h>/<user_id>/, listed in OUT/bundles.jsonl.")
 @click.option("--recipe", type=click.Choice(RECIPE_NAMES), default=DEFAULT_RECIPE, show_default=True,
@@ -384,7 +390,7 @@ def _open_run(run: str):
 @click.option("--json", "as_json", is_flag=True)
 def build_cmd(run, users, users_file, all_users, out, recipe, shard_size, category_capacity, seed, jobs, backend,
               ray_address, skip_unknown, fsync, as_json, accuracy_budget=DEFAULT_ACCURACY_BUDGET, on_budget_exceeded="fail",
-              allow_weak_model=False, sign_key=None, new_user=False):
+              allow_weak_model=False, sign_key=None, new_user=False, population="mean"):
     """Cut per-user slices of a trained run and compile them to ExecuTorch bundles.
 
     One program is exported per run and stamped with each user's constants (checked against a
@@ -427,7 +433,8 @@ def build_cmd(run, users, users_file, all_users, out, recipe, shard_size, catego
     bar = tqdm(total=len(requested) + new_user, unit="bundle", desc="build", disable=as_json, leave=False)
     try:
         summary = build_many(spec, requested, jobs=jobs, backend=backend, ray_address=ray_address,
-                             skip_unknown=skip_unknown, new_user=new_user, progress=bar.update)
+                             skip_unknown=skip_unknown, new_user=new_user, population=population,
+                             progress=bar.update)
         if key is not None:  # also the bundles skipped as up to date: signing is idempotent, the key may be new
             for row in summary.rows:
                 sign_bundle(Path(out) / row["path"], key, durable=fsync)

@@ -138,6 +138,10 @@ def train_run(
             raise RunError(f"the prepared data has no {split!r} samples (too few events per user?)")
     if out_dir.exists() and not (out_dir.is_dir() and os.access(out_dir, os.W_OK | os.X_OK)):
         raise RunError(f"{out_dir}: not a writable directory")
+    if not 0.0 <= train_cfg.user_dropout < 1.0:
+        raise RunError(f"user_dropout {train_cfg.user_dropout}: expected a fraction in [0, 1)")
+    if train_cfg.user_dropout and model_cfg.num_users == len(data.users.ids):
+        model_cfg = replace(model_cfg, num_users=model_cfg.num_users + 1)  # the unknown-user row
     work = out_dir if resume else _staging_dir(out_dir)
     try:
         work.mkdir(parents=True, exist_ok=True)
@@ -192,6 +196,23 @@ def _swap_in(new: Path, out_dir: Path) -> None:
         if entry.name not in RUN_OUTPUTS and ".tmp" not in entry.name and not (out_dir / entry.name).exists():
             os.rename(entry, out_dir / entry.name)
     shutil.rmtree(new)
+
+
+def unknown_user_row(model_cfg: TBSMConfig, train_cfg: TrainConfig | dict) -> int | None:
+    """The user row trained for unknown users (`TrainConfig.user_dropout`), else None."""
+    dropout = train_cfg.get("user_dropout", 0.0) if isinstance(train_cfg, dict) else train_cfg.user_dropout
+    return model_cfg.num_users - 1 if dropout else None
+
+
+def with_user_dropout(batches_in: Iterator[Batch], train_cfg: TrainConfig, model_cfg: TBSMConfig,
+                      epoch: int) -> Iterator[Batch]:
+    """The batches with a seeded `user_dropout` fraction of samples moved to the unknown-user row
+    (after collation: the history windows stay the user's own)."""
+    rng = np.random.default_rng([train_cfg.seed, epoch, 13])
+    row = unknown_user_row(model_cfg, train_cfg)
+    for batch in batches_in:
+        drop = torch.from_numpy(rng.random(len(batch.user_rows)) < train_cfg.user_dropout)
+        yield replace(batch, user_rows=torch.where(drop, torch.full_like(batch.user_rows, row), batch.user_rows))
 
 
 def _train_into(
@@ -249,7 +270,8 @@ def _train_into(
     def train_batches(epoch: int) -> Iterator[Batch]:
         # The order depends on (seed, epoch) only, so a resumed run sees the same batches.
         order = np.random.default_rng([train_cfg.seed, epoch]).permutation(len(train))
-        return batches(data, train, train_cfg.batch_size, model_cfg.history, order)
+        out = batches(data, train, train_cfg.batch_size, model_cfg.history, order)
+        return with_user_dropout(out, train_cfg, model_cfg, epoch) if train_cfg.user_dropout else out
 
     def validate() -> dict:
         metrics = {f"val_{k}": v for k, v in evaluate_split(model, data, "validation").items()}

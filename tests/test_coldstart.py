@@ -98,3 +98,26 @@ def test_held_out_users_reach_neither_training_nor_the_shard():
     kept_counts = np.bincount(data.items.lookup(kept.item), minlength=data.items.rows)
     kept_counts[:2] = 0
     assert np.array_equal(counts, kept_counts)  # popularity counts the kept users' events only
+
+
+def test_user_dropout_trains_an_unknown_user_row_the_cold_start_bundle_ships(tmp_path, one_thread):
+    from model.tbsm import TBSMConfig
+    from model.train import TrainConfig
+    from sdk_builder.bundle.build import BundleBuilder
+    from sdk_builder.bundle.coldstart import build_cold_start, population_state
+    from sdk_builder.data.dataset import prepare
+    from sdk_builder.data.synthetic import generate_taobao_events
+    from sdk_builder.runs import load_checkpoint, train_run, unknown_user_row
+
+    data = prepare(generate_taobao_events(120, n_items=800, n_categories=12, seed=4), seed=4)
+    train_run(data, tmp_path / "run", TBSMConfig(**data.table_sizes()), TrainConfig(epochs=1, seed=4, user_dropout=0.2))
+    ckpt = load_checkpoint(tmp_path / "run")
+    row = unknown_user_row(ckpt.config, ckpt.payload["train_config"])
+    assert row == len(data.users.ids) == ckpt.config.num_users - 1
+    table = ckpt.model.tower.user_emb.weight.detach()
+    assert table[row].norm() > 0.1  # trained: user rows start at zero
+    state = population_state(ckpt.model, "unknown", row)
+    assert np.array_equal(state[: table.shape[1]], table[row].numpy())
+    builder = BundleBuilder(ckpt, data, recipe="portable", stamping=False, allow_weak_model=True)
+    program = (build_cold_start(builder, tmp_path / "out", population="unknown").path / "model.pte").read_bytes()
+    assert state.tobytes() in program

@@ -157,7 +157,8 @@ class BundleBuilder:
         per-bundle validation (`check_formats` validates one bundle of every batch instead)."""
         view = view or ShardView(self.ckpt, shard)
         return Manifest.model_construct(
-            versions=self.versions, kind="personal" if user_id is not None else "cold_start", user_id=user_id, recipe=self.recipe, checkpoint_sha256=self.ckpt.sha256,
+            versions=self.versions, kind="personal" if user_id is not None else "cold_start", user_id=user_id,
+            recipe=self.recipe, checkpoint_sha256=self.ckpt.sha256,
             model_config=self.model_config, program=view.program, items=view.items, categories=view.categories,
             shard_policy=ShardPolicyRecord.model_construct(name=self.policy.name, shard_size=self.policy.shard_size,
                                                            weights=self.policy.weights, sources=sources),
@@ -252,7 +253,8 @@ class BundleBuilder:
             check_against_formats(files)
         max_diff = replay_encoded(golden, requests, load_runtime_method(program)) if self.verify_each else float("nan")
         if max_diff > GOLDEN_TOLERANCE:
-            raise BundleError(f"{'user ' + str(user_id) if user_id is not None else 'cold start'}: the compiled program differs from the eager model by {max_diff:.2e} "
+            who = f"user {user_id}" if user_id is not None else "cold start"
+            raise BundleError(f"{who}: the compiled program differs from the eager model by {max_diff:.2e} "
                               f"(> {GOLDEN_TOLERANCE:g}); not writing the bundle")
         final = bundle_path(out_root, user_id) if user_id is not None else cold_start_path(out_root)
         path = write_bundle_atomically(final, files, durable=self.durable)

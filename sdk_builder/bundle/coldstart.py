@@ -29,27 +29,34 @@ from sdk_builder.bundle.select import select_categories
 from sdk_builder.bundle.store import cold_start_path
 from sdk_builder.data.dataset import PreparedData
 from sdk_builder.data.events import EventLog
-from sdk_builder.formats import MAX_HISTORY, PROGRAM, Behavior, Event, EventHistory, GoldenCase
+from sdk_builder.formats import MAX_HISTORY, PROGRAM, Behavior, BundleError, Event, EventHistory, GoldenCase
 from sdk_builder.program import Shard, slice_constants
-from sdk_builder.runs import LoadedCheckpoint
+from sdk_builder.runs import LoadedCheckpoint, unknown_user_row
 from sdk_builder.shard import ShardIndex, policy_prior
 from sdk_builder.util import sha256_bytes
 
-# mean: the mean of the trained user rows; zero: the row an untrained user starts from.
-POPULATIONS = ("mean", "zero")
+# mean: the mean of the trained user rows; zero: the row an untrained user starts from; unknown:
+# the row trained for unknown users (runs trained with TrainConfig.user_dropout > 0 only).
+POPULATIONS = ("mean", "zero", "unknown")
 DEFAULT_POPULATION = "mean"
 # Shares of the cold-start shard: global popularity, then breadth over categories.
 COLD_START_WEIGHTS = {"popular": 0.7, "category": 0.3}
 COLD_START_POLICY_NAME = "cold_start:popular+category"
 
 
-def population_vector(model: TBSM, population: str = DEFAULT_POPULATION) -> torch.Tensor:
-    """The user vector (emb_dim) a cold-start bundle ranks with."""
+def population_vector(model: TBSM, population: str = DEFAULT_POPULATION, unknown_row: int | None = None) -> torch.Tensor:
+    """The user vector (emb_dim) a cold-start bundle ranks with; `unknown_row`: the row trained for
+    unknown users, if the run has one (`sdk_builder.runs.unknown_user_row`)."""
     table = model.tower.user_emb.weight.detach()
+    users = table[:unknown_row] if unknown_row is not None else table
     if population == "mean":
-        return table.mean(dim=0)
+        return users.mean(dim=0)
     if population == "zero":
         return torch.zeros(table.shape[1])
+    if population == "unknown":
+        if unknown_row is None:
+            raise BundleError("population 'unknown': the run has no unknown-user row (train it with user_dropout > 0)")
+        return table[unknown_row].clone()
     raise ValueError(f"unknown population {population!r}; expected one of {POPULATIONS}")
 
 
@@ -69,10 +76,10 @@ def with_user_row(model: TBSM, vector: torch.Tensor) -> tuple[TBSM, int]:
     return extended, int(table.shape[0])
 
 
-def population_state(model: TBSM, population: str = DEFAULT_POPULATION) -> np.ndarray:
+def population_state(model: TBSM, population: str = DEFAULT_POPULATION, unknown_row: int | None = None) -> np.ndarray:
     """[population user vector (D), its share of the candidate top layer's bias (Z)], float32: exactly
     what a personal bundle carries for its user (program.slice_constants' `user`), for the population."""
-    extended, row = with_user_row(model, population_vector(model, population))
+    extended, row = with_user_row(model, population_vector(model, population, unknown_row))
     one_item = np.array([RESERVED_ROWS], np.int64)  # the user part does not depend on the shard
     no_categories = np.zeros(RESERVED_ROWS + 1, np.int64)
     return slice_constants(extended, Shard(row, one_item, one_item), no_categories)["user"][0].numpy().copy()
@@ -133,7 +140,8 @@ def cold_start_builder(builder: BundleBuilder, population: str = DEFAULT_POPULAT
     same template, replays against the same eager model plus that row; its own build key."""
     if builder.stamping and builder.template is None:
         builder.prepare_stamping()  # on the personal builder: its users guard it, and it is reused
-    extended, row = with_user_row(builder.model, population_vector(builder.model, population))
+    unknown_row = unknown_user_row(builder.ckpt.config, builder.ckpt.payload.get("train_config", {}))
+    extended, row = with_user_row(builder.model, population_vector(builder.model, population, unknown_row))
     cold = copy.copy(builder)
     cold.model = extended
     cold.reference = EagerReference(extended, builder.ckpt)

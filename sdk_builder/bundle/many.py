@@ -232,8 +232,9 @@ def _chunks(users: list[int], size: int) -> Iterator[list[int]]:
 
 def build_many(spec: BuildSpec, users: list[int], *, jobs: int = 1, backend: str = "local",
                ray_address: str | None = None, skip_unknown: bool = False, new_user: bool = False,
-               progress: Callable[[int], None] = lambda n: None) -> BatchSummary:
-    """Bundles of the known `users`, and with `new_user` the cold-start bundle (OUT/cold_start)."""
+               population: str = "mean", progress: Callable[[int], None] = lambda n: None) -> BatchSummary:
+    """Bundles of the known `users`, and with `new_user` the cold-start bundle (OUT/cold_start)
+    with the `population` user vector (sdk_builder/bundle/coldstart.py)."""
     started = time.perf_counter()
     out = Path(spec.out)
     builder = make_builder(spec)
@@ -256,7 +257,7 @@ def build_many(spec: BuildSpec, users: list[int], *, jobs: int = 1, backend: str
     if new_user:
         from sdk_builder.bundle.coldstart import build_cold_start
 
-        rows.append(_result_row(build_cold_start(builder, out, skip_current=True), out))
+        rows.append(_result_row(build_cold_start(builder, out, population=population, skip_current=True), out))
         progress(1)
     if backend == "ray":
         rows = _run_ray(spec, builder.template, known, jobs, ray_address, watch, progress)
