@@ -164,3 +164,23 @@ def test_kotlin_inputs_equal_the_python_reference(classpath, bundles, tmp_path):
                 assert line[name] == values, (bundle.name, case["name"], name)
             checked += 1
     print(f"kotlin inputs identical to the Python reference for {checked} cases")
+
+
+def test_kotlin_reads_a_cold_start_bundle(classpath, builder, tmp_path):
+    """manifest.user_id and the golden histories' user_id are null (kind cold_start): parsed, and encoded
+    exactly like the Python reference."""
+    from sdk_builder.bundle.coldstart import build_cold_start
+
+    bundle = build_cold_start(builder, tmp_path / "out").path
+    manifest, golden = load_json(bundle / "manifest.json"), load_json(bundle / "golden.json")
+    extra_file = tmp_path / "extra.json"
+    extra_file.write_text(json.dumps(extra_cases(manifest, golden)))
+    proc = subprocess.run(["java", "-cp", classpath, "dev.tbsm.sdk.GoldenInputsDumpKt", str(bundle), str(extra_file)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    cases = golden["cases"] + json.loads(extra_file.read_text())["cases"]
+    assert [line["case"] for line in lines] == [c["name"] for c in cases]
+    for line, case in zip(lines, cases):
+        expected = reference_inputs(manifest, case["history"], case["request_time"], case["candidates"])
+        assert all(line[name] == values for name, values in expected.items()), case["name"]

@@ -256,3 +256,13 @@ def test_native_bench(bundles, client):
     for line in lines:
         assert line["threads"] == 1 and 0 < line["median_us"] <= line["p99_us"]
     print("native bench:", json.dumps(lines))
+
+
+def test_native_client_replays_a_cold_start_bundle(builder, client, tmp_path):
+    """manifest.user_id and the golden histories' user_id are null (kind cold_start): read, and replayed."""
+    from sdk_builder.bundle.coldstart import build_cold_start
+
+    bundle = build_cold_start(builder, tmp_path).path
+    lines = json_lines(run_client(client, str(bundle), "--golden").stdout)
+    assert {line["case"] for line in lines if "case" in line} == {c["name"] for c in load_json(bundle / "golden.json")["cases"]}
+    assert lines[-1].get("summary") and lines[-1]["ok"] is True, lines[-1]
