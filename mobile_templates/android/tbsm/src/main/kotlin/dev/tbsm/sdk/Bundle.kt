@@ -27,7 +27,43 @@ class IdShard(val ids: LongArray, val firstRow: Long, val oovRow: Long, val padd
     }
 }
 
-/** The fields of manifest.json a phone needs (sdk_builder/formats.py: Manifest). */
+/**
+ * manifest.refresh: refresh.pte's [method] takes (user_state, the last maxHistory + [window] events)
+ * and returns (loss, gradient); the template runs [steps] steps of the loop when the history has grown
+ * by [everyEvents] events since the last refresh (see [RefreshLoop]).
+ */
+class RefreshSpec(
+    val file: String,
+    val method: String,
+    val window: Int,
+    val everyEvents: Int,
+    val steps: Int,
+    val learningRate: Double,
+    val maxDrift: Double,
+) {
+    companion object {
+        fun parse(json: JSONObject): RefreshSpec {
+            val spec = RefreshSpec(
+                file = json.getString("file"),
+                method = json.getString("method"),
+                window = json.getInt("window"),
+                everyEvents = json.getInt("every_events"),
+                steps = json.getInt("steps"),
+                learningRate = json.getDouble("learning_rate"),
+                maxDrift = json.getDouble("max_drift"),
+            )
+            if (spec.window < 1 || spec.everyEvents < 1 || spec.steps < 0 || !(spec.maxDrift > 0)) {
+                throw BundleException("manifest refresh: window and every_events must be >= 1, steps >= 0, max_drift > 0")
+            }
+            return spec
+        }
+    }
+}
+
+/**
+ * The fields of manifest.json a phone needs (sdk_builder/formats.py: Manifest). [sha256] is the hash of
+ * manifest.json itself: a refreshed user state is kept only for the bundle it was refreshed with.
+ */
 class BundleManifest(
     val formatVersion: Int,
     val userId: Long,
@@ -38,11 +74,19 @@ class BundleManifest(
     val maxHistory: Int,
     val maxCandidates: Int,
     val files: Map<String, String>,
+    val userState: FloatArray,
+    val refresh: RefreshSpec? = null,
+    val sha256: String = "",
 ) {
+    /** Events the history keeps: what ranking reads and, with a refresh program, what it trains on. */
+    val historyCapacity: Int
+        get() = refresh?.let { maxOf(maxHistory + it.window, it.everyEvents) } ?: maxHistory
+
     companion object {
-        const val FORMAT_VERSION = 1
+        const val FORMAT_VERSION = 2
         val INPUT_NAMES = listOf(
             "hist_items", "hist_categories", "hist_behaviors", "hist_timestamps", "request_time", "candidates",
+            "user_state",
         )
 
         fun parse(text: String): BundleManifest {
@@ -57,6 +101,12 @@ class BundleManifest(
             if (names != INPUT_NAMES) throw BundleException("program inputs $names differ from $INPUT_NAMES")
             val behaviors = json.getJSONObject("behaviors")
             val files = json.getJSONObject("files")
+            // float(np.float32) in the JSON: the double read back narrows to that float32 exactly.
+            val state = json.getJSONArray("user_state")
+            if (state.length() == 0) throw BundleException("manifest user_state is empty")
+            val refresh = if (json.isNull("refresh")) null else RefreshSpec.parse(json.getJSONObject("refresh"))
+            val fileHashes = files.keys().asSequence().associateWith { files.getString(it) }
+            if (refresh != null && refresh.file !in fileHashes) throw BundleException("manifest files lists no sha256 for ${refresh.file}")
             return BundleManifest(
                 formatVersion = version,
                 userId = json.getLong("user_id"),
@@ -66,7 +116,10 @@ class BundleManifest(
                 method = program.getString("method"),
                 maxHistory = program.getInt("max_history"),
                 maxCandidates = program.getInt("max_candidates"),
-                files = files.keys().asSequence().associateWith { files.getString(it) },
+                files = fileHashes,
+                userState = FloatArray(state.length()) { state.getDouble(it).toFloat() },
+                refresh = refresh,
+                sha256 = sha256(text.toByteArray(Charsets.UTF_8)),
             )
         }
 
@@ -95,5 +148,8 @@ class BundleManifest(
             }
             return digest.digest().joinToString("") { "%02x".format(it) }
         }
+
+        fun sha256(bytes: ByteArray): String =
+            MessageDigest.getInstance("SHA-256").digest(bytes).joinToString("") { "%02x".format(it) }
     }
 }
