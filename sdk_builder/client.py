@@ -55,35 +55,55 @@ class EncodedRequest:
     hist_timestamps: np.ndarray
     request_time: np.ndarray
     candidates: np.ndarray
+    user_state: np.ndarray  # float32 [S]
 
     def tensors(self) -> list[torch.Tensor]:
         return [torch.from_numpy(a) for a in (self.hist_items, self.hist_categories, self.hist_behaviors,
-                                               self.hist_timestamps, self.request_time, self.candidates)]
+                                               self.hist_timestamps, self.request_time, self.candidates,
+                                               self.user_state)]
 
 
-def encode(manifest: Manifest, history: EventHistory, request_time: int, candidate_ids) -> EncodedRequest:
-    """Program inputs for a history (oldest first) and global candidate ids."""
-    h = manifest.program.max_history
-    events = history.events[-h:]
-    pad = h - len(events)
-    items = np.zeros(h, np.int64)
-    cats = np.zeros(h, np.int64)
-    behaviors = np.zeros(h, np.int64)
-    stamps = np.zeros(h, np.int64)
+def state_array(state) -> np.ndarray:
+    """A user state as the program takes it: float32, one dimension, contiguous."""
+    return np.ascontiguousarray(np.asarray(state, dtype=np.float32).reshape(-1))
+
+
+def encode_history(manifest: Manifest, events) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Local rows, categories, behaviour codes and timestamps of events (oldest first), left-padded
+    with 0 to len(events) slots: the caller keeps as many events as its program takes."""
+    n = len(events)
+    items = np.zeros(n, np.int64)
+    cats = np.zeros(n, np.int64)
+    behaviors = np.zeros(n, np.int64)
+    stamps = np.zeros(n, np.int64)
     if events:
-        items[pad:] = local_rows(manifest.items, [e.item_id for e in events])
-        cats[pad:] = local_rows(manifest.categories, [e.category_id for e in events])
+        items[:] = local_rows(manifest.items, [e.item_id for e in events])
+        cats[:] = local_rows(manifest.categories, [e.category_id for e in events])
         missing = {e.behavior.value for e in events} - set(manifest.behaviors)
         if missing:
             raise BundleError(f"manifest behaviors: no code for {sorted(missing)}")
-        behaviors[pad:] = [manifest.behaviors[e.behavior.value] for e in events]
-        stamps[pad:] = [e.timestamp for e in events]
+        behaviors[:] = [manifest.behaviors[e.behavior.value] for e in events]
+        stamps[:] = [e.timestamp for e in events]
+    return items, cats, behaviors, stamps
+
+
+def padded_events(manifest: Manifest, events, width: int) -> tuple[np.ndarray, ...]:
+    """`encode_history` of the last `width` events, left-padded with 0 to `width` slots."""
+    events = events[-width:] if width else []
+    pad = width - len(events)
+    return tuple(np.concatenate([np.zeros(pad, np.int64), a]) for a in encode_history(manifest, events))
+
+
+def encode(manifest: Manifest, history: EventHistory, request_time: int, candidate_ids, state=None) -> EncodedRequest:
+    """Program inputs for a history (oldest first) and global candidate ids; `state`: the user
+    state to rank with (a refreshed one), else the manifest's."""
+    items, cats, behaviors, stamps = padded_events(manifest, history.events, manifest.program.max_history)
     candidates = np.asarray(check_int64_ids(candidate_ids, "candidates"), dtype=np.int64)
     if not 1 <= len(candidates) <= manifest.program.max_candidates:
         raise BundleError(f"candidates: {len(candidates)} given; 1 to {manifest.program.max_candidates} are allowed")
     (request_time,) = check_int64_ids([request_time], "request time")
     return EncodedRequest(items, cats, behaviors, stamps, np.array([request_time], np.int64),
-                          local_rows(manifest.items, candidates))
+                          local_rows(manifest.items, candidates), state_array(manifest.user_state if state is None else state))
 
 
 def run_method(method, request: EncodedRequest) -> np.ndarray:
@@ -139,15 +159,19 @@ class Bundle:
         encodes requests from the manifest, and a mismatch would fail (or misread) on the phone."""
         spec = self.manifest.program
         shapes = self.method.input_shapes()
-        expected = [(spec.max_history,)] * 4 + [(1,), (spec.max_candidates,)]
+        expected = [(spec.max_history,)] * 4 + [(1,), (spec.max_candidates,), (len(self.manifest.user_state),)]
         if shapes != expected:
             raise BundleError(f"{self.path / MANIFEST}: program: max_history {spec.max_history} / max_candidates "
-                              f"{spec.max_candidates} do not match {PROGRAM}'s inputs {[list(s) for s in shapes]}")
+                              f"{spec.max_candidates} / user_state of {len(self.manifest.user_state)} numbers do not "
+                              f"match {PROGRAM}'s inputs {[list(s) for s in shapes]}")
 
-    def score(self, history: EventHistory, request_time: int, candidate_ids) -> np.ndarray:
+    def score(self, history: EventHistory, request_time: int, candidate_ids, state=None) -> np.ndarray:
+        """Scores of global candidate ids; `state`: a refreshed user state (`refresh`), else the shipped one."""
         if history.user_id != self.manifest.user_id:
             raise BundleError(f"history is for user {history.user_id}, this bundle is for user {self.manifest.user_id}")
-        request = encode(self.manifest, history, request_time, candidate_ids)
+        if state is not None and np.shape(state) != (len(self.manifest.user_state),):
+            raise BundleError(f"user state of shape {list(np.shape(state))}; this bundle's is [{len(self.manifest.user_state)}]")
+        request = encode(self.manifest, history, request_time, candidate_ids, state)
         return self.execute(request)
 
     def execute(self, request: EncodedRequest) -> np.ndarray:

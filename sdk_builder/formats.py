@@ -17,7 +17,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
 
-BUNDLE_FORMAT_VERSION = 1
+BUNDLE_FORMAT_VERSION = 2
 MAX_HISTORY = 20
 MAX_CANDIDATES = 4096
 # The on-device row codes: model.tbsm.PADDING_ROW, OOV_ROW and RESERVED_ROWS (tests/test_layering.py).
@@ -200,6 +200,8 @@ class Manifest(BaseModel):
     checkpoint_sha256: str
     model_config_: dict[str, Any] = Field(alias="model_config")
     program: ProgramSpec
+    user_state: list[float] = Field(description="The user state shipped with the bundle, float32 values: the program's "
+                                                "`user_state` input unless the app has a refreshed state for this bundle.")
     items: IdShard
     categories: IdShard
     behaviors: dict[str, int] = Field(default_factory=lambda: dict(BEHAVIOR_CODES))

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from model.tbsm import TBSM
-from sdk_builder.program import USER_CONSTANTS, Shard, SliceLayout, slice_constants
+from sdk_builder.program import USER_CONSTANTS, Shard, SliceLayout, slice_constants, user_state
 from sdk_builder.recipes import get_recipe
 from sdk_builder.recipes.base import Recipe
 from sdk_builder.runtime import load_runtime_method
@@ -99,14 +99,17 @@ def offset_once(program: bytes, raw: bytes, name: str, recipe: str) -> int:
 
 def check_against_export(template: ProgramTemplate, model: TBSM, shards: list[Shard], item_category: np.ndarray,
                          requests: list[list[torch.Tensor]]) -> float:
-    """Max abs difference between stamped and fully exported programs over `requests`; raises on any."""
+    """Max abs difference between stamped and fully exported programs over `requests` (the six request
+    inputs; each shard's user state is appended); raises on any."""
     recipe = get_recipe(template.recipe)
     worst = 0.0
     for shard in shards:
         constants = slice_constants(model, shard, item_category, template.layout)
         stamped = load_runtime_method(template.stamp(constants))
         exported = load_runtime_method(recipe.compile(model, constants))
+        state = user_state(model, shard.user_row)
         for request in requests:
+            request = [*request[:6], state]
             a = stamped.execute(request)[0]
             b = exported.execute(request)[0]
             worst = max(worst, float((a - b).abs().max()))

@@ -158,7 +158,8 @@ class BundleBuilder:
         view = view or ShardView(self.ckpt, shard)
         return Manifest.model_construct(
             versions=self.versions, user_id=user_id, recipe=self.recipe, checkpoint_sha256=self.ckpt.sha256,
-            model_config=self.model_config, program=view.program, items=view.items, categories=view.categories,
+            model_config=self.model_config, program=view.program, user_state=view.user_state.tolist(),
+            items=view.items, categories=view.categories,
             shard_policy=ShardPolicyRecord.model_construct(name=self.policy.name, shard_size=self.policy.shard_size,
                                                            weights=self.policy.weights, sources=sources),
             seeds={"train": int(self.ckpt.payload.get("seed", 0)), "bundle": self.seed},

@@ -17,7 +17,7 @@ from sdk_builder.data.dataset import PreparedData
 from sdk_builder.formats import (
     BEHAVIOR_CODES, BEHAVIOR_NAMES, Behavior, MAX_HISTORY, Event, EventHistory, GoldenCase, GoldenSet, IdShard, Manifest,
 )
-from sdk_builder.program import Shard, program_spec
+from sdk_builder.program import Shard, program_spec, user_state
 from sdk_builder.runs import LoadedCheckpoint
 
 GOLDEN_TOLERANCE = 1e-5
@@ -30,13 +30,16 @@ Request = tuple[EventHistory, int, list[int]]  # history, request time, global c
 
 class ShardView:
     """The parts of a manifest `encode` needs, before the manifest itself exists. Built once per
-    user: the id lists come from our own id maps (sorted, non-negative), so they skip validation."""
+    user: the id lists come from our own id maps (sorted, non-negative), so they skip validation.
+    `user_state`: the shipped state, by default the shard's user row of the checkpoint's model."""
 
-    def __init__(self, ckpt: LoadedCheckpoint, shard: Shard) -> None:
+    def __init__(self, ckpt: LoadedCheckpoint, shard: Shard, state: np.ndarray | None = None) -> None:
         self.items = IdShard.model_construct(ids=ckpt.items.global_id(shard.item_rows).tolist())
         self.categories = IdShard.model_construct(ids=ckpt.categories.global_id(shard.category_rows).tolist())
         self.behaviors = dict(BEHAVIOR_CODES)
         self.program = _PROGRAM_SPEC
+        self.user_state = (user_state(ckpt.model, shard.user_row).numpy() if state is None
+                           else np.asarray(state, dtype=np.float32))
 
 
 def golden_requests(ckpt: LoadedCheckpoint, data: PreparedData, seed: int, user_id: int, shard: Shard) -> list[GoldenCase]:

@@ -5,7 +5,7 @@ with shape, dtype and bytes), the delegate blobs (XNNPACK graphs) with the weigh
 and the rest (flatbuffer structure, headers, alignment padding). Constant tensors carry no names in
 a `.pte`: they are named from the program itself, by the input that indexes them
 (`hist_items` -> `item_table`, `hist_categories` -> `category_table`, `candidates` ->
-`candidate_features`, a constant row index -> `user`); others are numbered. The JSON files are
+`candidate_features`); others are numbered (the user state is an input, not a constant). The JSON files are
 split by top-level field (manifest), id lists and golden case. Every file's parts add up to the
 file's size exactly, and the files to the bundle's size.
 """
@@ -93,8 +93,6 @@ def _constant_names(plan, input_names: list[str]) -> dict[int, str]:
     def table_name(index_value: int) -> str | None:
         if index_value in origin:
             return TABLE_OF_INPUT.get(origin[index_value])
-        if is_constant(index_value):
-            return "user"  # a per-user row read through a constant index (a gather keeps it out of delegates)
         return None
 
     names: dict[int, str] = {}
@@ -118,8 +116,6 @@ def _constant_names(plan, input_names: list[str]) -> dict[int, str]:
                 name = table_name(index) if index is not None else None
                 if name:
                     names.setdefault(args[0], name)
-                    if index is not None and is_constant(index):
-                        names.setdefault(index, f"{name} row index")
             elif op in ("aten::embedding", "aten::index_select"):
                 weight, index = (args[0], args[1]) if op == "aten::embedding" else (args[0], args[2])
                 name = table_name(index)
