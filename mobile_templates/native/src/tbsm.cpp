@@ -90,16 +90,17 @@ Manifest parse_manifest(const json& doc) {
   // float(np.float32) in the JSON: the double read back narrows to that float32 exactly.
   for (double v : doc.at("user_state").get<std::vector<double>>()) m.user_state.push_back(static_cast<float>(v));
   if (m.user_state.empty()) throw std::runtime_error("manifest user_state is empty");
-  const auto refresh = doc.find("refresh");
-  if (refresh != doc.end() && !refresh->is_null()) {
+  const auto found = doc.find("refresh");
+  if (found != doc.end() && !found->is_null()) {
+    const json& refresh = *found;
     RefreshSpec r;
-    r.file = refresh->at("file").get<std::string>();
-    r.method = refresh->at("method").get<std::string>();
-    r.window = refresh->at("window").get<int64_t>();
-    r.every_events = refresh->at("every_events").get<int64_t>();
-    r.steps = refresh->at("steps").get<int64_t>();
-    r.learning_rate = refresh->at("learning_rate").get<double>();
-    r.max_drift = refresh->at("max_drift").get<double>();
+    r.file = refresh.at("file").get<std::string>();
+    r.method = refresh.at("method").get<std::string>();
+    r.window = refresh.at("window").get<int64_t>();
+    r.every_events = refresh.at("every_events").get<int64_t>();
+    r.steps = refresh.at("steps").get<int64_t>();
+    r.learning_rate = refresh.at("learning_rate").get<double>();
+    r.max_drift = refresh.at("max_drift").get<double>();
     if (r.window < 1 || r.every_events < 1 || r.steps < 0 || !(r.max_drift > 0)) {
       throw std::runtime_error("manifest refresh: window and every_events must be >= 1, steps >= 0, max_drift > 0");
     }

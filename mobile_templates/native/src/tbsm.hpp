@@ -42,7 +42,7 @@ struct IdShard {
 
 // manifest.refresh: how and when the user state is refreshed on the device.
 struct RefreshSpec {
-  std::string file = "refresh.pte";
+  std::string file;  // a file of manifest.files
   std::string method = "forward";
   int64_t window = 0;        // positives per refresh: the last `window` events
   int64_t every_events = 0;  // refresh when the history has grown by this many events
