@@ -190,13 +190,19 @@ class UserProgram(nn.Module):
         emb = self.cfg.emb_dim
         return user_state[:emb].unsqueeze(0), user_state[emb:].unsqueeze(0)
 
-    def history_z(self, hist_items, hist_categories, hist_behaviors, hist_timestamps, request_time,
-                  user_state) -> torch.Tensor:
+    def event_dense(self, hist_timestamps, request_time) -> torch.Tensor:
+        """The dense feature of history events: their age at the request, or their position."""
         if self.cfg.dense_feature == "position":
-            dense = self.position_feature
-        else:
-            seconds = (request_time - hist_timestamps).clamp(min=0).to(torch.float32)
-            dense = torch.log1p(seconds / SECONDS_PER_MINUTE) / TIME_FEATURE_SCALE
+            return self.position_feature
+        seconds = (request_time - hist_timestamps).clamp(min=0).to(torch.float32)
+        return torch.log1p(seconds / SECONDS_PER_MINUTE) / TIME_FEATURE_SCALE
+
+    def history_z(self, hist_items, hist_categories, hist_behaviors, hist_timestamps, request_time,
+                  user_state, dense: torch.Tensor | None = None) -> torch.Tensor:
+        """Event-tower output of each history event (rows of any length: `dense`, one per event,
+        lets a caller stack several histories; default `event_dense`)."""
+        if dense is None:
+            dense = self.event_dense(hist_timestamps, request_time)
         item_vec = self.item_table[hist_items]
         if self.behavior_table is not None:
             item_vec = item_vec + self.behavior_table[hist_behaviors]
@@ -218,13 +224,20 @@ class UserProgram(nn.Module):
         # Candidates live in a (1, N, .) batch of one from here on: bmm needs it, and staying 3-D
         # avoids a squeeze/unsqueeze copy of every (N, .) intermediate between delegates.
         features = self.candidate_features[candidates].unsqueeze(0)
-        w = unit_rows(self.candidate_rest(self.candidate_first(features) + bias_share), self.ones_z)
+        logit = self.candidate_logits(history, self.candidate_w(features, bias_share))
+        return torch.sigmoid(logit + self.candidate_prior[candidates].unsqueeze(0)).reshape(-1)
+
+    def candidate_w(self, features: torch.Tensor, bias_share: torch.Tensor) -> torch.Tensor:
+        """Candidate-side event-tower output from candidate features (B, N, 5)."""
+        return unit_rows(self.candidate_rest(self.candidate_first(features) + bias_share), self.ones_z)
+
+    def candidate_logits(self, history: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """Model logits (B, N, 1) of candidates `w` (B, N, Z) after a history (T, Z), or B histories (B, T, Z)."""
         logits = [
             head_logits(head, history * visible.unsqueeze(-1), w)
             for head, visible in zip(self.heads, self.head_visibility)
         ]
-        logit = logits[0] if self.combine is None else self.combine(torch.sigmoid(torch.cat(logits, dim=-1)))
-        return torch.sigmoid(logit + self.candidate_prior[candidates].unsqueeze(0)).reshape(-1)
+        return logits[0] if self.combine is None else self.combine(torch.sigmoid(torch.cat(logits, dim=-1)))
 
 
 def unit_rows(z: torch.Tensor, ones: torch.Tensor) -> torch.Tensor:
@@ -235,7 +248,8 @@ def unit_rows(z: torch.Tensor, ones: torch.Tensor) -> torch.Tensor:
 
 
 def head_logits(head: TSLHead, history: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """TSLHead.forward for one shared history (T, Z) and N candidates (1, N, Z) -> logits (1, N, 1).
+    """TSLHead.forward for one shared history (T, Z) and N candidates (1, N, Z) -> logits (1, N, 1);
+    or for B histories (B, T, Z), each with its own N candidates (B, N, Z) -> (B, N, 1).
 
     scores[n, t] = h_t . q(w_n); for def, q = A^T A w, so scores = w @ (H A^T A)^T: the history
     side is folded once per request and each candidate costs one (Z x T) product. With the MLP
@@ -250,18 +264,23 @@ def head_logits(head: TSLHead, history: torch.Tensor, w: torch.Tensor) -> torch.
     else:
         folded = history
     if head.attention is None:
-        weights = torch.bmm(w, folded.t().unsqueeze(0))
+        weights = torch.bmm(w, _batch_transposed(folded))
     else:
         # The attention MLP's first layer is linear in the scores: fold it into the history side
         # too, so a candidate costs one (Z x hidden) product instead of (Z x T) + (T x hidden).
         mlp_layers, squash = head.attention
         first, *rest = mlp_layers
-        hidden = torch.bmm(w, torch.matmul(first.weight, folded).t().unsqueeze(0)) + first.bias
+        hidden = torch.bmm(w, _batch_transposed(torch.matmul(first.weight, folded))) + first.bias
         for layer in rest:
             hidden = layer(hidden)
         weights = squash(hidden)
-    context = torch.bmm(weights, history.unsqueeze(0))
+    context = torch.bmm(weights, history.unsqueeze(0) if history.dim() == 2 else history)
     return head.head(torch.cat([context, w], dim=-1))
+
+
+def _batch_transposed(m: torch.Tensor) -> torch.Tensor:
+    """(T, Z) -> (1, Z, T), the one-history ranking graph as before; (B, T, Z) -> (B, Z, T)."""
+    return m.t().unsqueeze(0) if m.dim() == 2 else m.transpose(1, 2)
 
 
 def state_size(cfg) -> int:
