@@ -97,12 +97,16 @@ Manifest parse_manifest(const json& doc) {
     r.file = refresh.at("file").get<std::string>();
     r.method = refresh.at("method").get<std::string>();
     r.window = refresh.at("window").get<int64_t>();
+    r.events = refresh.at("events").get<int64_t>();
     r.every_events = refresh.at("every_events").get<int64_t>();
     r.steps = refresh.at("steps").get<int64_t>();
     r.learning_rate = refresh.at("learning_rate").get<double>();
     r.max_drift = refresh.at("max_drift").get<double>();
-    if (r.window < 1 || r.every_events < 1 || r.steps < 0 || !(r.max_drift > 0)) {
-      throw std::runtime_error("manifest refresh: window and every_events must be >= 1, steps >= 0, max_drift > 0");
+    if (r.window < 1 || r.every_events < 1 || r.steps < 1 || !(r.max_drift > 0)) {
+      throw std::runtime_error("manifest refresh: window, every_events and steps must be >= 1, max_drift > 0");
+    }
+    if (r.events != m.max_history + r.window) {
+      throw std::runtime_error("manifest refresh: events " + std::to_string(r.events) + " is not max_history + window");
     }
     if (m.files.count(r.file) == 0) throw std::runtime_error("manifest files lists no sha256 for " + r.file);
     m.refresh = r;
@@ -180,7 +184,7 @@ Inputs build_inputs(const Manifest& m, const History& h, int64_t request_time,
 
 RefreshEvents build_refresh_events(const Manifest& m, const History& h) {
   if (!m.refresh) throw std::runtime_error("the bundle has no refresh program (manifest refresh is null)");
-  return encode_events(m, h, static_cast<size_t>(m.max_history + m.refresh->window));
+  return encode_events(m, h, static_cast<size_t>(m.refresh->events));
 }
 
 void refresh_step(const RefreshSpec& spec, const std::vector<float>& shipped, const std::vector<float>& gradient,

@@ -45,6 +45,7 @@ struct RefreshSpec {
   std::string file;  // a file of manifest.files
   std::string method = "forward";
   int64_t window = 0;        // positives per refresh: the last `window` events
+  int64_t events = 0;        // W = max_history + window: how many events the program reads
   int64_t every_events = 0;  // refresh when the history has grown by this many events
   int64_t steps = 0;
   double learning_rate = 0.0;
@@ -86,7 +87,8 @@ struct Inputs {
   std::vector<float> user_state;
 };
 
-// Inputs 1-4 of refresh.pte: the last W = max_history + window events, encoded like the history.
+// Inputs 1-4 of refresh.pte: the last W = manifest.refresh.events (max_history + window) events,
+// encoded like the history.
 struct RefreshEvents {
   std::vector<int64_t> items, categories, behaviors, timestamps;
 };

@@ -58,22 +58,24 @@ public struct IdShard {
     }
 }
 
-/// manifest.refresh: refresh.pte's `method` takes (user_state, the last maxHistory + `window` events)
-/// and returns (loss, gradient); the template runs `steps` steps of the loop when the history has grown
-/// by `everyEvents` events since the last refresh (see `RefreshLoop`).
+/// manifest.refresh: refresh.pte's `method` takes (user_state, the last `events` = maxHistory + `window`
+/// events) and returns (loss, gradient); the template runs `steps` steps of the loop when the history
+/// has grown by `everyEvents` events since the last refresh (see `RefreshLoop`).
 public struct RefreshSpec {
     public let file: String
     public let method: String
     public let window: Int
+    public let events: Int
     public let everyEvents: Int
     public let steps: Int
     public let learningRate: Double
     public let maxDrift: Double
 
-    public init(file: String, method: String, window: Int, everyEvents: Int, steps: Int, learningRate: Double, maxDrift: Double) {
+    public init(file: String, method: String, window: Int, events: Int, everyEvents: Int, steps: Int, learningRate: Double, maxDrift: Double) {
         self.file = file
         self.method = method
         self.window = window
+        self.events = events
         self.everyEvents = everyEvents
         self.steps = steps
         self.learningRate = learningRate
@@ -85,13 +87,14 @@ public struct RefreshSpec {
             file: json.string("file"),
             method: json.string("method"),
             window: json.int("window"),
+            events: json.int("events"),
             everyEvents: json.int("every_events"),
             steps: json.int("steps"),
             learningRate: json.double("learning_rate"),
             maxDrift: json.double("max_drift")
         )
-        if spec.window < 1 || spec.everyEvents < 1 || spec.steps < 0 || !(spec.maxDrift > 0) {
-            throw TbsmError.bundle("manifest refresh: window and every_events must be >= 1, steps >= 0, max_drift > 0")
+        if spec.window < 1 || spec.everyEvents < 1 || spec.steps < 1 || !(spec.maxDrift > 0) {
+            throw TbsmError.bundle("manifest refresh: window, every_events and steps must be >= 1, max_drift > 0")
         }
         return spec
     }
@@ -122,7 +125,7 @@ public struct BundleManifest {
     /// Events the history keeps: what ranking reads and, with a refresh program, what it trains on.
     public var historyCapacity: Int {
         guard let refresh = refresh else { return maxHistory }
-        return max(maxHistory + refresh.window, refresh.everyEvents)
+        return max(refresh.events, refresh.everyEvents)
     }
 
     public static func parse(_ data: Data) throws -> BundleManifest {
@@ -141,6 +144,10 @@ public struct BundleManifest {
         if let value = json.values["refresh"], !(value is NSNull) { refresh = try RefreshSpec.parse(json.object("refresh")) }
         let files = try json.stringMap("files")
         if let refresh = refresh, files[refresh.file] == nil { throw TbsmError.bundle("manifest files lists no sha256 for \(refresh.file)") }
+        let maxHistory = try program.int("max_history")
+        if let refresh = refresh, refresh.events != maxHistory + refresh.window {
+            throw TbsmError.bundle("manifest refresh: events \(refresh.events) is not max_history + window")
+        }
         return try BundleManifest(
             formatVersion: version,
             userId: json.long("user_id"),
@@ -148,7 +155,7 @@ public struct BundleManifest {
             categories: IdShard.parse(json.object("categories")),
             behaviors: json.longMap("behaviors"),
             method: program.string("method"),
-            maxHistory: program.int("max_history"),
+            maxHistory: maxHistory,
             maxCandidates: program.int("max_candidates"),
             files: files,
             userState: state,

@@ -9,10 +9,10 @@ public struct GoldenCase {
     public let scores: [Double]
 }
 
-/// One refresh case of golden.json: one whole refresh loop from `stateBefore` on `history` gives `stateAfter`.
+/// One refresh case of golden.json: one whole refresh loop from `stateBefore` on `events` gives `stateAfter`.
 public struct GoldenRefreshCase {
     public let name: String
-    public let history: HistoryBuffer
+    public let events: [Event]
     public let stateBefore: [Float]
     public let stateAfter: [Double]
     public let tolerance: Double
@@ -41,7 +41,7 @@ public struct GoldenSet {
     public func failedRefreshCases(_ manifest: BundleManifest, _ refresh: Refresh) throws -> [String] {
         guard let spec = manifest.refresh else { return refreshCases.map { $0.name } }
         return try refreshCases.filter { c in
-            let events = try InputBuilder.refreshEvents(manifest, c.history.events())
+            let events = try InputBuilder.refreshEvents(manifest, c.events)
             let got = try RefreshLoop.run(spec, manifest.userState, c.stateBefore, events, refresh)
             return got.count != c.stateAfter.count || got.indices.contains { !(abs(Double(got[$0]) - c.stateAfter[$0]) <= c.tolerance) }
         }.map { $0.name }
@@ -62,7 +62,7 @@ public struct GoldenSet {
         let refreshCases = try (json.values["refresh_cases"] == nil ? [] : json.objects("refresh_cases")).map { c in
             try GoldenRefreshCase(
                 name: c.string("name"),
-                history: HistoryBuffer.fromJson(JSONSerialization.data(withJSONObject: c.object("history").values), capacity: capacity),
+                events: HistoryBuffer.eventsFromJson(c.objects("events")),
                 stateBefore: c.doubles("state_before").map { Float($0) },
                 stateAfter: c.doubles("state_after"),
                 tolerance: c.double("tolerance")

@@ -63,12 +63,19 @@ public final class HistoryBuffer {
         let json = try JSONObject(data: data)
         let buffer = try HistoryBuffer(userId: json.long("user_id"), capacity: capacity)
         // "events" may be absent (the schema's default is an empty list).
-        let events = try json.values["events"] == nil ? [] : json.objects("events")
-        for (i, e) in events.enumerated() {
-            let event = try Event(itemId: e.long("item_id"), categoryId: e.long("category_id"), behavior: e.string("behavior"), timestamp: e.long("timestamp"))
-            if !buffer.add(event) { throw TbsmError.invalidArgument("events[\(i)] is older than events[\(i - 1)]") }
-        }
+        for event in try eventsFromJson(json.values["events"] == nil ? [] : json.objects("events")) { _ = buffer.add(event) }
         return buffer
+    }
+
+    /// Events of the events schema, oldest first; throws when invalid.
+    static func eventsFromJson(_ objects: [JSONObject]) throws -> [Event] {
+        var events: [Event] = []
+        for (i, e) in objects.enumerated() {
+            let event = try Event(itemId: e.long("item_id"), categoryId: e.long("category_id"), behavior: e.string("behavior"), timestamp: e.long("timestamp"))
+            if let last = events.last, event.timestamp < last.timestamp { throw TbsmError.invalidArgument("events[\(i)] is older than events[\(i - 1)]") }
+            events.append(event)
+        }
+        return events
     }
 }
 

@@ -14,7 +14,7 @@ public struct ModelInputs {
     public func longInputs() -> [[Int64]] { [histItems, histCategories, histBehaviors, histTimestamps, requestTime, candidates] }
 }
 
-/// Inputs 1-4 of refresh.pte: the last maxHistory + window events, encoded like the ranking history.
+/// Inputs 1-4 of refresh.pte: the last manifest.refresh.events (maxHistory + window) events, encoded like the ranking history.
 public struct RefreshEvents {
     public let items: [Int64]
     public let categories: [Int64]
@@ -46,10 +46,10 @@ public enum InputBuilder {
         )
     }
 
-    /// refresh.pte's event inputs: the last maxHistory + window `events`, padded like the history.
+    /// refresh.pte's event inputs: the last refresh.events (maxHistory + window) `events`, padded like the history.
     public static func refreshEvents(_ manifest: BundleManifest, _ events: [Event]) throws -> RefreshEvents {
         guard let spec = manifest.refresh else { throw TbsmError.invalidArgument("the bundle has no refresh program") }
-        return try encode(manifest, events, manifest.maxHistory + spec.window)
+        return try encode(manifest, events, spec.events)
     }
 
     private static func encode(_ manifest: BundleManifest, _ events: [Event], _ t: Int) throws -> RefreshEvents {

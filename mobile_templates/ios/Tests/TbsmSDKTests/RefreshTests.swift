@@ -4,7 +4,7 @@ import XCTest
 
 final class RefreshTests: XCTestCase {
     private func spec(_ steps: Int, _ learningRate: Double, _ maxDrift: Double) -> RefreshSpec {
-        RefreshSpec(file: "refresh.pte", method: "forward", window: 2, everyEvents: 2, steps: steps, learningRate: learningRate, maxDrift: maxDrift)
+        RefreshSpec(file: "refresh.pte", method: "forward", window: 2, events: 6, everyEvents: 2, steps: steps, learningRate: learningRate, maxDrift: maxDrift)
     }
 
     private let noEvents = RefreshEvents(items: [], categories: [], behaviors: [], timestamps: [])

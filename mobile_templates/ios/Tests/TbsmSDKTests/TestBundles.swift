@@ -28,6 +28,9 @@ enum TestBundles {
         if !FileManager.default.fileExists(atPath: program.path) { try Data("placeholder".utf8).write(to: program) }
         let manifestFile = bundle.appendingPathComponent("manifest.json")
         var manifest = try JSONSerialization.jsonObject(with: Data(contentsOf: manifestFile)) as! [String: Any]
+        var refresh = refresh
+        let maxHistory = ((manifest["program"] as! [String: Any])["max_history"] as! NSNumber).intValue
+        refresh["events"] = maxHistory + (refresh["window"] as! Int)
         manifest["refresh"] = refresh
         var files = manifest["files"] as! [String: Any]
         files[program.lastPathComponent] = try BundleManifest.sha256(program)

@@ -28,14 +28,15 @@ class IdShard(val ids: LongArray, val firstRow: Long, val oovRow: Long, val padd
 }
 
 /**
- * manifest.refresh: refresh.pte's [method] takes (user_state, the last maxHistory + [window] events)
- * and returns (loss, gradient); the template runs [steps] steps of the loop when the history has grown
- * by [everyEvents] events since the last refresh (see [RefreshLoop]).
+ * manifest.refresh: refresh.pte's [method] takes (user_state, the last [events] = maxHistory + [window]
+ * events) and returns (loss, gradient); the template runs [steps] steps of the loop when the history
+ * has grown by [everyEvents] events since the last refresh (see [RefreshLoop]).
  */
 class RefreshSpec(
     val file: String,
     val method: String,
     val window: Int,
+    val events: Int,
     val everyEvents: Int,
     val steps: Int,
     val learningRate: Double,
@@ -47,13 +48,14 @@ class RefreshSpec(
                 file = json.getString("file"),
                 method = json.getString("method"),
                 window = json.getInt("window"),
+                events = json.getInt("events"),
                 everyEvents = json.getInt("every_events"),
                 steps = json.getInt("steps"),
                 learningRate = json.getDouble("learning_rate"),
                 maxDrift = json.getDouble("max_drift"),
             )
-            if (spec.window < 1 || spec.everyEvents < 1 || spec.steps < 0 || !(spec.maxDrift > 0)) {
-                throw BundleException("manifest refresh: window and every_events must be >= 1, steps >= 0, max_drift > 0")
+            if (spec.window < 1 || spec.everyEvents < 1 || spec.steps < 1 || !(spec.maxDrift > 0)) {
+                throw BundleException("manifest refresh: window, every_events and steps must be >= 1, max_drift > 0")
             }
             return spec
         }
@@ -80,7 +82,7 @@ class BundleManifest(
 ) {
     /** Events the history keeps: what ranking reads and, with a refresh program, what it trains on. */
     val historyCapacity: Int
-        get() = refresh?.let { maxOf(maxHistory + it.window, it.everyEvents) } ?: maxHistory
+        get() = refresh?.let { maxOf(it.events, it.everyEvents) } ?: maxHistory
 
     companion object {
         const val FORMAT_VERSION = 2
@@ -107,6 +109,10 @@ class BundleManifest(
             val refresh = if (json.isNull("refresh")) null else RefreshSpec.parse(json.getJSONObject("refresh"))
             val fileHashes = files.keys().asSequence().associateWith { files.getString(it) }
             if (refresh != null && refresh.file !in fileHashes) throw BundleException("manifest files lists no sha256 for ${refresh.file}")
+            val maxHistory = program.getInt("max_history")
+            if (refresh != null && refresh.events != maxHistory + refresh.window) {
+                throw BundleException("manifest refresh: events ${refresh.events} is not max_history + window")
+            }
             return BundleManifest(
                 formatVersion = version,
                 userId = json.getLong("user_id"),
@@ -114,7 +120,7 @@ class BundleManifest(
                 categories = IdShard.parse(json.getJSONObject("categories")),
                 behaviors = behaviors.keys().asSequence().associateWith { behaviors.getLong(it) },
                 method = program.getString("method"),
-                maxHistory = program.getInt("max_history"),
+                maxHistory = maxHistory,
                 maxCandidates = program.getInt("max_candidates"),
                 files = fileHashes,
                 userState = FloatArray(state.length()) { state.getDouble(it).toFloat() },

@@ -13,10 +13,10 @@ class GoldenCase(
     val scores: DoubleArray,
 )
 
-/** One refresh case of golden.json: one whole refresh loop from [stateBefore] on [history] gives [stateAfter]. */
+/** One refresh case of golden.json: one whole refresh loop from [stateBefore] on [events] gives [stateAfter]. */
 class GoldenRefreshCase(
     val name: String,
-    val history: HistoryBuffer,
+    val events: List<Event>,
     val stateBefore: FloatArray,
     val stateAfter: DoubleArray,
     val tolerance: Double,
@@ -34,7 +34,7 @@ class GoldenSet(val tolerance: Double, val cases: List<GoldenCase>, val refreshC
     fun failedRefreshCases(manifest: BundleManifest, refresh: Refresh): List<String> {
         val spec = manifest.refresh ?: return refreshCases.map { it.name }
         return refreshCases.filter { case ->
-            val events = InputBuilder.refreshEvents(manifest, case.history.events())
+            val events = InputBuilder.refreshEvents(manifest, case.events)
             val got = RefreshLoop.run(spec, manifest.userState, case.stateBefore, events, refresh)
             got.size != case.stateAfter.size || got.indices.any { !(Math.abs(got[it] - case.stateAfter[it]) <= case.tolerance) }
         }.map { it.name }
@@ -66,7 +66,7 @@ class GoldenSet(val tolerance: Double, val cases: List<GoldenCase>, val refreshC
                     val after = c.getJSONArray("state_after")
                     GoldenRefreshCase(
                         name = c.getString("name"),
-                        history = HistoryBuffer.fromJson(c.getJSONObject("history").toString(), capacity),
+                        events = HistoryBuffer.eventsFromJson(c.getJSONArray("events")),
                         stateBefore = FloatArray(before.length()) { before.getDouble(it).toFloat() },
                         stateAfter = DoubleArray(after.length()) { after.getDouble(it) },
                         tolerance = c.getDouble("tolerance"),

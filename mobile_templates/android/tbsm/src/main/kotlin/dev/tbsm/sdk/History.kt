@@ -56,13 +56,16 @@ class HistoryBuffer(val userId: Long, val capacity: Int) {
             val json = JSONObject(text)
             val buffer = HistoryBuffer(json.getLong("user_id"), capacity)
             // "events" may be absent (the schema's default is an empty list).
-            val array = if (json.has("events")) json.getJSONArray("events") else JSONArray()
-            for (i in 0 until array.length()) {
-                val e = array.getJSONObject(i)
-                val event = Event(e.getLong("item_id"), e.getLong("category_id"), e.getString("behavior"), e.getLong("timestamp"))
-                require(buffer.add(event)) { "events[$i] is older than events[${i - 1}]" }
-            }
+            for (event in eventsFromJson(if (json.has("events")) json.getJSONArray("events") else JSONArray())) buffer.add(event)
             return buffer
+        }
+
+        /** Events of the events schema, oldest first; throws IllegalArgumentException or JSONException when invalid. */
+        fun eventsFromJson(array: JSONArray): List<Event> = List(array.length()) { i ->
+            val e = array.getJSONObject(i)
+            Event(e.getLong("item_id"), e.getLong("category_id"), e.getString("behavior"), e.getLong("timestamp"))
+        }.also { events ->
+            for (i in 1 until events.size) require(events[i].timestamp >= events[i - 1].timestamp) { "events[$i] is older than events[${i - 1}]" }
         }
     }
 }

@@ -14,7 +14,7 @@ class ModelInputs(
     fun longInputs(): List<LongArray> = listOf(histItems, histCategories, histBehaviors, histTimestamps, requestTime, candidates)
 }
 
-/** Inputs 1-4 of refresh.pte: the last maxHistory + window events, encoded like the ranking history. */
+/** Inputs 1-4 of refresh.pte: the last manifest.refresh.events (maxHistory + window) events, encoded like the ranking history. */
 class RefreshEvents(val items: LongArray, val categories: LongArray, val behaviors: LongArray, val timestamps: LongArray) {
     fun all(): List<LongArray> = listOf(items, categories, behaviors, timestamps)
 }
@@ -43,10 +43,10 @@ object InputBuilder {
         )
     }
 
-    /** refresh.pte's event inputs: the last maxHistory + window [events], padded like the history. */
+    /** refresh.pte's event inputs: the last refresh.events (maxHistory + window) [events], padded like the history. */
     fun refreshEvents(manifest: BundleManifest, events: List<Event>): RefreshEvents {
         val spec = requireNotNull(manifest.refresh) { "the bundle has no refresh program" }
-        return encode(manifest, events, manifest.maxHistory + spec.window)
+        return encode(manifest, events, spec.events)
     }
 
     private fun encode(manifest: BundleManifest, events: List<Event>, t: Int): RefreshEvents {

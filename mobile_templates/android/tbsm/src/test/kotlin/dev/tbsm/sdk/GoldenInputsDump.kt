@@ -40,7 +40,7 @@ fun main(args: Array<String>) {
     }
     if (manifest.refresh == null) return
     for (case in GoldenSet.load(File(bundle, "golden.json"), manifest.historyCapacity).refreshCases) {
-        val events = InputBuilder.refreshEvents(manifest, case.history.events())
+        val events = InputBuilder.refreshEvents(manifest, case.events)
         val line = JSONObject().put("refresh_case", case.name)
         for ((name, values) in listOf("events_items", "events_categories", "events_behaviors", "events_timestamps").zip(events.all())) {
             line.put(name, JSONArray().also { array -> values.forEach { array.put(it) } })

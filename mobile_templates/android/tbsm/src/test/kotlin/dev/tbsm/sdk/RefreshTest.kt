@@ -11,7 +11,7 @@ import org.junit.Test
 
 class RefreshTest {
     private fun spec(steps: Int, learningRate: Double, maxDrift: Double) =
-        RefreshSpec("refresh.pte", "forward", window = 2, everyEvents = 2, steps = steps, learningRate = learningRate, maxDrift = maxDrift)
+        RefreshSpec("refresh.pte", "forward", window = 2, events = 6, everyEvents = 2, steps = steps, learningRate = learningRate, maxDrift = maxDrift)
 
     private val noEvents = RefreshEvents(LongArray(0), LongArray(0), LongArray(0), LongArray(0))
 

@@ -26,6 +26,8 @@ object TestBundles {
      */
     fun copyWithRefresh(refresh: JSONObject): File {
         val bundle = copyOfRealBundle()
+        val maxHistory = JSONObject(File(bundle, "manifest.json").readText()).getJSONObject("program").getInt("max_history")
+        refresh.put("events", maxHistory + refresh.getInt("window"))
         val program = File(bundle, refresh.getString("file")).also { if (!it.exists()) it.writeText("placeholder") }
         val manifest = JSONObject(File(bundle, "manifest.json").readText())
         manifest.put("refresh", refresh)
