@@ -55,8 +55,8 @@ def reference_inputs(manifest: dict[str, Any], history: dict[str, Any], request_
 
 
 def reference_refresh_events(manifest: dict[str, Any], history: dict[str, Any]) -> dict[str, list[int]]:
-    """Inputs 1-4 of refresh.pte: the last max_history + window events, encoded like the history."""
-    width = manifest["program"]["max_history"] + manifest["refresh"]["window"]
+    """Inputs 1-4 of refresh.pte: the last refresh.events (max_history + window) events, encoded like the history."""
+    width = manifest["refresh"]["events"]
     wide = dict(manifest, program=dict(manifest["program"], max_history=width))
     inputs = reference_inputs(wide, history, 0, [], [])
     return {f"events_{name}": inputs[f"hist_{name}"] for name in ("items", "categories", "behaviors", "timestamps")}
