@@ -64,11 +64,12 @@ def main() -> None:
     if args.run:
         from sdk_builder.bundle.build import BundleBuilder
         from sdk_builder.data.dataset import PreparedData
+        from sdk_builder.refresh import RefreshConfig
         from sdk_builder.runs import DATA, load_checkpoint
 
         ckpt = load_checkpoint(args.run)
         builder = BundleBuilder(ckpt, PreparedData.load(Path(args.run) / DATA), recipe="xnnpack", stamping=False,
-                                allow_weak_model=True, refresh=True)
+                                allow_weak_model=True, refresh=RefreshConfig())
         bundles.append(builder.build(int(ckpt.users.ids[0]), tmp / "bundles").path)
 
     rows = []
