@@ -9,6 +9,7 @@ Depends on `formats`, `runtime` and `util` only (never on the exporter).
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,8 +18,8 @@ import torch
 from pydantic import ValidationError
 
 from sdk_builder.formats import (
-    BUNDLE_FORMAT_VERSION, GOLDEN, INT64_MAX, MANIFEST, PROGRAM, BundleError, EventHistory, GoldenCase, GoldenSet, IdShard,
-    Manifest, validation_message,
+    BUNDLE_FORMAT_VERSION, GOLDEN, INT64_MAX, MANIFEST, PROGRAM, BundleError, Event, EventHistory, GoldenCase, GoldenSet,
+    IdShard, Manifest, RefreshCase, RefreshedState, RefreshRecord, validation_message,
 )
 from sdk_builder.runtime import load_runtime_method
 from sdk_builder.util import sha256_file, sorted_lookup
@@ -119,6 +120,43 @@ def golden_max_diff(cases: list[GoldenCase], requests: list[EncodedRequest], exe
     return worst
 
 
+def refresh_state(state, shipped, record: RefreshRecord, gradient) -> np.ndarray:
+    """The client refresh loop, exactly as every client runs it (docs/bundle-format.md): `steps` SGD
+    steps on the state with `gradient(state) -> d loss / d state` (the refresh program's output 1),
+    each followed by clipping the drift from the shipped state to `max_drift`. Element arithmetic in
+    float32 (learning_rate and the clip factor rounded to float32 once), the norm accumulated in
+    float64 in element order."""
+    state, shipped = state_array(state).copy(), state_array(shipped)
+    learning_rate = np.float32(record.learning_rate)
+    for _ in range(record.steps):
+        state = state - learning_rate * state_array(gradient(state))
+        drift = state - shipped
+        squared = 0.0
+        for v in drift.tolist():
+            squared += v * v
+        norm = math.sqrt(squared)
+        if norm > record.max_drift:
+            state = shipped + drift * np.float32(record.max_drift / norm)
+    return state
+
+
+def refresh_inputs(manifest: Manifest, events: list[Event]) -> list[torch.Tensor]:
+    """The event inputs of the refresh program: the last `manifest.refresh.events` events, encoded
+    like the ranking history (local rows, left-padded with 0)."""
+    return [torch.from_numpy(a) for a in padded_events(manifest, events, manifest.refresh.events)]
+
+
+def refresh_max_diff(manifest: Manifest, cases: list[RefreshCase], method) -> float:
+    """Max abs difference between each case's `state_after` and the refresh loop run with `method`."""
+    worst = 0.0
+    for case in cases:
+        inputs = refresh_inputs(manifest, case.events)
+        got = refresh_state(case.state_before, manifest.user_state, manifest.refresh,
+                            lambda s: method.execute([torch.from_numpy(s), *inputs])[1].numpy())
+        worst = max(worst, float(np.max(np.abs(got.astype(np.float64) - np.asarray(case.state_after)))))
+    return worst
+
+
 def read_manifest(bundle: Path) -> Manifest:
     path = bundle / MANIFEST
     if not path.is_file():
@@ -173,6 +211,60 @@ class Bundle:
             raise BundleError(f"user state of shape {list(np.shape(state))}; this bundle's is [{len(self.manifest.user_state)}]")
         request = encode(self.manifest, history, request_time, candidate_ids, state)
         return self.execute(request)
+
+    @property
+    def refresh_method(self):
+        """The refresh program (`manifest.refresh`) in the ExecuTorch runtime, loaded on first use."""
+        record = self.manifest.refresh
+        if record is None:
+            raise BundleError(f"{self.path / MANIFEST}: refresh is null (the bundle was built without --refresh)")
+        if getattr(self, "_refresh_method", None) is None:
+            path = self.path / record.file
+            try:
+                method = load_runtime_method(str(path))
+            except Exception as exc:
+                raise BundleError(f"{path}: ExecuTorch could not load it ({type(exc).__name__})") from None
+            size = len(self.manifest.user_state)
+            expected = [(size,)] + [(record.events,)] * 4
+            if method.input_shapes() != expected:
+                raise BundleError(f"{self.path / MANIFEST}: refresh: events {record.events} / user_state of {size} numbers "
+                                  f"do not match {record.file}'s inputs {[list(s) for s in method.input_shapes()]}")
+            self._refresh_method = method
+        return self._refresh_method
+
+    def refresh(self, state, events) -> np.ndarray:
+        """The user state after one refresh (`refresh_state`) on `events` (an EventHistory or a list of
+        Event, oldest first; the program takes the last manifest.refresh.events) from `state`
+        (None: the shipped manifest.user_state)."""
+        if isinstance(events, EventHistory):
+            if events.user_id != self.manifest.user_id:
+                raise BundleError(f"history is for user {events.user_id}, this bundle is for user {self.manifest.user_id}")
+            events = events.events
+        method, shipped = self.refresh_method, self.manifest.user_state
+        state = shipped if state is None else state
+        if np.shape(state) != (len(shipped),):
+            raise BundleError(f"user state of shape {list(np.shape(state))}; this bundle's is [{len(shipped)}]")
+        inputs = refresh_inputs(self.manifest, list(events))
+        return refresh_state(state, shipped, self.manifest.refresh,
+                             lambda s: method.execute([torch.from_numpy(s), *inputs])[1].numpy())
+
+    def read_state(self, path: Path) -> np.ndarray:
+        """A persisted refreshed state (`RefreshedState`) of this bundle; one-line errors otherwise."""
+        path = Path(path)
+        try:
+            saved = RefreshedState.model_validate_json(path.read_bytes())
+        except ValidationError as exc:
+            raise BundleError(validation_message(str(path), exc)) from None
+        if saved.manifest_sha256 != sha256_file(self.path / MANIFEST):
+            raise BundleError(f"{path}: manifest_sha256: the state belongs to another bundle (not {self.path})")
+        if len(saved.user_state) != len(self.manifest.user_state):
+            raise BundleError(f"{path}: user_state: {len(saved.user_state)} numbers, this bundle's state has "
+                              f"{len(self.manifest.user_state)}")
+        return state_array(saved.user_state)
+
+    def state_json(self, state) -> str:
+        return RefreshedState(manifest_sha256=sha256_file(self.path / MANIFEST),
+                              user_state=state_array(state).tolist()).to_json()
 
     def execute(self, request: EncodedRequest) -> np.ndarray:
         try:

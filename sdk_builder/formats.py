@@ -261,6 +261,18 @@ class RefreshCase(BaseModel):
     tolerance: float = Field(description="Max abs difference allowed per state element.")
 
 
+class RefreshedState(BaseModel):
+    """A refreshed user state as persisted beside the history (`tbsm-sdk refresh`, `rank --state`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    manifest_sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="sha256 of the manifest.json of the bundle it belongs to.")
+    user_state: list[float] = Field(description="float32 values, as manifest.user_state.")
+
+    def to_json(self) -> str:
+        return compact_json(self.model_dump(mode="json"))
+
+
 class GoldenSet(BaseModel):
     tolerance: float
     cases: list[GoldenCase]

@@ -76,7 +76,7 @@ class SliceLayout:
 # The per-user constants of a program: everything else is shared by all users of a checkpoint.
 # The user's own row is not one of them: it is the program's `user_state` input (`user_state`),
 # so that the phone can rank with a refreshed row (`sdk_builder.refresh`).
-USER_CONSTANTS = ("item_table", "category_table", "candidate_features", "candidate_prior")
+USER_CONSTANTS = ("item_table", "category_table", "candidate_features", "candidate_category", "candidate_prior")
 
 
 def _candidate_x(model: TBSM) -> torch.Tensor:
@@ -104,9 +104,11 @@ def slice_constants(model: TBSM, shard: Shard, item_category: np.ndarray, layout
 
     - `item_table`, `category_table`: the shard's rows (row 0 padding, row 1 OOV, zero-padded to
       the layout);
-    - `candidate_features`: per shard item, the 5 interactions of the item as a candidate that
-      involve it (x.item, u.item, x.cat, u.cat, item.cat): a candidate's x is a constant, so these
-      replace its embedding: 5 floats per item instead of 16;
+    - `candidate_features`: per shard item, the 3 interactions of the item as a candidate that do
+      not involve the user (x.item, x.cat, item.cat): a candidate's x is a constant, so these are
+      constants; u.item and u.cat are computed from the `user_state` input (a refreshed state moves them);
+    - `candidate_category`: per local item row, its local category row (int64; OOV when the
+      category is not in the shard, 0 for padding);
     - `candidate_prior`: per local item row, what is added to its logit (`Shard.item_prior`).
     """
     layout = layout or SliceLayout.exact(shard)
@@ -128,8 +130,7 @@ def slice_constants(model: TBSM, shard: Shard, item_category: np.ndarray, layout
     local_cat[PADDING_ROW] = PADDING_ROW
     local_cat[RESERVED_ROWS : RESERVED_ROWS + n_items] = np.where(found, pos + RESERVED_ROWS, OOV_ROW)
     item_cat_vec = cats[torch.from_numpy(local_cat)]
-    u = tower.user_emb.weight[shard.user_row]
-    features = torch.stack([items @ x, items @ u, item_cat_vec @ x, item_cat_vec @ u, (items * item_cat_vec).sum(-1)], dim=-1)
+    features = torch.stack([items @ x, item_cat_vec @ x, (items * item_cat_vec).sum(-1)], dim=-1)
     features[PADDING_ROW] = 0
     prior = torch.full((layout.item_rows, 1), shard.prior_of_unknown())
     if shard.item_prior is not None:
@@ -138,6 +139,7 @@ def slice_constants(model: TBSM, shard: Shard, item_category: np.ndarray, layout
         "item_table": items.contiguous(),
         "category_table": cats.contiguous(),
         "candidate_features": features.contiguous(),
+        "candidate_category": torch.from_numpy(local_cat).contiguous(),
         "candidate_prior": prior.contiguous(),
     }
 
@@ -168,7 +170,8 @@ class UserProgram(nn.Module):
             folded = nn.Linear(5, first.out_features)
             # First top layer inputs: [x (emb), x.u, x.item, u.item, x.cat, u.cat, item.cat]; the
             # constant x folds into the bias, the user's x.u share is added from `user_state`.
-            folded.weight.copy_(first.weight[:, emb + 1 : emb + 6])
+            # Our order: the constant features (x.item, x.cat, item.cat), then u.item, u.cat.
+            folded.weight.copy_(first.weight[:, [emb + k for k in (1, 3, 5, 2, 4)]])
             folded.bias.copy_(first.bias + first.weight[:, :emb] @ _candidate_x(model))
             self.candidate_first = folded
             self.candidate_rest = nn.Sequential(*list(tower.top)[1:])
@@ -220,15 +223,18 @@ class UserProgram(nn.Module):
 
     def forward(self, hist_items, hist_categories, hist_behaviors, hist_timestamps, request_time, candidates, user_state):
         history = self.history_z(hist_items, hist_categories, hist_behaviors, hist_timestamps, request_time, user_state)
-        bias_share = self.user_parts(user_state)[1]
-        # Candidates live in a (1, N, .) batch of one from here on: bmm needs it, and staying 3-D
-        # avoids a squeeze/unsqueeze copy of every (N, .) intermediate between delegates.
-        features = self.candidate_features[candidates].unsqueeze(0)
-        logit = self.candidate_logits(history, self.candidate_w(features, bias_share))
+        logit = self.candidate_logits(history, self.candidate_w(candidates, user_state))
         return torch.sigmoid(logit + self.candidate_prior[candidates].unsqueeze(0)).reshape(-1)
 
-    def candidate_w(self, features: torch.Tensor, bias_share: torch.Tensor) -> torch.Tensor:
-        """Candidate-side event-tower output from candidate features (B, N, 5)."""
+    def candidate_w(self, candidates: torch.Tensor, user_state: torch.Tensor) -> torch.Tensor:
+        """Candidate-side event-tower output (1, N, Z) of N local item rows."""
+        u, bias_share = self.user_parts(user_state)
+        # Candidates live in a (1, N, .) batch of one from here on: bmm needs it, and staying 3-D
+        # avoids a squeeze/unsqueeze copy of every (N, .) intermediate between delegates.
+        items = self.item_table[candidates].unsqueeze(0)
+        cats = self.category_table[self.candidate_category[candidates]].unsqueeze(0)
+        features = torch.cat([self.candidate_features[candidates].unsqueeze(0),
+                              (items * u).sum(-1, keepdim=True), (cats * u).sum(-1, keepdim=True)], dim=-1)
         return unit_rows(self.candidate_rest(self.candidate_first(features) + bias_share), self.ones_z)
 
     def candidate_logits(self, history: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

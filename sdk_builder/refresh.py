@@ -47,7 +47,9 @@ class RefreshConfig:
     window: int = 10  # positives: the last `window` events
     every_events: int = 5  # the client refreshes when its history has grown by this many events
     steps: int = 5  # SGD steps of one refresh
-    learning_rate: float = 0.5
+    # The loss moves slowly with the state (it reaches the logit through dot products with unit-scale
+    # rows), so the step is large; max_drift bounds where it can go (user rows have norm ~1).
+    learning_rate: float = 10.0
     max_drift: float = 1.0  # max L2 distance of a refreshed state from the shipped one
     negatives: int = 8  # negatives per positive, from the user's shard
 
@@ -110,7 +112,7 @@ class RefreshProgram(nn.Module):
         positives = events_items[h:].unsqueeze(1)
         negatives = self.negative_pool[(positives + self.negative_offsets) % NEGATIVE_POOL]
         candidates = torch.cat([positives, negatives], dim=1)
-        w = ranker.candidate_w(ranker.candidate_features[candidates], ranker.user_parts(state)[1])
+        w = ranker.candidate_w(candidates.reshape(-1), state).view(window, candidates.shape[1], -1)
         logits = ranker.candidate_logits(history, w).squeeze(-1) + ranker.candidate_prior[candidates].squeeze(-1)
         real = (positives[:, 0] >= RESERVED_ROWS).to(logits.dtype)  # padding and unknown items are no positives
         distinct = (negatives != positives).to(logits.dtype)
@@ -134,19 +136,21 @@ def compile_refresh(model: TBSM, constants: dict[str, torch.Tensor], config: Ref
     return bytes(to_edge(joint).to_executorch(ExecutorchBackendConfig(extract_delegate_segments=False)).buffer)
 
 
-def refresh_sentinels(shapes: dict[str, tuple[int, ...]], layout: SliceLayout) -> dict[str, torch.Tensor]:
-    """The sentinel pattern of each constant: `stamp.sentinel_constants`' floats, random valid rows for the pool."""
-    sentinels = sentinel_constants({name: shapes[name] for name in USER_CONSTANTS})
+def refresh_sentinels(constants: dict[str, torch.Tensor], layout: SliceLayout) -> dict[str, torch.Tensor]:
+    """The sentinel pattern of each constant: `stamp.sentinel_constants`' for the ranking ones, random
+    valid rows for the pool."""
+    sentinels = sentinel_constants({name: constants[name] for name in USER_CONSTANTS})
     rng = np.random.default_rng([SENTINEL_SEED, 1])
-    sentinels["negative_pool"] = torch.from_numpy(rng.integers(RESERVED_ROWS, layout.item_rows, shapes["negative_pool"]))
+    sentinels["negative_pool"] = torch.from_numpy(rng.integers(RESERVED_ROWS, layout.item_rows, tuple(constants["negative_pool"].shape)))
     return sentinels
 
 
 def build_refresh_template(model: TBSM, layout: SliceLayout, example: Shard, item_category: np.ndarray,
                            config: RefreshConfig) -> ProgramTemplate:
     """Export the refresh program once with sentinel constants and find where each is stored."""
-    shapes = {name: tuple(t.shape) for name, t in refresh_constants(model, example, item_category, layout).items()}
-    sentinels = refresh_sentinels(shapes, layout)
+    constants = refresh_constants(model, example, item_category, layout)
+    shapes = {name: tuple(t.shape) for name, t in constants.items()}
+    sentinels = refresh_sentinels(constants, layout)
     program = compile_refresh(model, sentinels, config)
     offsets, dtypes = {}, {}
     for name, tensor in sentinels.items():

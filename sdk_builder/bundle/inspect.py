@@ -79,6 +79,11 @@ def _part(name: str, kind: str, nbytes: int, shape=None, dtype=None, **extra) ->
     return part
 
 
+def _is_int64(value) -> bool:
+    schema, ScalarType = _serializer_modules().schema, _serializer_modules().ScalarType
+    return isinstance(value, schema.Tensor) and ScalarType(value.scalar_type).name == "LONG"
+
+
 def _constant_names(plan, input_names: list[str]) -> dict[int, str]:
     """value index -> name for constants read through a gather, traced from the kernel calls."""
     schema = _serializer_modules().schema  # inside inspect_program's `with _serializer()`
@@ -114,6 +119,10 @@ def _constant_names(plan, input_names: list[str]) -> dict[int, str]:
                 items = getattr(values[args[1]].val, "items", [])
                 index = next((i for i in items if i is not None and i >= 0), None)
                 name = table_name(index) if index is not None else None
+                if name == "candidate_features":  # three tables are read by candidate row
+                    table = values[args[0]].val
+                    name = ("candidate_category" if _is_int64(table)
+                            else "candidate_prior" if list(getattr(table, "sizes", []))[-1:] == [1] else name)
                 if name:
                     names.setdefault(args[0], name)
             elif op in ("aten::embedding", "aten::index_select"):
@@ -256,6 +265,8 @@ def inspect_bundle(path: Path) -> dict[str, Any]:
             parts = inspect_manifest(data)
         elif name == GOLDEN:
             parts = inspect_golden(data)
+        elif name.endswith(".pte"):  # the refresh program: constants unnamed
+            parts = inspect_program(data, [])
         else:
             parts = [_part(name, "file", len(data))]
         files.append({"name": name, "bytes": len(data), "parts": parts})
