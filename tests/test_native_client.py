@@ -263,7 +263,7 @@ def _moved(state: list[float], shipped: list[float]) -> float:
 
 
 def test_native_refresh_matches_the_python_client(refresh_client_bundle, client, tmp_path):
-    from sdk_builder.client import Bundle, parse_history
+    from sdk_builder.client import Bundle
 
     bundle = refresh_client_bundle
     manifest, golden = load_json(bundle / "manifest.json"), load_json(bundle / "golden.json")
@@ -280,7 +280,8 @@ def test_native_refresh_matches_the_python_client(refresh_client_bundle, client,
         # --state: the first run starts from the shipped state (no file), the second from the first's.
         native = json_lines(run_client(client, str(bundle), "--refresh", str(tmp_path / "h.json"),
                                        "--state", str(state_file)).stdout)[0]
-        expected = python.refresh(start, parse_history(json.dumps(history))).tolist()
+        # A list of events: an EventHistory holds at most max_history of them.
+        expected = python.refresh(start, [formats.Event(**e) for e in event_list]).tolist()
         diff = max(abs(a - b) for a, b in zip(native["user_state"], expected))
         assert len(native["user_state"]) == len(expected) and diff <= 1e-5, (k, diff)
         assert _moved(native["user_state"], start) > 1e-4, "the refresh left the state where it was"

@@ -20,11 +20,13 @@ fun main(args: Array<String>) {
             val direct = InputBuilder.build(manifest, case.history.events(), case.requestTime, case.candidates)
             val capture = RowScoringInference()
             val historyFile = File.createTempFile("tbsm-history", ".json").also { it.delete() }
-            TbsmRecommender.open(bundle, historyFile, { error(it) }, { capture }).use { rec ->
+            // A refresh that leaves the state where it is: the golden scores are the shipped state's.
+            TbsmRecommender.open(bundle, historyFile, { error(it) }, { capture }, { _, _ -> ConstantGradient(FloatArray(manifest.userState.size)) }).use { rec ->
                 for (e in case.history.events()) check(rec.record(e)) { "record refused $e" }
                 rec.rank(case.candidates, case.requestTime)
             }
             historyFile.delete()
+            RefreshedState.fileFor(historyFile).delete()
             val viaRecommender = capture.last!!
             for ((a, b) in direct.longInputs().zip(viaRecommender.longInputs())) {
                 check(a.contentEquals(b)) { "case ${case.name}: InputBuilder and TbsmRecommender disagree" }
