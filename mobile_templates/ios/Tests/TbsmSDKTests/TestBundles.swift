@@ -45,6 +45,9 @@ enum TestBundles {
          "learning_rate": learningRate, "max_drift": maxDrift]
     }
 
+    /// For tests about ranking: a refresh program stand-in that leaves the state where it is (zero gradient).
+    static func stillRefresh(_ file: URL, _ spec: RefreshSpec) throws -> Refresh { StillRefresh() }
+
     static func tempDir() throws -> URL {
         let dir = FileManager.default.temporaryDirectory.appendingPathComponent("tbsm-test-\(UUID().uuidString)")
         try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
@@ -76,4 +79,9 @@ final class RowScoringInference: Inference {
         last = inputs
         return inputs.candidates.map { Float($0) }
     }
+}
+
+/// A refresh program whose gradient is zero: the refresh loop runs and the state stays the shipped one.
+final class StillRefresh: Refresh {
+    func gradient(_ state: [Float], _ events: RefreshEvents) throws -> [Float] { [Float](repeating: 0, count: state.count) }
 }

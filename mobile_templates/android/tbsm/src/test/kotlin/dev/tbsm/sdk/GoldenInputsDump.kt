@@ -21,7 +21,7 @@ fun main(args: Array<String>) {
             val capture = RowScoringInference()
             val historyFile = File.createTempFile("tbsm-history", ".json").also { it.delete() }
             // A refresh that leaves the state where it is: the golden scores are the shipped state's.
-            TbsmRecommender.open(bundle, historyFile, { error(it) }, { capture }, { _, _ -> ConstantGradient(FloatArray(manifest.userState.size)) }).use { rec ->
+            TbsmRecommender.open(bundle, historyFile, { error(it) }, { capture }, TestBundles.stillRefresh).use { rec ->
                 for (e in case.history.events()) check(rec.record(e)) { "record refused $e" }
                 rec.rank(case.candidates, case.requestTime)
             }

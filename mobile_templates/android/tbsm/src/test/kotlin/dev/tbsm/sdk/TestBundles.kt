@@ -41,6 +41,9 @@ object TestBundles {
         JSONObject().put("file", "refresh.pte").put("method", "forward").put("window", window).put("every_events", everyEvents)
             .put("steps", steps).put("learning_rate", learningRate).put("max_drift", maxDrift)
 
+    /** For tests about ranking: a refresh program stand-in that leaves the state where it is (zero gradient). */
+    val stillRefresh: (File, RefreshSpec) -> Refresh = { _, _ -> StillRefresh() }
+
     fun tempDir(): File = Files.createTempDirectory("tbsm-test").toFile()
 
     fun smallManifest(maxHistory: Int = 4, maxCandidates: Int = 8, refresh: RefreshSpec? = null) = BundleManifest(
@@ -66,6 +69,13 @@ class RowScoringInference : Inference {
         last = inputs
         return FloatArray(inputs.candidates.size) { inputs.candidates[it].toFloat() }
     }
+
+    override fun close() {}
+}
+
+/** A refresh program whose gradient is zero: the refresh loop runs and the state stays the shipped one. */
+class StillRefresh : Refresh {
+    override fun gradient(state: FloatArray, events: RefreshEvents) = FloatArray(state.size)
 
     override fun close() {}
 }
