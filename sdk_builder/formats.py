@@ -262,12 +262,17 @@ class RefreshCase(BaseModel):
 
 
 class RefreshedState(BaseModel):
-    """A refreshed user state as persisted beside the history (`tbsm-sdk refresh`, `rank --state`)."""
+    """A refreshed user state as persisted beside the history (`tbsm-sdk refresh`, `rank --state`, the
+    templates' `<history>.state.json`); a state whose manifest_sha256 is not the open bundle's is ignored."""
 
     model_config = ConfigDict(extra="forbid")
 
     manifest_sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="sha256 of the manifest.json of the bundle it belongs to.")
     user_state: list[float] = Field(description="float32 values, as manifest.user_state.")
+    # The templates' refresh trigger (docs/bundle-format.md, on-device refresh); 0, 0 when unknown.
+    through_timestamp: int = Field(0, ge=0, description="Timestamp of the newest event the last refresh trained on.")
+    through_count: int = Field(0, ge=0, description="How many events of the history had that timestamp then: the events "
+                                                    "after this marker count towards refresh.every_events.")
 
     def to_json(self) -> str:
         return compact_json(self.model_dump(mode="json"))
