@@ -30,7 +30,16 @@ object BundlePatch {
     private val PLAIN_FILE_NAME = Regex("^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
     /** Patches [bundleDir] in place with [patch] (the bytes of a `.patch` file); returns the new manifest. */
-    fun apply(bundleDir: File, patch: ByteArray): BundleManifest {
+    fun apply(bundleDir: File, patch: ByteArray): BundleManifest =
+        try {
+            applyChecked(bundleDir, patch)
+        } catch (e: BundleException) {
+            throw e
+        } catch (e: Exception) { // a header key missing or of the wrong type, an unreadable file
+            throw BundleException("bundle patch: ${e.javaClass.simpleName}: ${e.message}")
+        }
+
+    private fun applyChecked(bundleDir: File, patch: ByteArray): BundleManifest {
         recover(bundleDir)
         val newline = patch.indexOf('\n'.code.toByte())
         if (newline < 0) throw BundleException("not a bundle patch (no header line)")
@@ -76,8 +85,7 @@ object BundlePatch {
             return manifest
         } catch (e: Exception) {
             staging.deleteRecursively()
-            if (e is BundleException) throw e
-            throw BundleException("bundle patch: ${e.javaClass.simpleName}: ${e.message}")
+            throw e
         }
     }
 
@@ -107,7 +115,8 @@ object BundlePatch {
     private fun inflate(patch: ByteArray, offset: Int, size: Long): ByteArray {
         if (size < 0 || size > MAX_OPS_BYTES) throw BundleException("patch ops_size $size out of range")
         // zlib may read one byte past a raw DEFLATE stream (Inflater's "nowrap" note): give it one.
-        val input = patch.copyOfRange(offset, patch.size + 1)
+        val input = ByteArray(patch.size - offset + 1)
+        patch.copyInto(input, 0, offset, patch.size)
         val inflater = Inflater(true)
         try {
             inflater.setInput(input)
