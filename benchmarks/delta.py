@@ -112,6 +112,7 @@ def measure(name: str, older, newer, n_users: int, tmp: Path) -> list[list[str]]
                          f"{np.median(full):,.0f}", f"{np.median(patch_bytes / full):.1%}",
                          f"{np.percentile(patch_bytes / full, 90):.1%}",
                          f"{sum(g[2] for g in group) / len(group):.0%}", f"{sum(g[3] for g in group):,}"])
+            print("| " + " | ".join(rows[-1]) + " |", file=sys.stderr)
     return rows
 
 

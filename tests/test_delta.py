@@ -70,11 +70,13 @@ def test_old_plus_patch_is_the_new_bundle_byte_for_byte(two_bundles, tmp_path):
     assert tree_digest(copy) == tree_digest(new)
 
 
-def test_build_delta_from_writes_a_patch_verify_accepts(trained_run, two_bundles, tmp_path):
+@pytest.mark.parametrize("flag", ["--delta-from", "--delta-from-dir"])
+def test_build_delta_from_writes_a_patch_verify_accepts(trained_run, two_bundles, tmp_path, flag):
     old, _ = two_bundles
     user = old.name  # the same user rebuilt at another golden seed
+    source = old if flag == "--delta-from" else old.parents[2]  # the bundle, or the --out it was built into
     built = cli("build", str(trained_run), "--user-shard", user, "--recipe", "portable", "--shard-size", "300",
-                "--seed", "5", "--out", str(tmp_path / "out"), "--delta-from", str(old))
+                "--seed", "5", "--out", str(tmp_path / "out"), flag, str(source))
     assert built.exit_code == 0, built.output
     new = next(p.parent for p in (tmp_path / "out").rglob("manifest.json"))
     assert patch_path(new).is_file() and f"patch {patch_path(new).stat().st_size:,} B" in built.output
