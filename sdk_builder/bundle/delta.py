@@ -154,6 +154,8 @@ def _inflate(body: bytes, size: int, source: str) -> bytes:
     if len(ops) != size or not inflater.eof:
         raise BundleError(f"{source}: op stream inflates to {'more' if len(ops) > size else 'fewer'} bytes than "
                           f"the header's ops_size {size}")
+    if inflater.unused_data:
+        raise BundleError(f"{source}: {len(inflater.unused_data)} bytes after the end of the op stream")
     return ops
 
 
@@ -169,6 +171,8 @@ def apply_patch(old_files: dict[str, bytes], patch: bytes, source: str) -> dict[
     pos, out = 0, {}
     try:
         for entry in header.files:
+            if entry.name in out:
+                raise BundleError(f"{source}: files: {entry.name} is listed twice")
             old, data = old_files.get(entry.name, b""), bytearray()
             while len(data) < entry.size:
                 op = ops[pos]
@@ -197,7 +201,10 @@ def apply_patch(old_files: dict[str, bytes], patch: bytes, source: str) -> dict[
         raise BundleError(f"{source}: {len(ops) - pos} op stream bytes left after the last file")
     if sha256_bytes(out.get(MANIFEST, b"")) != header.new_manifest_sha256:
         raise BundleError(f"{source}: rebuilt manifest.json differs from new_manifest_sha256")
-    listed = json.loads(out[MANIFEST])["files"]
+    try:
+        listed = dict(json.loads(out[MANIFEST])["files"])
+    except (ValueError, KeyError, TypeError):
+        raise BundleError(f"{source}: the rebuilt manifest.json is not a bundle manifest (no files map)") from None
     wrong = [name for name, digest in listed.items() if name not in out or sha256_bytes(out[name]) != digest]
     if wrong:
         raise BundleError(f"{source}: {wrong[0]}: missing or not the sha256 the new manifest lists")
