@@ -18,6 +18,7 @@ full bundle for users with new events; 100% of patched bundles byte-identical to
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -67,6 +68,7 @@ def measure(name: str, older, newer, n_users: int, tmp: Path) -> list[list[str]]
     from sdk_builder.bundle.build import BundleBuilder
     from sdk_builder.bundle.delta import apply_patch, bundle_files, make_patch
     from sdk_builder.data.dataset import PreparedData, extend_events, prepare
+    from sdk_builder.formats import MANIFEST
     from sdk_builder.runs import DATA, load_checkpoint, train_run
     from sdk_builder.shard import ShardPolicy
 
@@ -100,8 +102,9 @@ def measure(name: str, older, newer, n_users: int, tmp: Path) -> list[list[str]]
             old_files, new_files = bundle_files(olds[user]), bundle_files(news[user])
             patch = make_patch(olds[user], news[user])
             identical = apply_patch(old_files, patch, "patch") == new_files
+            shard_before, shard_after = (set(json.loads(f[MANIFEST])["items"]["ids"]) for f in (old_files, new_files))
             stats[user in active].append((len(patch), sum(map(len, new_files.values())), identical,
-                                          old_files == new_files))
+                                          old_files == new_files, len(shard_after - shard_before)))
         print(f"{name} {label}: {len(users)} users in {time.perf_counter() - started:.0f} s", file=sys.stderr)
         for has_events, group in ((True, stats[True]), (False, stats[False])):
             if not group:
@@ -111,6 +114,7 @@ def measure(name: str, older, newer, n_users: int, tmp: Path) -> list[list[str]]
                          f"{np.median(patch_bytes):,.0f}", f"{np.percentile(patch_bytes, 90):,.0f}",
                          f"{np.median(full):,.0f}", f"{np.median(patch_bytes / full):.1%}",
                          f"{np.percentile(patch_bytes / full, 90):.1%}",
+                         f"{np.median([g[4] for g in group]):,.0f}",
                          f"{sum(g[2] for g in group) / len(group):.0%}", f"{sum(g[3] for g in group):,}"])
             print("| " + " | ".join(rows[-1]) + " |", file=sys.stderr)
     return rows
@@ -136,8 +140,9 @@ def main() -> None:
     rows += measure("synthetic", *synthetic_split(synthetic), args.users, tmp)
     table = markdown_table(
         ["data", "recipe", "new events", "users", "median patch (B)", "p90 patch (B)", "median bundle (B)",
-         "median patch / bundle", "p90 patch / bundle", "patched = fresh build", "bundles unchanged"],
-        rows, "lllrrrrrrrr")
+         "median patch / bundle", "p90 patch / bundle", "median items new to the shard", "patched = fresh build",
+         "bundles unchanged"],
+        rows, "lllrrrrrrrrr")
     print(table)
     if not args.no_report:
         append_report("Delta updates: patch bytes after one more day of events",
