@@ -385,10 +385,15 @@ def _open_run(run: str):
 @click.option("--refresh", is_flag=True,
               help="Add refresh.pte: the on-device training program that refreshes the user state from the phone's "
                    "own recent events (manifest.refresh, docs/bundle-format.md).")
+@click.option("--delta-from", "delta_from", type=click.Path(exists=True, file_okay=False),
+              help="One user: the bundle this build replaces; also write <bundle dir>.patch beside the new bundle "
+                   "(old + patch = new, byte for byte; docs/bundle-format.md, Patches).")
+@click.option("--delta-from-dir", "delta_from_dir", type=click.Path(exists=True, file_okay=False),
+              help="An earlier build's --out: write a .patch beside each new bundle whose user has a bundle there.")
 @click.option("--json", "as_json", is_flag=True)
 def build_cmd(run, users, users_file, all_users, out, recipe, shard_size, category_capacity, seed, jobs, backend,
               ray_address, skip_unknown, fsync, as_json, accuracy_budget=DEFAULT_ACCURACY_BUDGET, on_budget_exceeded="fail",
-              allow_weak_model=False, sign_key=None, refresh=False, newer_events=()):
+              allow_weak_model=False, sign_key=None, refresh=False, newer_events=(), delta_from=None, delta_from_dir=None):
     """Cut per-user slices of a trained run and compile them to ExecuTorch bundles.
 
     One program is exported per run and stamped with each user's constants (checked against a
@@ -402,6 +407,7 @@ def build_cmd(run, users, users_file, all_users, out, recipe, shard_size, catego
       tbsm-sdk build runs/demo --users cohort.txt --jobs 2 --out bundles --json
       tbsm-sdk build runs/demo --all --backend ray --ray-address auto --out bundles
       tbsm-sdk build runs/demo --all --events day2.csv --out bundles-day2
+      tbsm-sdk build runs/demo --user-shard 1234 --events day2.csv --out bundles-day2 --delta-from bundles/<h>/<h>/1234
     """
     from tqdm import tqdm
 
@@ -422,6 +428,13 @@ def build_cmd(run, users, users_file, all_users, out, recipe, shard_size, catego
         _fail(str(exc))
     if not requested:
         _fail("no users: pass --user-shard ID, --users FILE or --all")
+    if delta_from and (len(set(requested)) != 1 or delta_from_dir):
+        _fail("--delta-from takes one user's old bundle; for many users pass --delta-from-dir OLD_OUT")
+    from sdk_builder.bundle.store import bundle_path
+
+    if (delta_from and Path(delta_from).resolve() == bundle_path(Path(out), requested[0]).resolve()) or (
+            delta_from_dir and Path(delta_from_dir).resolve() == Path(out).resolve()):
+        _fail("the old bundles must live outside --out: the build replaces the bundles in --out")
     if shard_size < 1 or jobs < 1 or category_capacity < 1:
         _fail("--shard-size, --jobs and --category-capacity must be at least 1")
     spec = BuildSpec(run=str(run), out=str(out), recipe=recipe, shard_size=shard_size, seed=seed,
@@ -435,6 +448,9 @@ def build_cmd(run, users, users_file, all_users, out, recipe, shard_size, catego
         if key is not None:  # also the bundles skipped as up to date: signing is idempotent, the key may be new
             for row in summary.rows:
                 sign_bundle(Path(out) / row["path"], key, durable=fsync)
+        if delta_from or delta_from_dir:  # after signing: the signature is a file of the new bundle too
+            _write_patches(summary.rows, Path(delta_from) if delta_from else None,
+                           Path(delta_from_dir) if delta_from_dir else None, fsync)
     except BundleError as exc:
         _fail(str(exc))
     except OSError as exc:
@@ -453,7 +469,11 @@ def build_cmd(run, users, users_file, all_users, out, recipe, shard_size, catego
                  f"{n['unknown_category']:,} on unknown categories); {n.get('not_newer', 0):,} not after the user's last "
                  f"known event and {n['unknown_user']:,} of users without a row skipped\n" + human)
     if len(summary.rows) <= 10:
-        human = "\n".join(f"{r['path']}: {r['bytes']:,} B" for r in summary.rows) + "\n" + human
+        human = "\n".join(f"{r['path']}: {r['bytes']:,} B" + (f", patch {r['patch_bytes']:,} B" if "patch" in r else "")
+                          for r in summary.rows) + "\n" + human
+    if delta_from_dir:
+        patched = [r for r in summary.rows if "patch" in r]
+        human += f"\n{len(patched):,} patch(es) from {delta_from_dir}; {len(summary.rows) - len(patched):,} user(s) had no old bundle"
     if get_recipe(recipe).lossy:  # measured drift vs budget of each bundle (up to 10 bundles) and every fp32 fallback
         fallbacks = [r for r in summary.rows if r.get("recipe", recipe) != recipe]
         shown = [r for r in summary.rows if r.get("note")] if len(summary.rows) <= 10 else fallbacks
@@ -461,6 +481,19 @@ def build_cmd(run, users, users_file, all_users, out, recipe, shard_size, catego
         lines += [f"... {len(shown) - 10:,} more"] * (len(shown) > 10) + [f"{len(fallbacks):,} fp32 fallback(s)"] * bool(fallbacks)
         human = "\n".join(lines + [human])
     _emit(as_json, payload, human)
+
+
+def _write_patches(rows: list[dict], old_bundle: Path | None, old_root: Path | None, durable: bool) -> None:
+    """A `<bundle>.patch` beside each new bundle that has an old one; recorded in its row."""
+    from sdk_builder.bundle.delta import write_patch
+    from sdk_builder.bundle.store import bundle_path
+
+    for row in rows:
+        old = old_bundle or bundle_path(old_root, row["user_id"])
+        if old_bundle is None and not old.is_dir():
+            continue
+        written = write_patch(old, Path(row["path"]), durable=durable)  # rows hold the bundle's full path
+        row["patch"], row["patch_bytes"] = str(written), written.stat().st_size
 
 
 def _fail_on_cached_unknown_ids(run: Path, users: tuple[str, ...]) -> None:
@@ -485,8 +518,11 @@ def _fail_on_cached_unknown_ids(run: Path, users: tuple[str, ...]) -> None:
               help="A bundles.jsonl: verify every bundle it lists, each manifest against the sha256 recorded at build time.")
 @click.option("--key", "key_file", type=click.Path(dir_okay=False),
               help="HMAC key (the file given to `build --sign-key`): check each bundle's manifest.json.hmac.")
+@click.option("--patch", "patch_file", type=click.Path(dir_okay=False),
+              help="With one bundle NEW and --old OLD: also check that OLD + this patch is NEW, byte for byte.")
+@click.option("--old", "old_bundle", type=click.Path(file_okay=False), help="The bundle --patch applies to.")
 @click.option("--json", "as_json", is_flag=True)
-def verify_cmd(bundles, index, key_file, as_json):
+def verify_cmd(bundles, index, key_file, as_json, patch_file=None, old_bundle=None):
     """Check bundles: hashes, manifest, schema, and golden vectors replayed in the ExecuTorch runtime.
 
     BUNDLES are bundle directories or bundles directories (searched for bundles). One line per
@@ -496,6 +532,7 @@ def verify_cmd(bundles, index, key_file, as_json):
     Examples:
       tbsm-sdk verify bundles/ab/cd/1234
       tbsm-sdk verify --index bundles/bundles.jsonl --key app.key --json
+      tbsm-sdk verify bundles-v2/ab/cd/1234 --patch bundles-v2/ab/cd/1234.patch --old bundles/ab/cd/1234
     """
     import time
 
@@ -505,6 +542,8 @@ def verify_cmd(bundles, index, key_file, as_json):
 
     if not bundles and not index:
         _fail("nothing to verify: pass bundle directories, a bundles directory or --index bundles.jsonl")
+    if (patch_file is None) != (old_bundle is None) or (patch_file and (len(bundles) != 1 or index)):
+        _fail("--patch P --old OLD go together, with exactly one bundle NEW (old + patch = new)")
     start = time.perf_counter()
     try:
         key = read_sign_key(Path(key_file)) if key_file else None
@@ -520,11 +559,14 @@ def verify_cmd(bundles, index, key_file, as_json):
         _fail(f"{index}: lists no bundles")
     reports = []
     for report in verify_many(targets):
+        if patch_file and report["ok"]:
+            report = _check_patch(report, Path(bundles[0]), Path(patch_file), Path(old_bundle))
         reports.append(report)
         if not as_json:
             click.echo(f"OK {report['bundle']}: {report['cases']} golden cases, max abs diff {report['max_abs_diff']:.1e}, "
-                       f"{report['items']} items, {sum(report['bytes'].values()):,} bytes" if report["ok"]
-                       else f"FAILED {report['error']}", err=not report["ok"])
+                       f"{report['items']} items, {sum(report['bytes'].values()):,} bytes"
+                       + (f"; = {old_bundle} + {report['patch']['patch_bytes']:,} B patch" if "patch" in report else "")
+                       if report["ok"] else f"FAILED {report['error']}", err=not report["ok"])
     failed = sum(not r["ok"] for r in reports)
     summary = {"bundles": len(reports), "ok": len(reports) - failed, "failed": failed,
                "seconds": round(time.perf_counter() - start, 3)}
@@ -534,6 +576,18 @@ def verify_cmd(bundles, index, key_file, as_json):
         click.echo(f"{summary['ok']:,} of {len(reports):,} bundles OK, {failed:,} failed ({summary['seconds']:.1f} s)")
     if failed:
         sys.exit(1)
+
+
+def _check_patch(report: dict, new: Path, patch: Path, old: Path) -> dict:
+    from sdk_builder.bundle.delta import check_patch
+    from sdk_builder.formats import BundleError
+
+    try:
+        return {**report, "patch": check_patch(new, patch, old)}
+    except BundleError as exc:
+        return {"bundle": report["bundle"], "ok": False, "error": str(exc).splitlines()[0]}
+    except OSError as exc:
+        return {"bundle": report["bundle"], "ok": False, "error": f"{exc.filename or patch}: {exc.strerror or exc}"}
 
 
 @main.command("inspect")

@@ -285,3 +285,39 @@ class GoldenSet(BaseModel):
 
     def to_json(self) -> str:
         return compact_json(self.model_dump(mode="json"))
+
+
+# A bundle patch (`build --delta-from OLD`): old bundle + patch = new bundle, byte for byte.
+PATCH_SUFFIX = ".patch"  # the patch of bundle directory D is the file D.patch beside it
+PATCH_FORMAT_VERSION = 1
+PATCH_COPY = 1  # op: u32 offset, u32 length: bytes of the old bundle's file of the same name
+PATCH_INSERT = 2  # op: u32 length, then that many literal bytes
+Sha256Hex = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
+
+
+class PatchFile(BaseModel):
+    """One file of the new bundle: its ops rebuild exactly `size` bytes whose sha256 is `sha256`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: Annotated[str, StringConstraints(pattern=PLAIN_FILE_NAME)]
+    size: NonNegativeInt
+    sha256: Sha256Hex
+
+
+class BundlePatch(BaseModel):
+    """The first line of a `.patch` file (compact JSON); the rest of the file is the raw DEFLATE
+    (RFC 1951, no zlib header) of the op stream, which rebuilds `files` one after the other
+    (docs/bundle-format.md, Patches)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    patch_format_version: int = PATCH_FORMAT_VERSION
+    old_manifest_sha256: Sha256Hex = Field(description="sha256 of the manifest.json the patch applies to.")
+    new_manifest_sha256: Sha256Hex = Field(description="sha256 of the manifest.json the patch produces.")
+    ops_size: NonNegativeInt = Field(description="Bytes of the inflated op stream (a client inflates no more).")
+    files: list[PatchFile] = Field(description="Every file of the new bundle, in the order of the op stream; "
+                                               "old files not listed are not part of the new bundle.")
+
+    def to_json(self) -> str:
+        return compact_json(self.model_dump(mode="json"))

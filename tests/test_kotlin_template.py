@@ -189,3 +189,35 @@ def test_kotlin_refresh_inputs_equal_the_python_reference(classpath, refresh_cli
         for name, values in expected.items():
             assert line[name] == values, (case["name"], name)
     print(f"kotlin refresh inputs identical to the Python reference for {len(refresh)} refresh cases")
+
+
+def test_kotlin_applies_a_python_patch_atomically(classpath, bundles, tmp_path):
+    """BundlePatch.kt: old + a patch from sdk_builder.bundle.delta = the new bundle, byte for byte; a
+    damaged patch or one made for another bundle fails in one line and leaves the old bundle as it was."""
+    from sdk_builder.bundle.delta import make_patch
+
+    old, new = bundles[0], bundles[1]  # two users: other shards, so ids and table rows shift
+
+    def tree(path: Path) -> dict[str, bytes]:
+        return {p.name: p.read_bytes() for p in sorted(path.iterdir())}
+
+    def apply(patch: bytes) -> tuple[subprocess.CompletedProcess, Path]:
+        copy = tmp_path / "bundle"
+        shutil.rmtree(copy, ignore_errors=True)
+        shutil.copytree(old, copy)
+        (tmp_path / "p.patch").write_bytes(patch)
+        proc = subprocess.run(["java", "-cp", classpath, "dev.tbsm.sdk.BundlePatchApply", str(copy), str(tmp_path / "p.patch")],
+                              capture_output=True, text=True, timeout=120)
+        return proc, copy
+
+    proc, copy = apply(make_patch(old, new))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert tree(copy) == tree(new)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle", "p.patch"]  # staging and old copy removed
+    damaged = bytearray(make_patch(old, new))
+    damaged[-20] ^= 0xFF
+    for patch in (bytes(damaged), make_patch(new, old)):
+        proc, copy = apply(patch)
+        assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr[-3000:]
+        assert tree(copy) == tree(old)
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle", "p.patch"]

@@ -29,6 +29,7 @@ LAYERS: dict[str, int] = {
     "sdk_builder.stamp": 8,
     "sdk_builder.bundle.select": 9, "sdk_builder.bundle.store": 9, "sdk_builder.bundle.golden": 9,
     "sdk_builder.refresh": 9,
+    "sdk_builder.bundle.delta": 9,
     "sdk_builder.bundle.budget": 10, "sdk_builder.bundle.verify": 10, "sdk_builder.bundle.inspect": 10,
     "sdk_builder.bundle.build": 11,
     "sdk_builder.bundle.many": 12, "sdk_builder.bundle": 12,

@@ -109,7 +109,8 @@ MANIFEST_KEYS = model_keys(formats.Manifest)
 GOLDEN_KEYS = model_keys(formats.GoldenSet)
 SCHEMA_KEYS = schema_keys(formats.events_json_schema())
 STATE_KEYS = model_keys(formats.RefreshedState)
-KNOWN_KEYS = MANIFEST_KEYS | GOLDEN_KEYS | SCHEMA_KEYS | STATE_KEYS
+PATCH_KEYS = model_keys(formats.BundlePatch)  # the header of a bundle patch (BundlePatch.kt / .swift)
+KNOWN_KEYS = MANIFEST_KEYS | GOLDEN_KEYS | SCHEMA_KEYS | STATE_KEYS | PATCH_KEYS
 
 
 @pytest.mark.parametrize("lang", ["kotlin", "swift", "cpp"])
@@ -117,8 +118,8 @@ def test_every_key_a_client_reads_is_defined_by_the_formats(lang):
     read = keys(lang, READ_PATTERNS)
     assert read, f"found no JSON reads in the {lang} sources: is the pattern out of date?"
     unknown = read - KNOWN_KEYS
-    assert not unknown, (f"{lang} reads keys that neither Manifest, GoldenSet, RefreshedState nor the events schema "
-                         f"define: {unknown}")
+    assert not unknown, (f"{lang} reads keys that neither Manifest, GoldenSet, RefreshedState, BundlePatch nor the "
+                         f"events schema define: {unknown}")
 
 
 @pytest.mark.parametrize("lang", ["kotlin", "swift", "cpp"])
@@ -234,3 +235,13 @@ def test_init_mobile_scaffolds_projects_with_a_verified_bundle(built_bundle, tmp
     assert ios.returncode == 0 and (tmp_path / "kit" / "Package.swift").is_file()
     again = subprocess.run([*cli, "ios", str(tmp_path / "kit")], capture_output=True, text=True)
     assert again.returncode != 0 and "not empty" in again.stderr.strip().splitlines()[-1]
+
+
+def test_clients_agree_on_the_patch_format():
+    """BundlePatch.kt and BundlePatch.swift read the patches sdk_builder/bundle/delta.py writes."""
+    kotlin, swift = source_text("kotlin"), source_text("swift")
+    assert re.search(rf"const val PATCH_FORMAT_VERSION = {formats.PATCH_FORMAT_VERSION}\b", kotlin)
+    assert re.search(rf"static let patchFormatVersion = {formats.PATCH_FORMAT_VERSION}\b", swift)
+    assert re.search(rf"const val COPY = {formats.PATCH_COPY}\b", kotlin) and re.search(rf"const val INSERT = {formats.PATCH_INSERT}\b", kotlin)
+    assert re.search(rf"let copy: UInt8 = {formats.PATCH_COPY}\b", swift) and re.search(rf"let insert: UInt8 = {formats.PATCH_INSERT}\b", swift)
+    assert "Inflater(true)" in kotlin and "COMPRESSION_ZLIB" in swift  # raw DEFLATE, as delta.py writes (wbits -15)
