@@ -447,7 +447,7 @@ def build_cmd(run, users, users_file, all_users, out, recipe, shard_size, catego
                              skip_unknown=skip_unknown, progress=bar.update)
         if key is not None:  # also the bundles skipped as up to date: signing is idempotent, the key may be new
             for row in summary.rows:
-                sign_bundle(Path(out) / row["path"], key, durable=fsync)
+                sign_bundle(Path(row["path"]), key, durable=fsync)  # rows hold the bundle's path under --out
         if delta_from or delta_from_dir:  # after signing: the signature is a file of the new bundle too
             _write_patches(summary.rows, Path(delta_from) if delta_from else None,
                            Path(delta_from_dir) if delta_from_dir else None, fsync)
