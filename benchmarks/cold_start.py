@@ -19,6 +19,7 @@ and the cold-start shard in its own order (no model). HR@10 etc. with 95% bootst
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 import tempfile
@@ -114,7 +115,9 @@ def evaluate(name: str, events, args) -> dict:
         # the eager rows show what other weights would give (measured on these users: not a choice).
         base = default_builder.ckpt.model.eval()
         extended, population_row = with_user_row(base, population_vector(base, "mean"))
-        reference = EagerReference(extended, ckpt)
+        extended_ckpt = copy.copy(ckpt)  # ShardView reads the population row from the checkpoint's model
+        extended_ckpt.model = extended
+        reference = EagerReference(extended, extended_ckpt)
         prior_rows, prior = policy_prior(policy_order)
         plain_shard = Shard(population_row, prior_rows, cold_start_shard(default_builder, population_row)[0].category_rows)
         result["tables"] = {}

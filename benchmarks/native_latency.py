@@ -74,7 +74,7 @@ def client_bench(exe: Path, bundle: Path, runs: int) -> dict[int, dict]:
     return {r["candidates"]: r for r in rows if r.get("bench")}
 
 
-def macs_per_candidate(program: torch.nn.Module) -> float:
+def macs_per_candidate(program: torch.nn.Module, state_size: int) -> float:
     """Multiply-adds of the matrix products per candidate (1000 candidates minus 1, / 999)."""
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -83,7 +83,8 @@ def macs_per_candidate(program: torch.nn.Module) -> float:
 
     def flops(n: int) -> int:
         inputs = [torch.zeros(MAX_HISTORY, dtype=torch.long)] * 4 + [torch.zeros(1, dtype=torch.long),
-                                                                    torch.full((n,), OOV_ROW, dtype=torch.long)]
+                                                                    torch.full((n,), OOV_ROW, dtype=torch.long),
+                                                                    torch.zeros(state_size)]
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
             program(*inputs)
         return counter.get_total_flops()
@@ -136,7 +137,7 @@ def main() -> None:
         rows.append(f"| {bundle} ({manifest.recipe}, {len(manifest.items.ids)} items) | "
                     f"{timing[1]['median_us']:.0f} / {timing[1]['p99_us']:.0f} | {big['median_us']:.0f} / {big['p99_us']:.0f} | "
                     f"{gemm:.0f} ({before:.0f}, {after:.0f}) | {ratio:.2f}x | "
-                    f"{'-' if macs is None else f'{macs_per_candidate(macs):,.0f}'} | "
+                    f"{'-' if macs is None else f'{macs_per_candidate(macs, len(manifest.user_state)):,.0f}'} | "
                     f"<= {TARGET_RATIO}x | {'yes' if ratio <= TARGET_RATIO else 'NO'} |")
     table = "\n".join([
         "| bundle | 1 candidate, median / p99 (us) | 1000 candidates, median / p99 (us) | "

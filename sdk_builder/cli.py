@@ -387,10 +387,22 @@ def _open_run(run: str):
 @click.option("--sign-key", "sign_key", type=click.Path(exists=True, dir_okay=False),
               help="HMAC key file (>= 32 random bytes): write each bundle's manifest.json.hmac, which the app checks "
                    "with the same key (docs/bundle-format.md).")
+@click.option("--events", "newer_events", multiple=True, type=click.Path(exists=True, dir_okay=False),
+              help="Newer event log(s) (any format `prepare` reads, e.g. the next day's): shards and golden histories "
+                   "include their events after each user's last one; the checkpoint is unchanged (repeatable).")
+@click.option("--refresh", is_flag=True,
+              help="Add refresh.pte: the on-device training program that refreshes the user state from the phone's "
+                   "own recent events (manifest.refresh, docs/bundle-format.md).")
+@click.option("--delta-from", "delta_from", type=click.Path(exists=True, file_okay=False),
+              help="One user: the bundle this build replaces; also write <bundle dir>.patch beside the new bundle "
+                   "(old + patch = new, byte for byte; docs/bundle-format.md, Patches).")
+@click.option("--delta-from-dir", "delta_from_dir", type=click.Path(exists=True, file_okay=False),
+              help="An earlier build's --out: write a .patch beside each new bundle whose user has a bundle there.")
 @click.option("--json", "as_json", is_flag=True)
 def build_cmd(run, users, users_file, all_users, out, recipe, shard_size, category_capacity, seed, jobs, backend,
               ray_address, skip_unknown, fsync, as_json, accuracy_budget=DEFAULT_ACCURACY_BUDGET, on_budget_exceeded="fail",
-              allow_weak_model=False, sign_key=None, new_user=False, population="mean"):
+              allow_weak_model=False, sign_key=None, refresh=False, newer_events=(), delta_from=None, delta_from_dir=None,
+              new_user=False, population="mean"):
     """Cut per-user slices of a trained run and compile them to ExecuTorch bundles.
 
     One program is exported per run and stamped with each user's constants (checked against a
@@ -404,6 +416,8 @@ def build_cmd(run, users, users_file, all_users, out, recipe, shard_size, catego
       tbsm-sdk build runs/demo --users cohort.txt --jobs 2 --out bundles --json
       tbsm-sdk build runs/demo --all --backend ray --ray-address auto --out bundles
       tbsm-sdk build runs/demo --new-user --out bundles
+      tbsm-sdk build runs/demo --all --events day2.csv --out bundles-day2
+      tbsm-sdk build runs/demo --user-shard 1234 --events day2.csv --out bundles-day2 --delta-from bundles/<h>/<h>/1234
     """
     from tqdm import tqdm
 
@@ -424,12 +438,19 @@ def build_cmd(run, users, users_file, all_users, out, recipe, shard_size, catego
         _fail(str(exc))
     if not requested and not new_user:
         _fail("no users: pass --user-shard ID, --users FILE, --all or --new-user")
+    if delta_from and (len(set(requested)) != 1 or delta_from_dir):
+        _fail("--delta-from takes one user's old bundle; for many users pass --delta-from-dir OLD_OUT")
+    from sdk_builder.bundle.store import bundle_path
+
+    if (delta_from and Path(delta_from).resolve() == bundle_path(Path(out), requested[0]).resolve()) or (
+            delta_from_dir and Path(delta_from_dir).resolve() == Path(out).resolve()):
+        _fail("the old bundles must live outside --out: the build replaces the bundles in --out")
     if shard_size < 1 or jobs < 1 or category_capacity < 1:
         _fail("--shard-size, --jobs and --category-capacity must be at least 1")
     spec = BuildSpec(run=str(run), out=str(out), recipe=recipe, shard_size=shard_size, seed=seed,
                      category_capacity=category_capacity, durable=fsync,
                      accuracy_budget=accuracy_budget, on_budget_exceeded=on_budget_exceeded,
-                     allow_weak_model=allow_weak_model)
+                     allow_weak_model=allow_weak_model, refresh=refresh, events=tuple(newer_events))
     bar = tqdm(total=len(requested) + new_user, unit="bundle", desc="build", disable=as_json, leave=False)
     try:
         summary = build_many(spec, requested, jobs=jobs, backend=backend, ray_address=ray_address,
@@ -437,7 +458,10 @@ def build_cmd(run, users, users_file, all_users, out, recipe, shard_size, catego
                              progress=bar.update)
         if key is not None:  # also the bundles skipped as up to date: signing is idempotent, the key may be new
             for row in summary.rows:
-                sign_bundle(Path(out) / row["path"], key, durable=fsync)
+                sign_bundle(Path(row["path"]), key, durable=fsync)  # rows hold the bundle's path under --out
+        if delta_from or delta_from_dir:  # after signing: the signature is a file of the new bundle too
+            _write_patches(summary.rows, Path(delta_from) if delta_from else None,
+                           Path(delta_from_dir) if delta_from_dir else None, fsync)
     except BundleError as exc:
         _fail(str(exc))
     except OSError as exc:
@@ -450,8 +474,17 @@ def build_cmd(run, users, users_file, all_users, out, recipe, shard_size, catego
     speed = f"{summary.bundles_per_second:,.1f} bundles/s after {template}; {summary.seconds:.1f} s in all"
     human = (f"{summary.built:,} built, {summary.skipped_current:,} already up to date, {len(summary.unknown):,} unknown "
              f"skipped; {speed}; index {summary.index}")
+    if summary.newer_events:
+        n = summary.newer_events
+        human = (f"newer events: {n['added']:,} of {n['read']:,} added ({n['unknown_item']:,} on unknown items, "
+                 f"{n['unknown_category']:,} on unknown categories); {n.get('not_newer', 0):,} not after the user's last "
+                 f"known event and {n['unknown_user']:,} of users without a row skipped\n" + human)
     if len(summary.rows) <= 10:
-        human = "\n".join(f"{r['path']}: {r['bytes']:,} B" for r in summary.rows) + "\n" + human
+        human = "\n".join(f"{r['path']}: {r['bytes']:,} B" + (f", patch {r['patch_bytes']:,} B" if "patch" in r else "")
+                          for r in summary.rows) + "\n" + human
+    if delta_from_dir:
+        patched = [r for r in summary.rows if "patch" in r]
+        human += f"\n{len(patched):,} patch(es) from {delta_from_dir}; {len(summary.rows) - len(patched):,} user(s) had no old bundle"
     if get_recipe(recipe).lossy:  # measured drift vs budget of each bundle (up to 10 bundles) and every fp32 fallback
         fallbacks = [r for r in summary.rows if r.get("recipe", recipe) != recipe]
         shown = [r for r in summary.rows if r.get("note")] if len(summary.rows) <= 10 else fallbacks
@@ -459,6 +492,19 @@ def build_cmd(run, users, users_file, all_users, out, recipe, shard_size, catego
         lines += [f"... {len(shown) - 10:,} more"] * (len(shown) > 10) + [f"{len(fallbacks):,} fp32 fallback(s)"] * bool(fallbacks)
         human = "\n".join(lines + [human])
     _emit(as_json, payload, human)
+
+
+def _write_patches(rows: list[dict], old_bundle: Path | None, old_root: Path | None, durable: bool) -> None:
+    """A `<bundle>.patch` beside each new bundle that has an old one; recorded in its row."""
+    from sdk_builder.bundle.delta import write_patch
+    from sdk_builder.bundle.store import bundle_path
+
+    for row in rows:
+        old = old_bundle or bundle_path(old_root, row["user_id"])
+        if old_bundle is None and not old.is_dir():
+            continue
+        written = write_patch(old, Path(row["path"]), durable=durable)  # rows hold the bundle's full path
+        row["patch"], row["patch_bytes"] = str(written), written.stat().st_size
 
 
 def _fail_on_cached_unknown_ids(run: Path, users: tuple[str, ...]) -> None:
@@ -483,8 +529,11 @@ def _fail_on_cached_unknown_ids(run: Path, users: tuple[str, ...]) -> None:
               help="A bundles.jsonl: verify every bundle it lists, each manifest against the sha256 recorded at build time.")
 @click.option("--key", "key_file", type=click.Path(dir_okay=False),
               help="HMAC key (the file given to `build --sign-key`): check each bundle's manifest.json.hmac.")
+@click.option("--patch", "patch_file", type=click.Path(dir_okay=False),
+              help="With one bundle NEW and --old OLD: also check that OLD + this patch is NEW, byte for byte.")
+@click.option("--old", "old_bundle", type=click.Path(file_okay=False), help="The bundle --patch applies to.")
 @click.option("--json", "as_json", is_flag=True)
-def verify_cmd(bundles, index, key_file, as_json):
+def verify_cmd(bundles, index, key_file, as_json, patch_file=None, old_bundle=None):
     """Check bundles: hashes, manifest, schema, and golden vectors replayed in the ExecuTorch runtime.
 
     BUNDLES are bundle directories or bundles directories (searched for bundles). One line per
@@ -494,6 +543,7 @@ def verify_cmd(bundles, index, key_file, as_json):
     Examples:
       tbsm-sdk verify bundles/ab/cd/1234
       tbsm-sdk verify --index bundles/bundles.jsonl --key app.key --json
+      tbsm-sdk verify bundles-v2/ab/cd/1234 --patch bundles-v2/ab/cd/1234.patch --old bundles/ab/cd/1234
     """
     import time
 
@@ -503,6 +553,8 @@ def verify_cmd(bundles, index, key_file, as_json):
 
     if not bundles and not index:
         _fail("nothing to verify: pass bundle directories, a bundles directory or --index bundles.jsonl")
+    if (patch_file is None) != (old_bundle is None) or (patch_file and (len(bundles) != 1 or index)):
+        _fail("--patch P --old OLD go together, with exactly one bundle NEW (old + patch = new)")
     start = time.perf_counter()
     try:
         key = read_sign_key(Path(key_file)) if key_file else None
@@ -518,11 +570,14 @@ def verify_cmd(bundles, index, key_file, as_json):
         _fail(f"{index}: lists no bundles")
     reports = []
     for report in verify_many(targets):
+        if patch_file and report["ok"]:
+            report = _check_patch(report, Path(bundles[0]), Path(patch_file), Path(old_bundle))
         reports.append(report)
         if not as_json:
             click.echo(f"OK {report['bundle']}: {report['cases']} golden cases, max abs diff {report['max_abs_diff']:.1e}, "
-                       f"{report['items']} items, {sum(report['bytes'].values()):,} bytes" if report["ok"]
-                       else f"FAILED {report['error']}", err=not report["ok"])
+                       f"{report['items']} items, {sum(report['bytes'].values()):,} bytes"
+                       + (f"; = {old_bundle} + {report['patch']['patch_bytes']:,} B patch" if "patch" in report else "")
+                       if report["ok"] else f"FAILED {report['error']}", err=not report["ok"])
     failed = sum(not r["ok"] for r in reports)
     summary = {"bundles": len(reports), "ok": len(reports) - failed, "failed": failed,
                "seconds": round(time.perf_counter() - start, 3)}
@@ -532,6 +587,18 @@ def verify_cmd(bundles, index, key_file, as_json):
         click.echo(f"{summary['ok']:,} of {len(reports):,} bundles OK, {failed:,} failed ({summary['seconds']:.1f} s)")
     if failed:
         sys.exit(1)
+
+
+def _check_patch(report: dict, new: Path, patch: Path, old: Path) -> dict:
+    from sdk_builder.bundle.delta import check_patch
+    from sdk_builder.formats import BundleError
+
+    try:
+        return {**report, "patch": check_patch(new, patch, old)}
+    except BundleError as exc:
+        return {"bundle": report["bundle"], "ok": False, "error": str(exc).splitlines()[0]}
+    except OSError as exc:
+        return {"bundle": report["bundle"], "ok": False, "error": f"{exc.filename or patch}: {exc.strerror or exc}"}
 
 
 @main.command("inspect")
@@ -561,8 +628,10 @@ def inspect_cmd(bundle, as_json):
 @click.option("--candidates", required=True, help="Comma-separated global item ids, or @FILE with one id per line.")
 @click.option("--request-time", help="Unix seconds of the request (default: now).")
 @click.option("--top", default="0", help="Print only the best N (0: all).")
+@click.option("--state", "state_file", type=click.Path(dir_okay=False),
+              help="A refreshed user state of this bundle (`tbsm-sdk refresh`) instead of the shipped one.")
 @click.option("--json", "as_json", is_flag=True)
-def rank_cmd(bundle, events_file, candidates, request_time, top, as_json):
+def rank_cmd(bundle, events_file, candidates, request_time, top, as_json, state_file=None):
     """Rank candidates for the bundle's user exactly as the phone does.
 
     \b
@@ -592,7 +661,8 @@ def rank_cmd(bundle, events_file, candidates, request_time, top, as_json):
         ids = [_int64(c, "candidates") for c in raw]
         history = parse_history(text, events_file)
         opened = Bundle(Path(bundle))
-        scores = opened.score(history, request_time, ids)
+        state = opened.read_state(Path(state_file)) if state_file else None
+        scores = opened.score(history, request_time, ids, state)
     except (BundleError, OSError) as exc:
         _fail(str(exc))
     known = set(opened.manifest.items.ids)
@@ -602,6 +672,47 @@ def rank_cmd(bundle, events_file, candidates, request_time, top, as_json):
     ranked = [{"item_id": ids[i], "score": float(scores[i]), "in_shard": ids[i] in known} for i in order]
     _emit(as_json, {"user_id": history.user_id, "ranked": ranked},
           "\n".join(f"{r['item_id']}\t{r['score']:.6f}{'' if r['in_shard'] else '  (not in shard: scored as unknown)'}" for r in ranked))
+
+
+@main.command("refresh")
+@click.argument("bundle", type=click.Path(file_okay=False))
+@click.option("--events", "events_file", type=click.Path(dir_okay=False), required=True,
+              help="JSON {\"user_id\", \"events\": [...]}: the on-device events, oldest first (any number; the "
+                   "program takes the last manifest.refresh.events).")
+@click.option("--state", "state_file", type=click.Path(dir_okay=False), help="Start from this refreshed state (default: the shipped one).")
+@click.option("--out", type=click.Path(dir_okay=False), required=True, help="Where to write the refreshed state (JSON).")
+def refresh_cmd(bundle, events_file, state_file, out):
+    """Refresh the user state of a bundle built with --refresh from recent events, as the phone does.
+
+    \b
+    Example:
+      tbsm-sdk refresh bundles/1234 --events recent.json --out state.json
+      tbsm-sdk rank bundles/1234 --events history.json --candidates 11,42 --state state.json
+    """
+    from pydantic import BaseModel, ValidationError
+
+    from sdk_builder.client import Bundle
+    from sdk_builder.formats import BundleError, Event, NonNegativeInt, validation_message
+    from sdk_builder.util import atomic_write_bytes
+
+    class RecentEvents(BaseModel):
+        user_id: NonNegativeInt
+        events: list[Event]
+
+    try:
+        try:
+            recent = RecentEvents.model_validate_json(Path(events_file).read_bytes())
+        except ValidationError as exc:
+            raise BundleError(validation_message(events_file, exc)) from None
+        opened = Bundle(Path(bundle))
+        if recent.user_id != opened.manifest.user_id:
+            raise BundleError(f"{events_file}: events of user {recent.user_id}, this bundle is for user {opened.manifest.user_id}")
+        state = opened.read_state(Path(state_file)) if state_file else None
+        refreshed = opened.refresh(state, recent.events)
+        atomic_write_bytes(Path(out), opened.state_json(refreshed).encode())
+    except (BundleError, OSError) as exc:
+        _fail(str(exc))
+    _emit(False, {}, f"{out}: refreshed state ({len(refreshed)} numbers)")
 
 
 @main.command("demo")

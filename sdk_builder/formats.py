@@ -195,6 +195,21 @@ class QualityGate(BaseModel):
 
 
 BundleKind = Literal["personal", "cold_start"]
+class RefreshRecord(BaseModel):
+    """The on-device refresh of a bundle built with `--refresh` (docs/bundle-format.md, on-device refresh)."""
+
+    file: str = Field(description="The training program: inputs user_state float32 [S] and the last `events` "
+                                  "on-device events (items, categories, behaviors, timestamps: int64, encoded like "
+                                  "the ranking history, left-padded with 0); outputs 0 loss float32 [1], 1 gradient "
+                                  "float32 [S] = d loss / d user_state.")
+    method: str = "forward"
+    window: int = Field(ge=1, description="Positives: the last `window` events, each after the max_history events before it.")
+    events: int = Field(ge=1, description="W = program.max_history + window: how many events the program takes.")
+    every_events: int = Field(ge=1, description="Refresh when the on-device history has grown by this many events.")
+    steps: int = Field(ge=1, description="SGD steps of one refresh.")
+    learning_rate: float = Field(gt=0, description="Step size (used as float32).")
+    max_drift: float = Field(gt=0, description="Max L2 distance of a refreshed state from manifest.user_state.")
+    negatives: int = Field(ge=1, description="Shard items the program scores as negatives per positive (informative).")
 
 
 class Manifest(BaseModel):
@@ -208,6 +223,8 @@ class Manifest(BaseModel):
     checkpoint_sha256: str
     model_config_: dict[str, Any] = Field(alias="model_config")
     program: ProgramSpec
+    user_state: list[float] = Field(description="The user state shipped with the bundle, float32 values: the program's "
+                                                "`user_state` input unless the app has a refreshed state for this bundle.")
     items: IdShard
     categories: IdShard
     behaviors: dict[str, int] = Field(default_factory=lambda: dict(BEHAVIOR_CODES))
@@ -223,6 +240,8 @@ class Manifest(BaseModel):
                                               description="int8 builds only: budget, measured drift, fallback.")
     quality: QualityGate | None = Field(default=None, exclude_if=lambda v: v is None,
                                         description="The build-time quality gate: validation HR@10 vs popularity.")
+    refresh: RefreshRecord | None = Field(default=None, description="On-device refresh of user_state (`build --refresh`), "
+                                                                    "null without it.")
 
     model_config = ConfigDict(populate_by_name=True, protected_namespaces=())
 
@@ -250,9 +269,73 @@ class GoldenCase(BaseModel):
     scores: list[float] = Field(description="Scores of the full eager model, one per candidate.")
 
 
+class RefreshCase(BaseModel):
+    """One full client refresh loop (manifest.refresh) replayed: `state_after` from `state_before` and `events`."""
+
+    name: str
+    events: list[Event] = Field(description="The on-device events, oldest first (the program takes the last manifest.refresh.events).")
+    state_before: list[float]
+    state_after: list[float]
+    tolerance: float = Field(description="Max abs difference allowed per state element.")
+
+
+class RefreshedState(BaseModel):
+    """A refreshed user state as persisted beside the history (`tbsm-sdk refresh`, `rank --state`, the
+    templates' `<history>.state.json`); a state whose manifest_sha256 is not the open bundle's is ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    manifest_sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="sha256 of the manifest.json of the bundle it belongs to.")
+    user_state: list[float] = Field(description="float32 values, as manifest.user_state.")
+    # The templates' refresh trigger (docs/bundle-format.md, on-device refresh); 0, 0 when unknown.
+    through_timestamp: int = Field(0, ge=0, description="Timestamp of the newest event the last refresh trained on.")
+    through_count: int = Field(0, ge=0, description="How many events of the history had that timestamp then: the events "
+                                                    "after this marker count towards refresh.every_events.")
+
+    def to_json(self) -> str:
+        return compact_json(self.model_dump(mode="json"))
+
+
 class GoldenSet(BaseModel):
     tolerance: float
     cases: list[GoldenCase]
+    refresh_cases: list[RefreshCase] = Field(default_factory=list, description="Bundles built with --refresh only.")
+
+    def to_json(self) -> str:
+        return compact_json(self.model_dump(mode="json"))
+
+
+# A bundle patch (`build --delta-from OLD`): old bundle + patch = new bundle, byte for byte.
+PATCH_SUFFIX = ".patch"  # the patch of bundle directory D is the file D.patch beside it
+PATCH_FORMAT_VERSION = 1
+PATCH_COPY = 1  # op: u32 offset, u32 length: bytes of the old bundle's file of the same name
+PATCH_INSERT = 2  # op: u32 length, then that many literal bytes
+Sha256Hex = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
+
+
+class PatchFile(BaseModel):
+    """One file of the new bundle: its ops rebuild exactly `size` bytes whose sha256 is `sha256`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: Annotated[str, StringConstraints(pattern=PLAIN_FILE_NAME)]
+    size: NonNegativeInt
+    sha256: Sha256Hex
+
+
+class BundlePatch(BaseModel):
+    """The first line of a `.patch` file (compact JSON); the rest of the file is the raw DEFLATE
+    (RFC 1951, no zlib header) of the op stream, which rebuilds `files` one after the other
+    (docs/bundle-format.md, Patches)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    patch_format_version: int = PATCH_FORMAT_VERSION
+    old_manifest_sha256: Sha256Hex = Field(description="sha256 of the manifest.json the patch applies to.")
+    new_manifest_sha256: Sha256Hex = Field(description="sha256 of the manifest.json the patch produces.")
+    ops_size: NonNegativeInt = Field(description="Bytes of the inflated op stream (a client inflates no more).")
+    files: list[PatchFile] = Field(description="Every file of the new bundle, in the order of the op stream; "
+                                               "old files not listed are not part of the new bundle.")
 
     def to_json(self) -> str:
         return compact_json(self.model_dump(mode="json"))

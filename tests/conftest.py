@@ -73,3 +73,14 @@ def client_bundles(trained_run, builder, built_bundle, tmp_path_factory) -> list
     result = int8.build(int(builder.ckpt.users.ids[0]), out / "int8")
     assert result.recipe == "int8", result.note
     return [*xnnpack, Path(built_bundle), result.path]
+
+
+@pytest.fixture(scope="session")
+def refresh_client_bundle(builder, tmp_path_factory) -> Path:
+    """A bundle built with an on-device refresh program (`build --refresh`: refresh.pte, manifest.refresh,
+    golden refresh_cases) for the client tests; the session's portable builder, its user 7."""
+    from sdk_builder.bundle.build import BundleBuilder
+    from sdk_builder.refresh import RefreshConfig
+
+    refreshing = BundleBuilder(builder.ckpt, builder.data, builder.policy, recipe="portable", refresh=RefreshConfig())
+    return refreshing.build(int(builder.ckpt.users.ids[7]), tmp_path_factory.mktemp("refresh-bundles")).path

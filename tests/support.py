@@ -15,7 +15,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 REPO = Path(__file__).resolve().parents[1]
-INPUT_ORDER = ("hist_items", "hist_categories", "hist_behaviors", "hist_timestamps", "request_time", "candidates")
+INPUT_ORDER = ("hist_items", "hist_categories", "hist_behaviors", "hist_timestamps", "request_time", "candidates",
+               "user_state")
+INT64_INPUTS = INPUT_ORDER[:6]  # user_state is float32
 # Downloaded tools (e.g. the Kotlin compiler) are kept across runs here, never in the repository.
 TOOL_CACHE = Path(tempfile.gettempdir()) / "tbsm-sdk-test-tools"
 
@@ -34,8 +36,9 @@ def local_row(shard: dict[str, Any], global_id: int) -> int:
 
 
 def reference_inputs(manifest: dict[str, Any], history: dict[str, Any], request_time: int,
-                     candidates: list[int]) -> dict[str, list[int]]:
-    """The six input tensors of model.pte, as lists, for one request."""
+                     candidates: list[int], user_state: list[float] | None = None) -> dict[str, list]:
+    """The seven input tensors of model.pte, as lists, for one request (the shipped user state unless
+    `user_state` is given)."""
     t = manifest["program"]["max_history"]
     events = history.get("events", [])[-t:]  # "events" may be absent: the schema's default is []
     pad = t - len(events)
@@ -47,7 +50,16 @@ def reference_inputs(manifest: dict[str, Any], history: dict[str, Any], request_
         "hist_timestamps": [0] * pad + [e["timestamp"] for e in events],
         "request_time": [request_time],
         "candidates": [local_row(items, c) for c in candidates],
+        "user_state": list(manifest["user_state"] if user_state is None else user_state),
     }
+
+
+def reference_refresh_events(manifest: dict[str, Any], history: dict[str, Any]) -> dict[str, list[int]]:
+    """Inputs 1-4 of refresh.pte: the last refresh.events (max_history + window) events, encoded like the history."""
+    width = manifest["refresh"]["events"]
+    wide = dict(manifest, program=dict(manifest["program"], max_history=width))
+    inputs = reference_inputs(wide, history, 0, [], [])
+    return {f"events_{name}": inputs[f"hist_{name}"] for name in ("items", "categories", "behaviors", "timestamps")}
 
 
 _METHODS: dict[str, Any] = {}
@@ -62,21 +74,28 @@ def python_scores(bundle: Path, inputs: dict[str, list[int]]) -> list[float]:
     path = str(bundle / "model.pte")
     if path not in _METHODS:
         _METHODS[path] = load_runtime_method(path)
-    out = _METHODS[path].execute([torch.tensor(inputs[name], dtype=torch.int64) for name in INPUT_ORDER])
+    out = _METHODS[path].execute(input_tensors([inputs[name] for name in INPUT_ORDER]))
     return [float(x) for x in out[0].tolist()]
+
+
+def input_tensors(values: list[list]) -> list:
+    """The program's input tensors from lists in INPUT_ORDER: six int64, then float32 user_state."""
+    import torch
+
+    return [torch.tensor(v, dtype=torch.int64) for v in values[:6]] + [torch.tensor(values[6], dtype=torch.float32)]
 
 
 _SINGLE_THREAD_SCRIPT = """
 import json, sys
 from executorch.extension.pybindings import _C
 _C._unsafe_reset_threadpool(1)  # before any method exists: the native client runs on one thread too
-import torch
 from sdk_builder.runtime import load_runtime_method
+from tests.support import input_tensors
 methods, out = {}, []
 for path, tensors in json.load(sys.stdin):
     if path not in methods:
         methods[path] = load_runtime_method(path)
-    result = methods[path].execute([torch.tensor(t, dtype=torch.int64) for t in tensors])
+    result = methods[path].execute(input_tensors(tensors))
     out.append([float(x) for x in result[0].tolist()])
 json.dump(out, sys.stdout)
 """

@@ -18,7 +18,7 @@ def cold_bundle(builder, tmp_path_factory):
 
 def test_cold_start_bundle_holds_no_users_row(builder, cold_bundle):
     from sdk_builder.bundle.coldstart import population_state
-    from sdk_builder.program import slice_constants
+    from sdk_builder.program import user_state
 
     manifest = json.loads((cold_bundle / "manifest.json").read_text())
     assert manifest["kind"] == "cold_start" and manifest["user_id"] is None
@@ -28,11 +28,9 @@ def test_cold_start_bundle_holds_no_users_row(builder, cold_bundle):
     rows = builder.model.tower.user_emb.weight.detach().numpy()
     emb = rows.shape[1]
     assert np.min(np.abs(rows - state[:emb]).max(axis=1)) > 1e-6  # not any trained user's vector
-    # The program holds the population state's bytes where a personal bundle holds its user's.
-    program = (cold_bundle / "model.pte").read_bytes()
-    assert state.astype(np.float32).tobytes() in program
-    user_state = slice_constants(builder.model, builder.shard_for(7)[0], builder.ckpt.item_category)["user"][0].numpy()
-    assert user_state.tobytes() not in program
+    # The manifest ships the population state where a personal bundle ships its user's.
+    assert np.array_equal(np.asarray(manifest["user_state"], np.float32), state)
+    assert not np.array_equal(state, user_state(builder.ckpt.model, 7).numpy())
     items = set(manifest["items"]["ids"])
     popular = builder.ckpt.items.global_id(builder.index.popular[:100]).tolist()
     assert set(popular) <= items  # the most popular items are all in it
@@ -119,5 +117,5 @@ def test_user_dropout_trains_an_unknown_user_row_the_cold_start_bundle_ships(tmp
     state = population_state(ckpt.model, "unknown", row)
     assert np.array_equal(state[: table.shape[1]], table[row].numpy())
     builder = BundleBuilder(ckpt, data, recipe="portable", stamping=False, allow_weak_model=True)
-    program = (build_cold_start(builder, tmp_path / "out", population="unknown").path / "model.pte").read_bytes()
-    assert state.tobytes() in program
+    manifest = json.loads((build_cold_start(builder, tmp_path / "out", population="unknown").path / "manifest.json").read_text())
+    assert np.array_equal(np.asarray(manifest["user_state"], np.float32), state)

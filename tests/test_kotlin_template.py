@@ -7,8 +7,9 @@
 - Every Kotlin source of the template (library, sample app, unit and device tests) is compiled in one
   go against compile-only stubs of the Android and ExecuTorch APIs (mobile_templates/android/compile-stubs).
 - The JUnit tests run against each test bundle (`client_bundles`: xnnpack, portable, int8), and GoldenInputsDumpKt prints the input tensors the
-  Kotlin logic builds for every golden case (plus harder extra cases); they must equal the Python
-  reference mapping exactly.
+  Kotlin logic builds for every golden case (plus harder extra cases) and, on a bundle with a refresh
+  program, the refresh program's event tensors of every golden refresh case; they must equal the
+  Python reference mapping exactly.
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import REPO, TOOL_CACHE, ensure_debian_packages, extra_cases, load_json, reference_inputs
+from tests.support import (
+    REPO, TOOL_CACHE, ensure_debian_packages, extra_cases, load_json, reference_inputs, reference_refresh_events,
+)
 
 ANDROID = REPO / "mobile_templates" / "android"
 SOURCE_DIRS = [
@@ -109,8 +112,8 @@ def classpath(compiled) -> str:
 
 
 @pytest.fixture(scope="module")
-def bundles(client_bundles) -> list[Path]:
-    return client_bundles
+def bundles(client_bundles, refresh_client_bundle) -> list[Path]:
+    return [*client_bundles, refresh_client_bundle]
 
 
 def junit_classes() -> list[str]:
@@ -156,6 +159,7 @@ def test_kotlin_inputs_equal_the_python_reference(classpath, bundles, tmp_path):
         )
         assert proc.returncode == 0, proc.stderr[-4000:]
         lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+        lines = [line for line in lines if "case" in line]  # refresh cases: test_kotlin_refresh_inputs_...
         cases = golden["cases"] + extra["cases"]
         assert [line["case"] for line in lines] == [c["name"] for c in cases]
         for line, case in zip(lines, cases):
@@ -184,3 +188,56 @@ def test_kotlin_reads_a_cold_start_bundle(classpath, builder, tmp_path):
     for line, case in zip(lines, cases):
         expected = reference_inputs(manifest, case["history"], case["request_time"], case["candidates"])
         assert all(line[name] == values for name, values in expected.items()), case["name"]
+
+
+def test_kotlin_refresh_inputs_equal_the_python_reference(classpath, refresh_client_bundle):
+    bundle = refresh_client_bundle
+    manifest, golden = load_json(bundle / "manifest.json"), load_json(bundle / "golden.json")
+    proc = subprocess.run(["java", "-cp", classpath, "dev.tbsm.sdk.GoldenInputsDumpKt", str(bundle)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    ranking = [line for line in lines if "case" in line]
+    refresh = [line for line in lines if "refresh_case" in line]
+    assert [line["case"] for line in ranking] == [c["name"] for c in golden["cases"]]
+    for line, case in zip(ranking, golden["cases"]):  # the 7th input is the shipped state
+        assert line["user_state"] == manifest["user_state"], case["name"]
+    assert golden["refresh_cases"] and [line["refresh_case"] for line in refresh] == [c["name"] for c in golden["refresh_cases"]]
+    for line, case in zip(refresh, golden["refresh_cases"]):
+        expected = reference_refresh_events(manifest, {"user_id": manifest["user_id"], "events": case["events"]})
+        assert len(expected["events_items"]) == manifest["refresh"]["events"]
+        for name, values in expected.items():
+            assert line[name] == values, (case["name"], name)
+    print(f"kotlin refresh inputs identical to the Python reference for {len(refresh)} refresh cases")
+
+
+def test_kotlin_applies_a_python_patch_atomically(classpath, bundles, tmp_path):
+    """BundlePatch.kt: old + a patch from sdk_builder.bundle.delta = the new bundle, byte for byte; a
+    damaged patch or one made for another bundle fails in one line and leaves the old bundle as it was."""
+    from sdk_builder.bundle.delta import make_patch
+
+    old, new = bundles[0], bundles[1]  # two users: other shards, so ids and table rows shift
+
+    def tree(path: Path) -> dict[str, bytes]:
+        return {p.name: p.read_bytes() for p in sorted(path.iterdir())}
+
+    def apply(patch: bytes) -> tuple[subprocess.CompletedProcess, Path]:
+        copy = tmp_path / "bundle"
+        shutil.rmtree(copy, ignore_errors=True)
+        shutil.copytree(old, copy)
+        (tmp_path / "p.patch").write_bytes(patch)
+        proc = subprocess.run(["java", "-cp", classpath, "dev.tbsm.sdk.BundlePatchApply", str(copy), str(tmp_path / "p.patch")],
+                              capture_output=True, text=True, timeout=120)
+        return proc, copy
+
+    proc, copy = apply(make_patch(old, new))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert tree(copy) == tree(new)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle", "p.patch"]  # staging and old copy removed
+    damaged = bytearray(make_patch(old, new))
+    damaged[-20] ^= 0xFF
+    for patch in (bytes(damaged), make_patch(new, old)):
+        proc, copy = apply(patch)
+        assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr[-3000:]
+        assert tree(copy) == tree(old)
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle", "p.patch"]

@@ -266,3 +266,74 @@ def test_native_client_replays_a_cold_start_bundle(builder, client, tmp_path):
     lines = json_lines(run_client(client, str(bundle), "--golden").stdout)
     assert {line["case"] for line in lines if "case" in line} == {c["name"] for c in load_json(bundle / "golden.json")["cases"]}
     assert lines[-1].get("summary") and lines[-1]["ok"] is True, lines[-1]
+
+
+def _moved(state: list[float], shipped: list[float]) -> float:
+    return max(abs(a - b) for a, b in zip(state, shipped))
+
+
+def test_native_refresh_matches_the_python_client(refresh_client_bundle, client, tmp_path):
+    from sdk_builder.client import Bundle
+
+    bundle = refresh_client_bundle
+    manifest, golden = load_json(bundle / "manifest.json"), load_json(bundle / "golden.json")
+    python = Bundle(bundle)
+    # The user's longest golden history, and a longer one (older events first) so the program's
+    # max_history + window inputs are full: the client keeps only the last W events.
+    events = max((c["history"]["events"] for c in golden["cases"]), key=len)
+    longer = [dict(e, timestamp=max(0, events[0]["timestamp"] - 1000 + k)) for k, e in enumerate(events)] + events
+    state_file = tmp_path / "history.state.json"
+    for k, event_list in enumerate([events, longer]):
+        history = {"user_id": manifest["user_id"], "events": event_list}
+        (tmp_path / "h.json").write_text(json.dumps(history))
+        start = python.manifest.user_state if k == 0 else load_json(state_file)["user_state"]
+        # --state: the first run starts from the shipped state (no file), the second from the first's.
+        native = json_lines(run_client(client, str(bundle), "--refresh", str(tmp_path / "h.json"),
+                                       "--state", str(state_file)).stdout)[0]
+        # A list of events: an EventHistory holds at most max_history of them.
+        expected = python.refresh(start, [formats.Event(**e) for e in event_list]).tolist()
+        diff = max(abs(a - b) for a, b in zip(native["user_state"], expected))
+        assert len(native["user_state"]) == len(expected) and diff <= 1e-5, (k, diff)
+        assert _moved(native["user_state"], start) > 1e-4, "the refresh left the state where it was"
+        assert _moved(native["user_state"], manifest["user_state"]) <= manifest["refresh"]["max_drift"] + 1e-6
+        assert len(native["losses"]) == manifest["refresh"]["steps"]
+        saved = load_json(state_file)
+        assert saved["manifest_sha256"] == hashlib.sha256((bundle / "manifest.json").read_bytes()).hexdigest()
+        assert saved["user_state"] == native["user_state"]
+        formats.RefreshedState.model_validate(saved)
+        print("native refresh vs python client:", json.dumps({"case": k, "max_abs_diff": diff,
+                                                              "moved": _moved(native["user_state"], start)}))
+
+
+def test_native_ranks_with_the_refreshed_state_of_its_bundle_only(refresh_client_bundle, client, tmp_path):
+    bundle = refresh_client_bundle
+    manifest, golden = load_json(bundle / "manifest.json"), load_json(bundle / "golden.json")
+    case = max(golden["cases"], key=lambda c: len(c["history"]["events"]))
+    (tmp_path / "h.json").write_text(json.dumps(case["history"]))
+    state_file = tmp_path / "history.state.json"
+    run_client(client, str(bundle), "--refresh", str(tmp_path / "h.json"), "--state", str(state_file))
+    refreshed = load_json(state_file)
+    rank = ["--events", str(tmp_path / "h.json"), "--candidates", ",".join(map(str, case["candidates"])),
+            "--request-time", str(case["request_time"]), "--state", str(state_file)]
+    ranked = []
+    for state, tag in ((refreshed["user_state"], refreshed["manifest_sha256"]), (manifest["user_state"], "0" * 64)):
+        state_file.write_text(json.dumps(dict(refreshed, manifest_sha256=tag)))  # another bundle's state is ignored
+        got = {r["item_id"]: r["score"] for r in json_lines(run_client(client, str(bundle), *rank).stdout)}
+        inputs = reference_inputs(manifest, case["history"], case["request_time"], case["candidates"], state)
+        for c, s in zip(case["candidates"], python_scores(bundle, inputs)):
+            assert abs(got[c] - s) <= 1e-6, (tag[:4], c)
+        ranked.append(got)
+    assert max(abs(ranked[0][c] - ranked[1][c]) for c in case["candidates"]) > 1e-5, "the state changed no score"
+
+
+def test_native_golden_replays_the_refresh_cases(refresh_client_bundle, client):
+    golden = load_json(refresh_client_bundle / "golden.json")
+    assert golden["refresh_cases"], "a bundle built with a refresh program has refresh cases"
+    lines = json_lines(run_client(client, str(refresh_client_bundle), "--golden").stdout)
+    replayed = {line["refresh_case"]: line for line in lines if "refresh_case" in line}
+    assert set(replayed) == {c["name"] for c in golden["refresh_cases"]}
+    for case in golden["refresh_cases"]:
+        line = replayed[case["name"]]
+        assert line["ok"] is True and line["max_abs_diff"] <= case["tolerance"], line
+        assert max(abs(a - b) for a, b in zip(line["user_state"], case["state_after"])) <= case["tolerance"]
+    assert lines[-1]["summary"] and lines[-1]["refresh_cases"] == len(golden["refresh_cases"]) and lines[-1]["ok"]

@@ -1,10 +1,11 @@
 """No drift between the bundle formats (sdk_builder/formats.py) and the three clients.
 
 Every JSON key the Kotlin, Swift and C++ sources read or write (found by grepping their key-access
-calls) must be a field of the Manifest model (by alias), of GoldenSet, or a property of the generated
-events schema; the clients must agree with each other on the keys, the format version, the input
-order and the file names; and the Swift package, which cannot be compiled here, must keep mirroring
-the Kotlin library (same types, same test names).
+calls) must be a field of the Manifest model (by alias), of GoldenSet, of RefreshedState (the state a
+client refreshes on the device) or a property of the generated events schema; every client must read
+the keys of the contract, the refresh keys included; the clients must agree with each other on the
+keys, the format version, the input order and the file names; and the Swift package, which cannot be
+compiled here, must keep mirroring the Kotlin library (same types, same test names).
 """
 
 from __future__ import annotations
@@ -33,8 +34,10 @@ READ_PATTERNS = {
 }
 WRITE_PATTERNS = {
     "kotlin": r'\.put\("([^"]+)"',
-    "swift": r'"([a-z][a-z_]*)"\s*:\s*[A-Za-z]',
+    "swift": r'"([a-z][a-z0-9_]*)"\s*:\s*[A-Za-z]',
 }
+# The file of each client that writes the history (the events schema); the refreshed state is written elsewhere.
+HISTORY_SOURCES = {"kotlin": KOTLIN_MAIN / "dev" / "tbsm" / "sdk" / "History.kt", "swift": SWIFT_MAIN / "History.swift"}
 SOURCES = {"kotlin": (KOTLIN_MAIN, "*.kt"), "swift": (SWIFT_MAIN, "*.swift"), "cpp": (CPP_MAIN, "*.[ch]pp")}
 
 # Keys every client has to read to follow the contract.
@@ -42,7 +45,13 @@ CORE_KEYS = {
     "format_version", "user_id", "files", "items", "categories", "ids", "first_row", "oov_row",
     "padding_row", "behaviors", "program", "inputs", "name", "method", "max_history", "max_candidates",
     "events", "item_id", "category_id", "behavior", "timestamp",
-    "tolerance", "cases", "history", "request_time", "candidates", "scores",
+    "tolerance", "cases", "history", "request_time", "candidates", "scores", "user_state",
+}
+# Format version 2: the refresh program (manifest.refresh), its golden cases and the refreshed state file.
+REFRESH_KEYS = {
+    "refresh", "file", "window", "every_events", "steps", "learning_rate", "max_drift",
+    "refresh_cases", "state_before", "state_after",
+    "manifest_sha256", "through_timestamp", "through_count",
 }
 
 
@@ -53,8 +62,8 @@ def source_text(lang: str) -> str:
     return "\n".join(f.read_text() for f in files)
 
 
-def keys(lang: str, patterns: dict[str, str]) -> set[str]:
-    return set(re.findall(patterns[lang], source_text(lang)))
+def keys(lang: str, patterns: dict[str, str], text: str | None = None) -> set[str]:
+    return set(re.findall(patterns[lang], source_text(lang) if text is None else text))
 
 
 def model_keys(model: type[BaseModel]) -> set[str]:
@@ -99,7 +108,9 @@ def schema_keys(schema: dict) -> set[str]:
 MANIFEST_KEYS = model_keys(formats.Manifest)
 GOLDEN_KEYS = model_keys(formats.GoldenSet)
 SCHEMA_KEYS = schema_keys(formats.events_json_schema())
-KNOWN_KEYS = MANIFEST_KEYS | GOLDEN_KEYS | SCHEMA_KEYS
+STATE_KEYS = model_keys(formats.RefreshedState)
+PATCH_KEYS = model_keys(formats.BundlePatch)  # the header of a bundle patch (BundlePatch.kt / .swift)
+KNOWN_KEYS = MANIFEST_KEYS | GOLDEN_KEYS | SCHEMA_KEYS | STATE_KEYS | PATCH_KEYS
 
 
 @pytest.mark.parametrize("lang", ["kotlin", "swift", "cpp"])
@@ -107,7 +118,8 @@ def test_every_key_a_client_reads_is_defined_by_the_formats(lang):
     read = keys(lang, READ_PATTERNS)
     assert read, f"found no JSON reads in the {lang} sources: is the pattern out of date?"
     unknown = read - KNOWN_KEYS
-    assert not unknown, f"{lang} reads keys that neither Manifest, GoldenSet nor the events schema define: {unknown}"
+    assert not unknown, (f"{lang} reads keys that neither Manifest, GoldenSet, RefreshedState, BundlePatch nor the "
+                         f"events schema define: {unknown}")
 
 
 @pytest.mark.parametrize("lang", ["kotlin", "swift", "cpp"])
@@ -116,18 +128,33 @@ def test_every_client_reads_the_core_keys(lang):
     assert not missing, f"{lang} does not read {missing}"
 
 
-def test_core_keys_are_defined_by_the_formats():
-    assert CORE_KEYS <= KNOWN_KEYS, CORE_KEYS - KNOWN_KEYS
+@pytest.mark.parametrize("lang", ["kotlin", "swift", "cpp"])
+def test_every_client_reads_the_refresh_keys(lang):
+    missing = REFRESH_KEYS - keys(lang, READ_PATTERNS)
+    assert not missing, f"{lang} does not read {missing}"
+
+
+def test_core_and_refresh_keys_are_defined_by_the_formats():
+    assert CORE_KEYS | REFRESH_KEYS <= KNOWN_KEYS, (CORE_KEYS | REFRESH_KEYS) - KNOWN_KEYS
+    assert {"refresh", "user_state"} <= MANIFEST_KEYS
+    assert {"refresh_cases", "state_before", "state_after"} <= GOLDEN_KEYS
 
 
 @pytest.mark.parametrize("lang", ["kotlin", "swift"])
 def test_history_files_are_written_in_the_events_schema(lang):
-    written = keys(lang, WRITE_PATTERNS)
+    written = keys(lang, WRITE_PATTERNS, HISTORY_SOURCES[lang].read_text())
     schema = formats.events_json_schema()
     event_schema = schema["$defs"]["Event"]
     required = set(schema.get("required", [])) | set(event_schema.get("required", []))
     assert written == set(schema["properties"]) | set(event_schema["properties"]), written
     assert required <= written
+
+
+@pytest.mark.parametrize("lang", ["kotlin", "swift"])
+def test_refreshed_state_files_are_written_as_the_format_defines_them(lang):
+    """Every other key the templates write is the refreshed state's (formats.RefreshedState), all of it."""
+    others = "\n".join(f.read_text() for f in sorted(SOURCES[lang][0].rglob(SOURCES[lang][1])) if f != HISTORY_SOURCES[lang])
+    assert keys(lang, WRITE_PATTERNS, others) == STATE_KEYS
 
 
 def _quoted_list(text: str, start: str) -> list[str]:
@@ -151,11 +178,13 @@ def test_clients_agree_on_the_format_version():
     assert re.search(rf"const val FORMAT_VERSION = {version}\b", source_text("kotlin"))
     assert re.search(rf"static let supportedFormatVersion = {version}\b", source_text("swift"))
     assert re.search(rf"constexpr int64_t kFormatVersion = {version};", source_text("cpp"))
+    assert version == 2, "a new format version: update the templates, docs/bundle-format.md and this test together"
 
 
 @pytest.mark.parametrize("lang", ["kotlin", "swift", "cpp"])
 def test_file_names_the_clients_open_exist_in_bundles(lang, client_bundles):
-    names = set(re.findall(r'"/?([\w.-]+\.(?:json|pte))"', source_text(lang))) - {"history.json", "tbsm-history.json"}
+    # History and refreshed-state files are the app's, not the bundle's.
+    names = set(re.findall(r'"/?([\w.-]+\.(?:json|pte))"', source_text(lang))) - {"history.json", "tbsm-history.json", ".state.json"}
     assert {"manifest.json", "model.pte"} <= names, names
     for bundle in client_bundles:
         present = {p.name for p in bundle.iterdir()}
@@ -172,6 +201,7 @@ def test_swift_declares_the_same_types_as_kotlin():
     # Kotlin's exception and Android glue have Swift counterparts under other names.
     kotlin -= {"BundleException"}
     swift -= {"TbsmError", "JSONObject"}
+    assert {"RefreshSpec", "RefreshLoop", "RefreshedState", "ExecuTorchRefresh", "GoldenRefreshCase"} <= kotlin
     assert kotlin == swift, kotlin ^ swift
 
 
@@ -205,3 +235,13 @@ def test_init_mobile_scaffolds_projects_with_a_verified_bundle(built_bundle, tmp
     assert ios.returncode == 0 and (tmp_path / "kit" / "Package.swift").is_file()
     again = subprocess.run([*cli, "ios", str(tmp_path / "kit")], capture_output=True, text=True)
     assert again.returncode != 0 and "not empty" in again.stderr.strip().splitlines()[-1]
+
+
+def test_clients_agree_on_the_patch_format():
+    """BundlePatch.kt and BundlePatch.swift read the patches sdk_builder/bundle/delta.py writes."""
+    kotlin, swift = source_text("kotlin"), source_text("swift")
+    assert re.search(rf"const val PATCH_FORMAT_VERSION = {formats.PATCH_FORMAT_VERSION}\b", kotlin)
+    assert re.search(rf"static let patchFormatVersion = {formats.PATCH_FORMAT_VERSION}\b", swift)
+    assert re.search(rf"const val COPY = {formats.PATCH_COPY}\b", kotlin) and re.search(rf"const val INSERT = {formats.PATCH_INSERT}\b", kotlin)
+    assert re.search(rf"let copy: UInt8 = {formats.PATCH_COPY}\b", swift) and re.search(rf"let insert: UInt8 = {formats.PATCH_INSERT}\b", swift)
+    assert "Inflater(true)" in kotlin and "COMPRESSION_ZLIB" in swift  # raw DEFLATE, as delta.py writes (wbits -15)

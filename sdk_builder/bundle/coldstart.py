@@ -30,7 +30,7 @@ from sdk_builder.bundle.store import cold_start_path
 from sdk_builder.data.dataset import PreparedData
 from sdk_builder.data.events import EventLog
 from sdk_builder.formats import MAX_HISTORY, PROGRAM, Behavior, BundleError, Event, EventHistory, GoldenCase
-from sdk_builder.program import Shard, slice_constants
+from sdk_builder.program import Shard, user_state
 from sdk_builder.runs import LoadedCheckpoint, unknown_user_row
 from sdk_builder.shard import ShardIndex, policy_prior
 from sdk_builder.util import sha256_bytes
@@ -78,11 +78,9 @@ def with_user_row(model: TBSM, vector: torch.Tensor) -> tuple[TBSM, int]:
 
 def population_state(model: TBSM, population: str = DEFAULT_POPULATION, unknown_row: int | None = None) -> np.ndarray:
     """[population user vector (D), its share of the candidate top layer's bias (Z)], float32: exactly
-    what a personal bundle carries for its user (program.slice_constants' `user`), for the population."""
+    what a personal bundle carries for its user (`manifest.user_state`), for the population."""
     extended, row = with_user_row(model, population_vector(model, population, unknown_row))
-    one_item = np.array([RESERVED_ROWS], np.int64)  # the user part does not depend on the shard
-    no_categories = np.zeros(RESERVED_ROWS + 1, np.int64)
-    return slice_constants(extended, Shard(row, one_item, one_item), no_categories)["user"][0].numpy().copy()
+    return user_state(extended, row).numpy().copy()
 
 
 def cold_start_ranked(index: ShardIndex, size: int, weights: dict[str, float] = COLD_START_WEIGHTS
@@ -141,10 +139,17 @@ def cold_start_builder(builder: BundleBuilder, population: str = DEFAULT_POPULAT
     if builder.stamping and builder.template is None:
         builder.prepare_stamping()  # on the personal builder: its users guard it, and it is reused
     unknown_row = unknown_user_row(builder.ckpt.config, builder.ckpt.payload.get("train_config", {}))
-    extended, row = with_user_row(builder.model, population_vector(builder.model, population, unknown_row))
+    vector = population_vector(builder.model, population, unknown_row)
+    extended, row = with_user_row(builder.model, vector)
     cold = copy.copy(builder)
     cold.model = extended
-    cold.reference = EagerReference(extended, builder.ckpt)
+    # The checkpoint as the build sees it: its model has the population row too, so every
+    # ShardView (manifest.user_state) and eager reference of the cold-start shard reads that row.
+    cold.ckpt = copy.copy(builder.ckpt)
+    cold.ckpt.model = with_user_row(builder.ckpt.model, vector)[0]
+    cold.reference = EagerReference(extended, cold.ckpt)
+    # No refresh.pte yet: its golden cases are cut from the user's own last events (none here).
+    cold.refresh = None
     cold.policy = dataclasses.replace(builder.policy, name=COLD_START_POLICY_NAME, weights=dict(COLD_START_WEIGHTS))
     cold.build_key = sha256_bytes(json.dumps({"personal": builder.build_key, "kind": "cold_start", "population": population,
                                               "weights": COLD_START_WEIGHTS}, sort_keys=True).encode())

@@ -55,6 +55,8 @@ class BuildSpec:
     accuracy_budget: float = DEFAULT_ACCURACY_BUDGET  # lossy recipes only (sdk_builder/bundle/budget.py)
     on_budget_exceeded: str = "fail"  # lossy recipes only: "fail" or "fp32"
     allow_weak_model: bool = False  # build even when the model does not beat popularity on validation
+    events: tuple[str, ...] = ()  # newer event logs: shards and golden histories include them (`extend_events`)
+    refresh: bool = False  # add the on-device refresh program (sdk_builder/refresh.py, default RefreshConfig)
 
 
 @dataclass
@@ -73,17 +75,35 @@ class BatchSummary:
     jobs: int = 1
     backend: str = "local"
     rows: list[dict] = field(default_factory=list)
+    newer_events: dict[str, int] = field(default_factory=dict)  # `extend_events`' counts, with BuildSpec.events
 
 
-def make_builder(spec: BuildSpec, template: ProgramTemplate | None = None) -> BundleBuilder:
+def make_builder(spec: BuildSpec, template: ProgramTemplate | None = None,
+                 refresh_template: ProgramTemplate | None = None) -> BundleBuilder:
+    from sdk_builder.refresh import RefreshConfig
+
     ckpt = load_checkpoint(Path(spec.run), mmap=True)
     data = PreparedData.load(ckpt.path.parent / DATA)
+    if spec.events:
+        data = with_newer_events(data, spec.events)[0]
     builder = BundleBuilder(ckpt, data, ShardPolicy(shard_size=spec.shard_size), recipe=spec.recipe, seed=spec.seed,
                             category_capacity=spec.category_capacity, durable=spec.durable,
                             accuracy_budget=spec.accuracy_budget, on_budget_exceeded=spec.on_budget_exceeded,
-                            allow_weak_model=spec.allow_weak_model)
-    builder.template = template
+                            allow_weak_model=spec.allow_weak_model, refresh=RefreshConfig() if spec.refresh else None)
+    builder.template, builder.refresh_template = template, refresh_template
     return builder
+
+
+def with_newer_events(data: PreparedData, paths: tuple[str, ...]) -> tuple[PreparedData, dict[str, int]]:
+    """`data` extended with the events of newer logs (any format `prepare` reads); BundleError on bad input."""
+    from sdk_builder.data.dataset import extend_events
+    from sdk_builder.data.events import IngestError, read_event_log
+
+    try:
+        events, _ = read_event_log(list(paths))
+    except (IngestError, ValueError) as exc:
+        raise BundleError(str(exc)) from None
+    return extend_events(data, events)
 
 
 def template_key(builder: BundleBuilder) -> str:
@@ -202,15 +222,16 @@ _WORKER: BundleBuilder | None = None
 _WORKER_SPEC: BuildSpec | None = None
 
 
-def _init_worker(spec: BuildSpec, template: ProgramTemplate) -> None:
+def _init_worker(spec: BuildSpec, template: ProgramTemplate, refresh_template: ProgramTemplate | None = None) -> None:
     global _WORKER, _WORKER_SPEC
-    _WORKER, _WORKER_SPEC = make_builder(spec, template), spec
+    _WORKER, _WORKER_SPEC = make_builder(spec, template, refresh_template), spec
 
 
-def _ray_build_chunk(chunk: list[int], spec: BuildSpec, template: ProgramTemplate) -> list[dict]:
+def _ray_build_chunk(chunk: list[int], spec: BuildSpec, template: ProgramTemplate,
+                     refresh_template: ProgramTemplate | None = None) -> list[dict]:
     """A Ray task; the builder is made once per worker process and reused by its later tasks."""
     if _WORKER_SPEC != spec:
-        _init_worker(spec, template)
+        _init_worker(spec, template, refresh_template)
     return _build_chunk(chunk, spec.out)
 
 
@@ -243,7 +264,8 @@ def build_many(spec: BuildSpec, users: list[int], *, jobs: int = 1, backend: str
         save_user_ids(builder)
     except OSError:  # read-only run directory: unknown ids are then found after the imports, as here
         pass
-    summary = BatchSummary(requested=len(users), unknown=unknown, jobs=jobs, backend=backend)
+    summary = BatchSummary(requested=len(users), unknown=unknown, jobs=jobs, backend=backend,
+                           newer_events=dict(builder.data.info.get("extended_with", {})))
     if unknown and not skip_unknown:
         raise BundleError(unknown_users_message(unknown))
     check_output(out, len(known) + new_user, 200_000)
@@ -251,6 +273,10 @@ def build_many(spec: BuildSpec, users: list[int], *, jobs: int = 1, backend: str
 
     if known or new_user:
         prepare_template(builder, known or [int(builder.ckpt.users.ids[0])], summary)
+        if builder.refresh is not None:  # exported per build (not cached yet), before any worker starts
+            started_refresh = time.perf_counter()
+            builder.prepare_refresh()
+            summary.template_seconds += time.perf_counter() - started_refresh
     watch.check()
 
     rows: list[dict] = []
@@ -260,7 +286,7 @@ def build_many(spec: BuildSpec, users: list[int], *, jobs: int = 1, backend: str
         rows.append(_result_row(build_cold_start(builder, out, population=population, skip_current=True), out))
         progress(1)
     if backend == "ray":
-        rows = _run_ray(spec, builder.template, known, jobs, ray_address, watch, progress)
+        rows = _run_ray(spec, builder.template, known, jobs, ray_address, watch, progress, builder.refresh_template)
     elif jobs <= 1:
         for chunk in _chunks(known, CHUNK):
             rows.extend(_result_row(r, out) for r in builder.build_many(chunk, out, skip_current=True))
@@ -272,7 +298,7 @@ def build_many(spec: BuildSpec, users: list[int], *, jobs: int = 1, backend: str
         # spawn, not fork: a fork after torch's and ExecuTorch's thread pools started deadlocks.
         # Each worker maps the same checkpoint file, so the tables are in memory once.
         ctx = mp.get_context("spawn")
-        with ctx.Pool(jobs, initializer=_init_worker, initargs=(spec, builder.template)) as pool:
+        with ctx.Pool(jobs, initializer=_init_worker, initargs=(spec, builder.template, builder.refresh_template)) as pool:
             for chunk_rows in pool.imap(_chunked_call, [(c, spec.out) for c in _chunks(known, CHUNK)]):
                 rows.extend(chunk_rows)
                 watch.check()
@@ -297,7 +323,8 @@ def _chunked_call(args: tuple[list[int], str]) -> list[dict]:
 
 
 def _run_ray(spec: BuildSpec, template: ProgramTemplate, users: list[int], jobs: int, address: str | None,
-             watch: CheckpointWatch, progress: Callable[[int], None]) -> list[dict]:
+             watch: CheckpointWatch, progress: Callable[[int], None],
+             refresh_template: ProgramTemplate | None = None) -> list[dict]:
     import ray
 
     if not ray.is_initialized():
@@ -308,7 +335,8 @@ def _run_ray(spec: BuildSpec, template: ProgramTemplate, users: list[int], jobs:
     template_ref = ray.put(template)  # shipped once, shared by every task through the object store
 
     build_chunk = ray.remote(_ray_build_chunk)
-    pending = [build_chunk.remote(c, spec, template_ref) for c in _chunks(users, CHUNK)]
+    refresh_ref = ray.put(refresh_template)
+    pending = [build_chunk.remote(c, spec, template_ref, refresh_ref) for c in _chunks(users, CHUNK)]
     rows: list[dict] = []
     while pending:
         done, pending = ray.wait(pending, num_returns=1)

@@ -1,10 +1,16 @@
 // tbsm_rank: command-line reference client for TBSM bundles.
 //
 //   tbsm_rank BUNDLE_DIR --golden
-//       replays every case of golden.json; one JSON line per case, then a summary line.
-//       Exit status 1 when a case is off by more than the golden tolerance.
+//       replays every case and every refresh case of golden.json; one JSON line per case, then a
+//       summary line. Exit status 1 when a case is off by more than its tolerance.
 //   tbsm_rank BUNDLE_DIR --events history.json --candidates 1,2,3 [--request-time UNIX_SECONDS]
 //       ranks global item ids for the history (EventHistory JSON); one JSON line per item, best first.
+//   tbsm_rank BUNDLE_DIR --refresh history.json [--runs N]
+//       runs the refresh loop once on the history's last events and prints the new user state and
+//       the loss of each step; with --runs N, also times N whole refresh updates (median, p99, us).
+//   --state FILE    the refreshed state kept for this bundle (ignored when it was written for another
+//                   bundle); --events ranks with it and --refresh starts from it and writes the new
+//                   state to it atomically. Without it, the manifest's user_state.
 //   tbsm_rank BUNDLE_DIR --bench N
 //       times N calls of forward for 1 and for 1000 candidates (median and p99, microseconds).
 //   --threads all   lets ExecuTorch use its thread pool (default: one thread, the caller's).
@@ -16,6 +22,7 @@
 #include <ctime>
 #include <exception>
 #include <fstream>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -31,8 +38,10 @@ using nlohmann::json;
 
 struct Options {
   std::string bundle;
-  std::string mode;  // golden | events | bench
+  std::string mode;  // golden | events | refresh | bench
   std::string events_path;
+  std::string state_path;
+  int refresh_runs = 0;
   std::vector<int64_t> candidates;
   int64_t request_time = 0;
   bool has_request_time = false;
@@ -43,7 +52,7 @@ struct Options {
 [[noreturn]] void usage(const char* why) {
   std::fprintf(stderr,
                "error: %s\nusage: tbsm_rank BUNDLE_DIR (--golden | --events FILE --candidates ID,ID,... "
-               "[--request-time T] | --bench N) [--threads 1|all]\n",
+               "[--request-time T] | --refresh FILE [--runs N] | --bench N) [--state FILE] [--threads 1|all]\n",
                why);
   std::exit(2);
 }
@@ -80,6 +89,14 @@ Options parse_args(int argc, char** argv) {
     } else if (a == "--events") {
       o.mode = "events";
       o.events_path = next();
+    } else if (a == "--refresh") {
+      o.mode = "refresh";
+      o.events_path = next();
+    } else if (a == "--runs") {
+      o.refresh_runs = std::atoi(next().c_str());
+      if (o.refresh_runs < 1) usage("--runs takes a positive run count");
+    } else if (a == "--state") {
+      o.state_path = next();
     } else if (a == "--candidates") {
       o.candidates = parse_ids(next());
     } else if (a == "--request-time") {
@@ -97,7 +114,7 @@ Options parse_args(int argc, char** argv) {
       usage(("unknown argument " + a).c_str());
     }
   }
-  if (o.mode.empty()) usage("choose --golden, --events or --bench");
+  if (o.mode.empty()) usage("choose --golden, --events, --refresh or --bench");
   if (o.mode == "events" && o.candidates.empty()) usage("--events needs --candidates");
   return o;
 }
@@ -121,6 +138,21 @@ tbsm::History history_for(const tbsm::Bundle& bundle, const json& doc) {
   return h;
 }
 
+std::vector<float> floats(const json& values) {
+  std::vector<float> out;
+  for (double v : values.get<std::vector<double>>()) out.push_back(static_cast<float>(v));
+  return out;
+}
+
+double max_abs_diff(const std::vector<float>& got, const std::vector<double>& expected) {
+  double diff = 0.0;
+  for (size_t i = 0; i < got.size(); ++i) {
+    double d = std::fabs(static_cast<double>(got[i]) - expected[i]);
+    if (!(d <= diff)) diff = d;  // also catches NaN
+  }
+  return diff;
+}
+
 int run_golden(tbsm::Bundle& bundle) {
   const json golden = json::parse(tbsm::read_file(bundle.dir() + "/golden.json"));
   const double tolerance = golden.at("tolerance").get<double>();
@@ -131,14 +163,12 @@ int run_golden(tbsm::Bundle& bundle) {
     tbsm::History history = history_for(bundle, c.at("history"));
     const auto candidates = c.at("candidates").get<std::vector<int64_t>>();
     const auto expected = c.at("scores").get<std::vector<double>>();
-    tbsm::Inputs in = tbsm::build_inputs(bundle.manifest(), history, c.at("request_time").get<int64_t>(), candidates);
+    // Golden scores were computed with the shipped state.
+    tbsm::Inputs in = tbsm::build_inputs(bundle.manifest(), history, c.at("request_time").get<int64_t>(), candidates,
+                                         bundle.manifest().user_state);
     std::vector<float> scores = bundle.score(in);
     if (expected.size() != scores.size()) throw std::runtime_error("golden case " + name + ": score count differs");
-    double diff = 0.0;
-    for (size_t i = 0; i < scores.size(); ++i) {
-      double d = std::fabs(static_cast<double>(scores[i]) - expected[i]);
-      if (!(d <= diff)) diff = d;  // also catches NaN
-    }
+    const double diff = max_abs_diff(scores, expected);
     const bool ok = diff <= tolerance;
     worst = std::max(worst, diff);
     ++n_cases;
@@ -147,16 +177,91 @@ int run_golden(tbsm::Bundle& bundle) {
                 json(name).dump().c_str(), scores.size(), diff, ok ? "true" : "false",
                 floats_json(scores).c_str());
   }
-  std::printf("{\"summary\":true,\"cases\":%zu,\"failed\":%zu,\"max_abs_diff\":%.9g,\"tolerance\":%.9g,\"ok\":%s}\n",
-              n_cases, n_failed, worst, tolerance, n_failed == 0 ? "true" : "false");
+  // Refresh cases: one whole refresh loop from state_before on the history must give state_after.
+  double refresh_worst = 0.0;
+  size_t n_refresh = 0;
+  const auto refresh_cases = golden.find("refresh_cases");
+  if (refresh_cases != golden.end()) {
+    for (const auto& c : *refresh_cases) {
+      const std::string name = c.at("name").get<std::string>();
+      // A refresh case holds the bundle user's events only.
+      tbsm::History history = tbsm::parse_history(json{{"user_id", bundle.manifest().user_id}, {"events", c.at("events")}});
+      const auto expected = c.at("state_after").get<std::vector<double>>();
+      const double case_tolerance = c.at("tolerance").get<double>();
+      std::vector<float> state = bundle.refresh(floats(c.at("state_before")), history);
+      if (expected.size() != state.size()) throw std::runtime_error("refresh case " + name + ": state size differs");
+      const double diff = max_abs_diff(state, expected);
+      const bool ok = diff <= case_tolerance;
+      refresh_worst = std::max(refresh_worst, diff);
+      ++n_refresh;
+      n_failed += ok ? 0 : 1;
+      std::printf("{\"refresh_case\":%s,\"max_abs_diff\":%.9g,\"tolerance\":%.9g,\"ok\":%s,\"user_state\":%s}\n",
+                  json(name).dump().c_str(), diff, case_tolerance, ok ? "true" : "false", floats_json(state).c_str());
+    }
+  }
+  std::printf("{\"summary\":true,\"cases\":%zu,\"refresh_cases\":%zu,\"failed\":%zu,\"max_abs_diff\":%.9g,"
+              "\"refresh_max_abs_diff\":%.9g,\"tolerance\":%.9g,\"ok\":%s}\n",
+              n_cases, n_refresh, n_failed, worst, refresh_worst, tolerance, n_failed == 0 ? "true" : "false");
   return n_failed == 0 ? 0 : 1;
+}
+
+// The state to rank or refresh from: the --state file's when it was written for this bundle.
+std::optional<tbsm::RefreshedState> stored_state(const tbsm::Bundle& bundle, const Options& o) {
+  if (o.state_path.empty()) return std::nullopt;
+  return tbsm::read_refreshed_state(o.state_path, bundle.manifest_sha256(), bundle.manifest().user_state.size());
+}
+
+int run_refresh(tbsm::Bundle& bundle, const Options& o) {
+  tbsm::History history = history_for(bundle, json::parse(tbsm::read_file(o.events_path)));
+  const auto stored = stored_state(bundle, o);
+  const std::vector<float> start = stored ? stored->user_state : bundle.manifest().user_state;
+  const tbsm::RefreshSpec& spec = *bundle.manifest().refresh;
+  // The loop of Bundle::refresh, step by step here to print each step's loss.
+  tbsm::RefreshEvents events = tbsm::build_refresh_events(bundle.manifest(), history);
+  std::vector<float> state = start;
+  std::vector<float> losses;
+  for (int64_t step = 0; step < spec.steps; ++step) {
+    float loss = 0.0f;
+    const std::vector<float> gradient = bundle.refresh_gradient(state, events, &loss);
+    losses.push_back(loss);
+    tbsm::refresh_step(spec, bundle.manifest().user_state, gradient, state);
+  }
+  if (!o.state_path.empty()) {
+    tbsm::RefreshedState out{bundle.manifest_sha256(), state, 0, 0};
+    for (const tbsm::Event& e : history.events) {  // the marker of the newest event trained on
+      out.through_count = e.timestamp == out.through_timestamp ? out.through_count + 1 : 1;
+      out.through_timestamp = e.timestamp;
+    }
+    tbsm::write_refreshed_state(o.state_path, out);
+  }
+  std::printf("{\"refresh\":true,\"steps\":%lld,\"window\":%lld,\"losses\":%s,\"user_state\":%s}\n",
+              static_cast<long long>(spec.steps), static_cast<long long>(spec.window), floats_json(losses).c_str(),
+              floats_json(state).c_str());
+  if (o.refresh_runs > 0) {
+    for (int i = 0; i < 3; ++i) bundle.refresh(start, history);  // warm-up
+    std::vector<double> us;
+    for (int i = 0; i < o.refresh_runs; ++i) {
+      auto t0 = std::chrono::steady_clock::now();
+      bundle.refresh(start, history);  // what a phone runs every every_events events
+      auto t1 = std::chrono::steady_clock::now();
+      us.push_back(std::chrono::duration<double, std::micro>(t1 - t0).count());
+    }
+    std::sort(us.begin(), us.end());
+    auto at = [&](double q) { return us[std::min(us.size() - 1, static_cast<size_t>(q * (us.size() - 1) + 0.5))]; };
+    std::printf("{\"bench\":true,\"refresh_update\":true,\"runs\":%d,\"steps\":%lld,\"threads\":%d,"
+                "\"median_us\":%.1f,\"p99_us\":%.1f,\"min_us\":%.1f}\n",
+                o.refresh_runs, static_cast<long long>(spec.steps), o.all_threads ? 0 : 1, at(0.5), at(0.99), us.front());
+  }
+  return 0;
 }
 
 int run_events(tbsm::Bundle& bundle, const Options& o) {
   tbsm::History history = history_for(bundle, json::parse(tbsm::read_file(o.events_path)));
   const int64_t now = o.has_request_time ? o.request_time : static_cast<int64_t>(std::time(nullptr));
+  const auto stored = stored_state(bundle, o);
+  const std::vector<float>& state = stored ? stored->user_state : bundle.manifest().user_state;
   size_t rank = 0;
-  for (const tbsm::Scored& s : bundle.rank(history, o.candidates, now)) {
+  for (const tbsm::Scored& s : bundle.rank(history, o.candidates, now, state)) {
     std::printf("{\"rank\":%zu,\"item_id\":%lld,\"score\":%.9g}\n", ++rank, static_cast<long long>(s.item_id),
                 static_cast<double>(s.score));
   }
@@ -188,7 +293,7 @@ int run_bench(tbsm::Bundle& bundle, const Options& o) {
   for (size_t n : {size_t{1}, size_t{1000}}) {
     std::vector<int64_t> candidates;
     for (size_t i = 0; i < n; ++i) candidates.push_back(ids.empty() ? 0 : ids[i % ids.size()]);
-    tbsm::Inputs in = tbsm::build_inputs(bundle.manifest(), history, now, candidates);
+    tbsm::Inputs in = tbsm::build_inputs(bundle.manifest(), history, now, candidates, bundle.manifest().user_state);
     for (int i = 0; i < 20; ++i) bundle.score(in);  // warm-up
     std::vector<double> us;
     us.reserve(static_cast<size_t>(o.bench_runs));
@@ -224,6 +329,10 @@ int main(int argc, char** argv) {
     tbsm::Bundle bundle(o.bundle);
     if (o.mode == "golden") return run_golden(bundle);
     if (o.mode == "events") return run_events(bundle, o);
+    if (o.mode == "refresh") {
+      if (!bundle.manifest().refresh) throw std::runtime_error("the bundle has no refresh program (manifest refresh is null)");
+      return run_refresh(bundle, o);
+    }
     return run_bench(bundle, o);
   } catch (const std::exception& e) {
     std::fprintf(stderr, "error: %s\n", e.what());

@@ -1,6 +1,8 @@
 #include "tbsm.hpp"
 
 #include <algorithm>
+#include <cmath>
+#include <cstdio>
 #include <fstream>
 #include <sstream>
 #include <stdexcept>
@@ -26,7 +28,8 @@ int64_t IdShard::row(int64_t global_id) const {
 
 const std::vector<std::string>& contract_input_names() {
   static const std::vector<std::string> names = {"hist_items",      "hist_categories", "hist_behaviors",
-                                                 "hist_timestamps", "request_time",    "candidates"};
+                                                 "hist_timestamps", "request_time",    "candidates",
+                                                 "user_state"};
   return names;
 }
 
@@ -84,6 +87,30 @@ Manifest parse_manifest(const json& doc) {
     throw std::runtime_error("manifest program.inputs differ from the inputs this client builds");
   }
   m.files = doc.at("files").get<std::map<std::string, std::string>>();
+  // float(np.float32) in the JSON: the double read back narrows to that float32 exactly.
+  for (double v : doc.at("user_state").get<std::vector<double>>()) m.user_state.push_back(static_cast<float>(v));
+  if (m.user_state.empty()) throw std::runtime_error("manifest user_state is empty");
+  const auto found = doc.find("refresh");
+  if (found != doc.end() && !found->is_null()) {
+    const json& refresh = *found;
+    RefreshSpec r;
+    r.file = refresh.at("file").get<std::string>();
+    r.method = refresh.at("method").get<std::string>();
+    r.window = refresh.at("window").get<int64_t>();
+    r.events = refresh.at("events").get<int64_t>();
+    r.every_events = refresh.at("every_events").get<int64_t>();
+    r.steps = refresh.at("steps").get<int64_t>();
+    r.learning_rate = refresh.at("learning_rate").get<double>();
+    r.max_drift = refresh.at("max_drift").get<double>();
+    if (r.window < 1 || r.every_events < 1 || r.steps < 1 || !(r.max_drift > 0)) {
+      throw std::runtime_error("manifest refresh: window, every_events and steps must be >= 1, max_drift > 0");
+    }
+    if (r.events != m.max_history + r.window) {
+      throw std::runtime_error("manifest refresh: events " + std::to_string(r.events) + " is not max_history + window");
+    }
+    if (m.files.count(r.file) == 0) throw std::runtime_error("manifest files lists no sha256 for " + r.file);
+    m.refresh = r;
+  }
   return m;
 }
 
@@ -110,34 +137,113 @@ History parse_history(const json& doc) {
   return h;
 }
 
-Inputs build_inputs(const Manifest& m, const History& h, int64_t request_time,
-                    const std::vector<int64_t>& candidate_ids) {
-  if (candidate_ids.empty() || static_cast<int64_t>(candidate_ids.size()) > m.max_candidates) {
-    throw std::runtime_error("candidates: need 1.." + std::to_string(m.max_candidates) + ", got " +
-                             std::to_string(candidate_ids.size()));
-  }
-  const size_t t = static_cast<size_t>(m.max_history);
-  Inputs in;
-  in.hist_items.assign(t, m.items.padding_row);
-  in.hist_categories.assign(t, m.categories.padding_row);
-  in.hist_behaviors.assign(t, 0);
-  in.hist_timestamps.assign(t, 0);
+// The last `t` events as local rows, oldest first, left-padded (padding rows, behaviour 0, timestamp 0).
+static RefreshEvents encode_events(const Manifest& m, const History& h, size_t t) {
+  RefreshEvents out;
+  out.items.assign(t, m.items.padding_row);
+  out.categories.assign(t, m.categories.padding_row);
+  out.behaviors.assign(t, 0);
+  out.timestamps.assign(t, 0);
   const size_t n = std::min(t, h.events.size());
-  const size_t skip = h.events.size() - n;  // keep the most recent max_history events
+  const size_t skip = h.events.size() - n;  // keep the most recent t events
   for (size_t k = 0; k < n; ++k) {
     const Event& e = h.events[skip + k];
     const size_t slot = t - n + k;
     auto code = m.behaviors.find(e.behavior);
     if (code == m.behaviors.end()) throw std::runtime_error("unknown behavior \"" + e.behavior + "\"");
-    in.hist_items[slot] = m.items.row(e.item_id);
-    in.hist_categories[slot] = m.categories.row(e.category_id);
-    in.hist_behaviors[slot] = code->second;
-    in.hist_timestamps[slot] = e.timestamp;
+    out.items[slot] = m.items.row(e.item_id);
+    out.categories[slot] = m.categories.row(e.category_id);
+    out.behaviors[slot] = code->second;
+    out.timestamps[slot] = e.timestamp;
   }
+  return out;
+}
+
+Inputs build_inputs(const Manifest& m, const History& h, int64_t request_time,
+                    const std::vector<int64_t>& candidate_ids, const std::vector<float>& user_state) {
+  if (candidate_ids.empty() || static_cast<int64_t>(candidate_ids.size()) > m.max_candidates) {
+    throw std::runtime_error("candidates: need 1.." + std::to_string(m.max_candidates) + ", got " +
+                             std::to_string(candidate_ids.size()));
+  }
+  if (user_state.size() != m.user_state.size()) {
+    throw std::runtime_error("user_state: need " + std::to_string(m.user_state.size()) + " values, got " +
+                             std::to_string(user_state.size()));
+  }
+  RefreshEvents history = encode_events(m, h, static_cast<size_t>(m.max_history));
+  Inputs in;
+  in.hist_items = std::move(history.items);
+  in.hist_categories = std::move(history.categories);
+  in.hist_behaviors = std::move(history.behaviors);
+  in.hist_timestamps = std::move(history.timestamps);
   in.request_time = {request_time};
   in.candidates.reserve(candidate_ids.size());
   for (int64_t id : candidate_ids) in.candidates.push_back(m.items.row(id));
+  in.user_state = user_state;
   return in;
+}
+
+RefreshEvents build_refresh_events(const Manifest& m, const History& h) {
+  if (!m.refresh) throw std::runtime_error("the bundle has no refresh program (manifest refresh is null)");
+  return encode_events(m, h, static_cast<size_t>(m.refresh->events));
+}
+
+void refresh_step(const RefreshSpec& spec, const std::vector<float>& shipped, const std::vector<float>& gradient,
+                  std::vector<float>& state) {
+  const float learning_rate = static_cast<float>(spec.learning_rate);
+  std::vector<float> drift(state.size());
+  double squares = 0.0;
+  for (size_t i = 0; i < state.size(); ++i) {
+    state[i] = state[i] - learning_rate * gradient[i];
+    drift[i] = state[i] - shipped[i];
+    squares += static_cast<double>(drift[i]) * static_cast<double>(drift[i]);
+  }
+  const double norm = std::sqrt(squares);
+  if (norm > spec.max_drift) {
+    const float scale = static_cast<float>(spec.max_drift / norm);
+    for (size_t i = 0; i < state.size(); ++i) state[i] = shipped[i] + drift[i] * scale;
+  }
+}
+
+std::optional<RefreshedState> read_refreshed_state(const std::string& path, const std::string& manifest_sha256,
+                                                   size_t state_size) {
+  std::ifstream probe(path);
+  if (!probe) return std::nullopt;
+  const json doc = json::parse(read_file(path));
+  RefreshedState s;
+  s.manifest_sha256 = doc.at("manifest_sha256").get<std::string>();
+  if (s.manifest_sha256 != manifest_sha256) return std::nullopt;  // refreshed for another bundle
+  for (double v : doc.at("user_state").get<std::vector<double>>()) s.user_state.push_back(static_cast<float>(v));
+  if (s.user_state.size() != state_size) {
+    throw std::runtime_error(path + ": user_state has " + std::to_string(s.user_state.size()) + " values, the bundle " +
+                             std::to_string(state_size));
+  }
+  s.through_timestamp = doc.at("through_timestamp").get<int64_t>();
+  s.through_count = doc.at("through_count").get<int64_t>();
+  return s;
+}
+
+void write_refreshed_state(const std::string& path, const RefreshedState& state) {
+  std::string values = "[";
+  char buf[32];
+  for (size_t i = 0; i < state.user_state.size(); ++i) {
+    std::snprintf(buf, sizeof buf, "%s%.9g", i ? "," : "", static_cast<double>(state.user_state[i]));
+    values += buf;
+  }
+  values += "]";
+  const std::string text = "{\"manifest_sha256\":" + json(state.manifest_sha256).dump() + ",\"user_state\":" + values +
+                           ",\"through_timestamp\":" + std::to_string(state.through_timestamp) +
+                           ",\"through_count\":" + std::to_string(state.through_count) + "}";
+  const std::string tmp = path + ".tmp";
+  {
+    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
+    out << text;
+    out.flush();
+    if (!out) throw std::runtime_error("cannot write " + tmp);
+  }
+  if (std::rename(tmp.c_str(), path.c_str()) != 0) {
+    std::remove(tmp.c_str());
+    throw std::runtime_error("cannot replace " + path);
+  }
 }
 
 static void verify_files(const std::string& dir, const Manifest& m) {
@@ -153,16 +259,25 @@ static void verify_files(const std::string& dir, const Manifest& m) {
   }
 }
 
-Bundle::Bundle(const std::string& dir) : dir_(dir) {
-  manifest_ = parse_manifest(json::parse(read_file(dir + "/manifest.json")));
-  verify_files(dir, manifest_);
-  module_ = std::make_unique<executorch::extension::module::Module>(
-      dir + "/model.pte", executorch::extension::module::Module::LoadMode::File);
-  const Error err = module_->load_method(manifest_.method);
+static std::unique_ptr<executorch::extension::module::Module> load_module(const std::string& path,
+                                                                          const std::string& method) {
+  using executorch::extension::module::Module;
+  auto module = std::make_unique<Module>(path, Module::LoadMode::File);
+  const Error err = module->load_method(method);
   if (err != Error::Ok) {
-    throw std::runtime_error("cannot load method " + manifest_.method + " of model.pte (ExecuTorch error " +
+    throw std::runtime_error("cannot load method " + method + " of " + path + " (ExecuTorch error " +
                              std::to_string(static_cast<int>(err)) + ")");
   }
+  return module;
+}
+
+Bundle::Bundle(const std::string& dir) : dir_(dir) {
+  const std::string manifest_path = dir + "/manifest.json";
+  manifest_ = parse_manifest(json::parse(read_file(manifest_path)));
+  manifest_sha256_ = sha256_file(manifest_path);
+  verify_files(dir, manifest_);
+  module_ = load_module(dir + "/model.pte", manifest_.method);
+  if (manifest_.refresh) refresh_module_ = load_module(dir + "/" + manifest_.refresh->file, manifest_.refresh->method);
 }
 
 Bundle::~Bundle() = default;
@@ -173,9 +288,12 @@ std::vector<float> Bundle::score(Inputs& in) {
     return from_blob(v.data(), {static_cast<executorch::aten::SizesType>(v.size())}, ScalarType::Long);
   };
   TensorPtr tensors[] = {tensor(in.hist_items),      tensor(in.hist_categories), tensor(in.hist_behaviors),
-                         tensor(in.hist_timestamps), tensor(in.request_time),    tensor(in.candidates)};
+                         tensor(in.hist_timestamps), tensor(in.request_time),    tensor(in.candidates),
+                         from_blob(in.user_state.data(),
+                                   {static_cast<executorch::aten::SizesType>(in.user_state.size())},
+                                   ScalarType::Float)};
   std::vector<EValue> args;
-  args.reserve(6);
+  args.reserve(7);
   for (auto& t : tensors) args.emplace_back(*t);
   auto result = module_->execute(manifest_.method, args);
   if (!result.ok()) {
@@ -190,9 +308,48 @@ std::vector<float> Bundle::score(Inputs& in) {
   return std::vector<float>(p, p + out.numel());
 }
 
+std::vector<float> Bundle::refresh_gradient(std::vector<float> state, RefreshEvents& events, float* loss) {
+  using executorch::aten::ScalarType;
+  if (!refresh_module_) throw std::runtime_error("the bundle has no refresh program (manifest refresh is null)");
+  auto tensor = [](std::vector<int64_t>& v) {
+    return from_blob(v.data(), {static_cast<executorch::aten::SizesType>(v.size())}, ScalarType::Long);
+  };
+  TensorPtr tensors[] = {
+      from_blob(state.data(), {static_cast<executorch::aten::SizesType>(state.size())}, ScalarType::Float),
+      tensor(events.items), tensor(events.categories), tensor(events.behaviors), tensor(events.timestamps)};
+  std::vector<EValue> args;
+  args.reserve(5);
+  for (auto& t : tensors) args.emplace_back(*t);
+  const std::string& method = manifest_.refresh->method;
+  auto result = refresh_module_->execute(method, args);
+  if (!result.ok()) {
+    throw std::runtime_error("refresh " + method + " failed (ExecuTorch error " +
+                             std::to_string(static_cast<int>(result.error())) + ")");
+  }
+  if (result->size() < 2) throw std::runtime_error("refresh program returned fewer than 2 outputs");
+  const auto& loss_out = result->at(0).toTensor();
+  const auto& grad = result->at(1).toTensor();
+  if (grad.scalar_type() != ScalarType::Float || static_cast<size_t>(grad.numel()) != state.size()) {
+    throw std::runtime_error("refresh output 1 is not float32[S]");
+  }
+  if (loss != nullptr) *loss = loss_out.const_data_ptr<float>()[0];
+  const float* p = grad.const_data_ptr<float>();
+  return std::vector<float>(p, p + grad.numel());
+}
+
+std::vector<float> Bundle::refresh(std::vector<float> state, const History& history) {
+  RefreshEvents events = build_refresh_events(manifest_, history);
+  if (state.size() != manifest_.user_state.size()) throw std::runtime_error("refresh: state has the wrong size");
+  for (int64_t step = 0; step < manifest_.refresh->steps; ++step) {
+    const std::vector<float> gradient = refresh_gradient(state, events);
+    refresh_step(*manifest_.refresh, manifest_.user_state, gradient, state);
+  }
+  return state;
+}
+
 std::vector<Scored> Bundle::rank(const History& history, const std::vector<int64_t>& candidate_ids,
-                                 int64_t request_time) {
-  Inputs in = build_inputs(manifest_, history, request_time, candidate_ids);
+                                 int64_t request_time, const std::vector<float>& user_state) {
+  Inputs in = build_inputs(manifest_, history, request_time, candidate_ids, user_state);
   std::vector<float> scores = score(in);
   std::vector<Scored> ranked;
   ranked.reserve(scores.size());

@@ -1,18 +1,23 @@
 // TBSM bundle reader and ranker: the reference for what a mobile client must do with a bundle.
 //
-// A bundle is a directory with model.pte, manifest.json, events.schema.json and golden.json
-// (sdk_builder/formats.py defines them). This file keeps the contract in one place:
+// A bundle is a directory with model.pte, manifest.json, events.schema.json, golden.json and, when
+// built with --refresh, refresh.pte (sdk_builder/formats.py defines them). This file keeps the
+// contract in one place:
 //   * refuse a manifest whose format_version is unknown and any file whose sha256 differs;
 //   * map a global id to a local row by binary search in the manifest's sorted ids
 //     (ids[i] -> i + first_row, absent -> oov_row);
 //   * keep the last max_history events, left-pad with padding_row / behaviour 0 / timestamp 0;
 //   * call method "forward" with (hist_items, hist_categories, hist_behaviors, hist_timestamps,
-//     request_time[1], candidates[N]) as int64 and read float32 scores[N].
+//     request_time[1], candidates[N]) as int64 and user_state[S] as float32 (the refreshed state
+//     for this bundle when there is one, else manifest.user_state), and read float32 scores[N];
+//   * refresh the user state with refresh.pte: `steps` gradient steps on the last W = max_history +
+//     window events, each followed by a clip of the drift from the shipped state to max_drift.
 #pragma once
 
 #include <cstdint>
 #include <map>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -37,6 +42,18 @@ struct IdShard {
   int64_t row(int64_t global_id) const;
 };
 
+// manifest.refresh: how and when the user state is refreshed on the device.
+struct RefreshSpec {
+  std::string file;  // a file of manifest.files
+  std::string method = "forward";
+  int64_t window = 0;        // positives per refresh: the last `window` events
+  int64_t events = 0;        // W = max_history + window: how many events the program reads
+  int64_t every_events = 0;  // refresh when the history has grown by this many events
+  int64_t steps = 0;
+  double learning_rate = 0.0;
+  double max_drift = 0.0;  // L2 bound of (state - shipped state)
+};
+
 struct Manifest {
   int64_t format_version = 0;
   int64_t user_id = 0;
@@ -48,6 +65,8 @@ struct Manifest {
   int64_t max_history = 20;
   int64_t max_candidates = 4096;
   std::map<std::string, std::string> files;  // file name -> sha256 hex
+  std::vector<float> user_state;             // the shipped state, S = emb_dim + z_dim values
+  std::optional<RefreshSpec> refresh;        // absent: the bundle has no refresh.pte
 };
 
 struct Event {
@@ -62,11 +81,18 @@ struct History {
   std::vector<Event> events;  // oldest first
 };
 
-// The six int64 input tensors of the program, in contract order.
+// The seven input tensors of the program, in contract order.
 struct Inputs {
   std::vector<int64_t> hist_items, hist_categories, hist_behaviors, hist_timestamps;
   std::vector<int64_t> request_time;  // one element
   std::vector<int64_t> candidates;
+  std::vector<float> user_state;
+};
+
+// Inputs 1-4 of refresh.pte: the last W = manifest.refresh.events (max_history + window) events,
+// encoded like the history.
+struct RefreshEvents {
+  std::vector<int64_t> items, categories, behaviors, timestamps;
 };
 
 struct Scored {
@@ -81,7 +107,26 @@ Manifest parse_manifest(const nlohmann::json& doc);
 // Parses an EventHistory document; throws if events are not oldest first or a field is missing.
 History parse_history(const nlohmann::json& doc);
 Inputs build_inputs(const Manifest& m, const History& h, int64_t request_time,
-                    const std::vector<int64_t>& candidate_ids);
+                    const std::vector<int64_t>& candidate_ids, const std::vector<float>& user_state);
+RefreshEvents build_refresh_events(const Manifest& m, const History& h);
+// One step of the refresh loop after the gradient: state -= learning_rate * gradient (float32), then
+// the drift d = state - shipped is scaled back onto the max_drift ball when |d| (float64 sum) exceeds it.
+void refresh_step(const RefreshSpec& spec, const std::vector<float>& shipped, const std::vector<float>& gradient,
+                  std::vector<float>& state);
+
+// A refreshed state kept beside the history (formats.RefreshedState), tagged with the sha256 of the
+// bundle's manifest.json: a state for another bundle is ignored.
+struct RefreshedState {
+  std::string manifest_sha256;
+  std::vector<float> user_state;
+  int64_t through_timestamp = 0;  // the newest event the last refresh trained on
+  int64_t through_count = 0;      // how many events of the history had that timestamp then
+};
+// The state in `path` if it exists and belongs to the bundle whose manifest has `manifest_sha256`.
+std::optional<RefreshedState> read_refreshed_state(const std::string& path, const std::string& manifest_sha256,
+                                                   size_t state_size);
+// Writes `state` to a temporary file beside `path`, then renames it over `path`.
+void write_refreshed_state(const std::string& path, const RefreshedState& state);
 
 std::string read_file(const std::string& path);
 // Lowercase hex SHA-256 of the file at `path` (OpenSSL EVP); throws if it cannot be read.
@@ -96,16 +141,24 @@ class Bundle {
 
   const Manifest& manifest() const { return manifest_; }
   const std::string& dir() const { return dir_; }
+  const std::string& manifest_sha256() const { return manifest_sha256_; }
   // Scores of prepared inputs, one per candidate, in candidate order.
   std::vector<float> score(Inputs& inputs);
   // Maps, scores and sorts by descending score (ties keep candidate order).
   std::vector<Scored> rank(const History& history, const std::vector<int64_t>& candidate_ids,
-                           int64_t request_time);
+                           int64_t request_time, const std::vector<float>& user_state);
+  // refresh.pte's gradient of the loss with respect to the user state; `loss` receives output 0.
+  std::vector<float> refresh_gradient(std::vector<float> state, RefreshEvents& events, float* loss = nullptr);
+  // The whole refresh loop (manifest.refresh.steps steps) from `state` on the history's last W events.
+  // Throws when the bundle has no refresh program.
+  std::vector<float> refresh(std::vector<float> state, const History& history);
 
  private:
   std::string dir_;
+  std::string manifest_sha256_;
   Manifest manifest_;
   std::unique_ptr<executorch::extension::module::Module> module_;
+  std::unique_ptr<executorch::extension::module::Module> refresh_module_;
 };
 
 }  // namespace tbsm

@@ -58,11 +58,55 @@ public struct IdShard {
     }
 }
 
-/// The fields of manifest.json a phone needs (sdk_builder/formats.py: Manifest).
+/// manifest.refresh: refresh.pte's `method` takes (user_state, the last `events` = maxHistory + `window`
+/// events) and returns (loss, gradient); the template runs `steps` steps of the loop when the history
+/// has grown by `everyEvents` events since the last refresh (see `RefreshLoop`).
+public struct RefreshSpec {
+    public let file: String
+    public let method: String
+    public let window: Int
+    public let events: Int
+    public let everyEvents: Int
+    public let steps: Int
+    public let learningRate: Double
+    public let maxDrift: Double
+
+    public init(file: String, method: String, window: Int, events: Int, everyEvents: Int, steps: Int, learningRate: Double, maxDrift: Double) {
+        self.file = file
+        self.method = method
+        self.window = window
+        self.events = events
+        self.everyEvents = everyEvents
+        self.steps = steps
+        self.learningRate = learningRate
+        self.maxDrift = maxDrift
+    }
+
+    static func parse(_ json: JSONObject) throws -> RefreshSpec {
+        let spec = try RefreshSpec(
+            file: json.string("file"),
+            method: json.string("method"),
+            window: json.int("window"),
+            events: json.int("events"),
+            everyEvents: json.int("every_events"),
+            steps: json.int("steps"),
+            learningRate: json.double("learning_rate"),
+            maxDrift: json.double("max_drift")
+        )
+        if spec.window < 1 || spec.everyEvents < 1 || spec.steps < 1 || !(spec.maxDrift > 0) {
+            throw TbsmError.bundle("manifest refresh: window, every_events and steps must be >= 1, max_drift > 0")
+        }
+        return spec
+    }
+}
+
+/// The fields of manifest.json a phone needs (sdk_builder/formats.py: Manifest). `sha256` is the hash of
+/// manifest.json itself: a refreshed user state is kept only for the bundle it was refreshed with.
 public struct BundleManifest {
     public static let supportedFormatVersion = 2
     public static let inputNames = [
         "hist_items", "hist_categories", "hist_behaviors", "hist_timestamps", "request_time", "candidates",
+        "user_state",
     ]
 
     public let formatVersion: Int
@@ -74,6 +118,15 @@ public struct BundleManifest {
     public let maxHistory: Int
     public let maxCandidates: Int
     public let files: [String: String]
+    public let userState: [Float]
+    public var refresh: RefreshSpec? = nil
+    public var sha256: String = ""
+
+    /// Events the history keeps: what ranking reads and, with a refresh program, what it trains on.
+    public var historyCapacity: Int {
+        guard let refresh = refresh else { return maxHistory }
+        return max(refresh.events, refresh.everyEvents)
+    }
 
     public static func parse(_ data: Data) throws -> BundleManifest {
         let json = try JSONObject(data: data)
@@ -84,6 +137,17 @@ public struct BundleManifest {
         let program = try json.object("program")
         let names = try program.objects("inputs").map { try $0.string("name") }
         if names != inputNames { throw TbsmError.bundle("program inputs \(names) differ from \(inputNames)") }
+        // float(np.float32) in the JSON: the double read back narrows to that float32 exactly.
+        let state = try json.doubles("user_state").map { Float($0) }
+        if state.isEmpty { throw TbsmError.bundle("manifest user_state is empty") }
+        var refresh: RefreshSpec? = nil
+        if let value = json.values["refresh"], !(value is NSNull) { refresh = try RefreshSpec.parse(json.object("refresh")) }
+        let files = try json.stringMap("files")
+        if let refresh = refresh, files[refresh.file] == nil { throw TbsmError.bundle("manifest files lists no sha256 for \(refresh.file)") }
+        let maxHistory = try program.int("max_history")
+        if let refresh = refresh, refresh.events != maxHistory + refresh.window {
+            throw TbsmError.bundle("manifest refresh: events \(refresh.events) is not max_history + window")
+        }
         return try BundleManifest(
             formatVersion: version,
             userId: json.values["user_id"] is NSNull ? nil : json.long("user_id"),
@@ -91,9 +155,12 @@ public struct BundleManifest {
             categories: IdShard.parse(json.object("categories")),
             behaviors: json.longMap("behaviors"),
             method: program.string("method"),
-            maxHistory: program.int("max_history"),
+            maxHistory: maxHistory,
             maxCandidates: program.int("max_candidates"),
-            files: json.stringMap("files")
+            files: files,
+            userState: state,
+            refresh: refresh,
+            sha256: sha256(data)
         )
     }
 
@@ -113,7 +180,10 @@ public struct BundleManifest {
     }
 
     public static func sha256(_ file: URL) throws -> String {
-        let data = try Data(contentsOf: file, options: .alwaysMapped)
-        return SHA256.hash(data: data).map { String(format: "%02x", $0) }.joined()
+        sha256(try Data(contentsOf: file, options: .alwaysMapped))
+    }
+
+    public static func sha256(_ data: Data) -> String {
+        SHA256.hash(data: data).map { String(format: "%02x", $0) }.joined()
     }
 }

@@ -22,7 +22,8 @@ public final class ExecuTorchInference: Inference {
         lock.lock()
         defer { lock.unlock() }
         guard let module = module else { throw TbsmError.illegalState("the ExecuTorch module is closed") }
-        let args: [ValueConvertible] = inputs.all().map { Tensor<Int64>($0, shape: [$0.count]) }
+        let args: [ValueConvertible] = inputs.longInputs().map { Tensor<Int64>($0, shape: [$0.count]) } +
+            [Tensor<Float>(inputs.userState, shape: [inputs.userState.count])]
         let outputs: [Value] = try module.forward(args)
         guard let scores: Tensor<Float> = outputs.first?.tensor() else {
             throw TbsmError.bundle("output 0 of model.pte is not a float32 tensor")

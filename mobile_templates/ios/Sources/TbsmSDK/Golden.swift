@@ -1,6 +1,6 @@
 import Foundation
 
-/// One case of golden.json: what the phone must score for a history and candidates.
+/// One case of golden.json: what the phone must score for a history and candidates (with the shipped state).
 public struct GoldenCase {
     public let name: String
     public let history: HistoryBuffer
@@ -9,11 +9,21 @@ public struct GoldenCase {
     public let scores: [Double]
 }
 
+/// One refresh case of golden.json: one whole refresh loop from `stateBefore` on `events` gives `stateAfter`.
+public struct GoldenRefreshCase {
+    public let name: String
+    public let events: [Event]
+    public let stateBefore: [Float]
+    public let stateAfter: [Double]
+    public let tolerance: Double
+}
+
 public struct GoldenSet {
     public let tolerance: Double
     public let cases: [GoldenCase]
+    public var refreshCases: [GoldenRefreshCase] = []
 
-    /// Largest |score - expected| over every case, scoring with `inference`.
+    /// Largest |score - expected| over every case, scoring with `inference` and the manifest's user_state.
     public func maxAbsDiff(_ manifest: BundleManifest, _ inference: Inference) throws -> Double {
         var worst = 0.0
         for c in cases {
@@ -27,17 +37,37 @@ public struct GoldenSet {
         return worst
     }
 
-    public static func load(_ file: URL, maxHistory: Int) throws -> GoldenSet {
+    /// Names of the refresh cases whose state after the loop (run with `refresh`) is off by more than their tolerance.
+    public func failedRefreshCases(_ manifest: BundleManifest, _ refresh: Refresh) throws -> [String] {
+        guard let spec = manifest.refresh else { return refreshCases.map { $0.name } }
+        return try refreshCases.filter { c in
+            let events = try InputBuilder.refreshEvents(manifest, c.events)
+            let got = try RefreshLoop.run(spec, manifest.userState, c.stateBefore, events, refresh)
+            return got.count != c.stateAfter.count || got.indices.contains { !(abs(Double(got[$0]) - c.stateAfter[$0]) <= c.tolerance) }
+        }.map { $0.name }
+    }
+
+    /// `capacity`: events kept per history (the manifest's historyCapacity).
+    public static func load(_ file: URL, capacity: Int) throws -> GoldenSet {
         let json = try JSONObject(data: Data(contentsOf: file))
         let cases = try json.objects("cases").map { c in
             try GoldenCase(
                 name: c.string("name"),
-                history: HistoryBuffer.fromJson(JSONSerialization.data(withJSONObject: c.object("history").values), capacity: maxHistory),
+                history: HistoryBuffer.fromJson(JSONSerialization.data(withJSONObject: c.object("history").values), capacity: capacity),
                 requestTime: c.long("request_time"),
                 candidates: c.longs("candidates"),
                 scores: c.doubles("scores")
             )
         }
-        return try GoldenSet(tolerance: json.double("tolerance"), cases: cases)
+        let refreshCases = try (json.values["refresh_cases"] == nil ? [] : json.objects("refresh_cases")).map { c in
+            try GoldenRefreshCase(
+                name: c.string("name"),
+                events: HistoryBuffer.eventsFromJson(c.objects("events")),
+                stateBefore: c.doubles("state_before").map { Float($0) },
+                stateAfter: c.doubles("state_after"),
+                tolerance: c.double("tolerance")
+            )
+        }
+        return try GoldenSet(tolerance: json.double("tolerance"), cases: cases, refreshCases: refreshCases)
     }
 }

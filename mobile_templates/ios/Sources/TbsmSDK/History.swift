@@ -15,7 +15,8 @@ public struct Event: Equatable {
     }
 }
 
-/// The user's most recent events, oldest first, at most `capacity` (the manifest's max_history).
+/// The user's most recent events, oldest first, at most `capacity` (the manifest's max_history, or what
+/// the refresh program reads: `BundleManifest.historyCapacity`).
 /// An event older than the last one is rejected: the model reads the history as a time series.
 public final class HistoryBuffer {
     public let userId: Int64?
@@ -62,12 +63,19 @@ public final class HistoryBuffer {
         let json = try JSONObject(data: data)
         let buffer = try HistoryBuffer(userId: json.values["user_id"] is NSNull ? nil : json.long("user_id"), capacity: capacity)
         // "events" may be absent (the schema's default is an empty list).
-        let events = try json.values["events"] == nil ? [] : json.objects("events")
-        for (i, e) in events.enumerated() {
-            let event = try Event(itemId: e.long("item_id"), categoryId: e.long("category_id"), behavior: e.string("behavior"), timestamp: e.long("timestamp"))
-            if !buffer.add(event) { throw TbsmError.invalidArgument("events[\(i)] is older than events[\(i - 1)]") }
-        }
+        for event in try eventsFromJson(json.values["events"] == nil ? [] : json.objects("events")) { _ = buffer.add(event) }
         return buffer
+    }
+
+    /// Events of the events schema, oldest first; throws when invalid.
+    static func eventsFromJson(_ objects: [JSONObject]) throws -> [Event] {
+        var events: [Event] = []
+        for (i, e) in objects.enumerated() {
+            let event = try Event(itemId: e.long("item_id"), categoryId: e.long("category_id"), behavior: e.string("behavior"), timestamp: e.long("timestamp"))
+            if let last = events.last, event.timestamp < last.timestamp { throw TbsmError.invalidArgument("events[\(i)] is older than events[\(i - 1)]") }
+            events.append(event)
+        }
+        return events
     }
 }
 
@@ -92,10 +100,15 @@ public struct HistoryUnavailableException: Error, CustomStringConvertible {
 /// Every change is saved first (`Data.write(options: .atomic)`: a uniquely named temporary file, fsync,
 /// rename over the old one; protected until the first unlock on iOS) and applied in memory only once
 /// the save has succeeded: a failed save throws and changes nothing.
+///
+/// With a refresh program, the store also keeps the user state refreshed from this history
+/// (`RefreshedState`, in `<history>.state.json` beside it) and holds maxHistory + window events.
 public final class HistoryStore {
     public let file: URL
     private let key: String
+    private let manifest: BundleManifest
     private var buffer: HistoryBuffer
+    private var refreshed: RefreshedState?
     private let lock = NSLock()
     /// Open recommenders using this store; guarded by `registryLock`.
     private var users = 0
@@ -105,11 +118,15 @@ public final class HistoryStore {
     /// Recursive: `load` runs under it and calls `onProblem`, which may itself open a recommender.
     private static let registryLock = NSRecursiveLock()
 
-    private init(file: URL, key: String, buffer: HistoryBuffer) {
+    private init(file: URL, key: String, manifest: BundleManifest, buffer: HistoryBuffer, refreshed: RefreshedState?) {
         self.file = file
         self.key = key
+        self.manifest = manifest
         self.buffer = buffer
+        self.refreshed = refreshed
     }
+
+    public var stateFile: URL { RefreshedState.fileFor(file) }
 
     public var userId: Int64? {
         lock.lock()
@@ -121,6 +138,13 @@ public final class HistoryStore {
         lock.lock()
         defer { lock.unlock() }
         return buffer.events()
+    }
+
+    /// The state to rank with: the one refreshed for this bundle, else the manifest's user_state.
+    public func userState() -> [Float] {
+        lock.lock()
+        defer { lock.unlock() }
+        return refreshed?.userState ?? manifest.userState
     }
 
     /// Saves the history with `event` appended, then keeps it. False (nothing saved or recorded) when
@@ -136,13 +160,44 @@ public final class HistoryStore {
         return true
     }
 
-    /// Saves an empty history, then keeps it.
+    /// Saves an empty history, then keeps it; the state learned from the old one goes too (`resetUserState`).
     public func clear() throws {
         lock.lock()
         defer { lock.unlock() }
         let next = HistoryBuffer(userId: buffer.userId, capacity: buffer.capacity)
         try HistoryStore.save(file, next)
         buffer = next
+        try deleteState()
+    }
+
+    /// Runs the refresh loop when the history has grown by every_events events since the last refresh
+    /// (since the bundle was installed, the first time), saves the new state, then keeps it. True when it
+    /// ran. A failure (the program, the save) throws and leaves the state as it was.
+    @discardableResult
+    public func refreshIfDue(_ refresh: Refresh) throws -> Bool {
+        lock.lock()
+        defer { lock.unlock() }
+        guard let spec = manifest.refresh else { return false }
+        let events = buffer.events()
+        if RefreshLoop.eventsSince(events, refreshed) < spec.everyEvents { return false }
+        let start = refreshed?.userState ?? manifest.userState
+        let state = try RefreshLoop.run(spec, manifest.userState, start, InputBuilder.refreshEvents(manifest, events), refresh)
+        let next = RefreshedState.after(manifest, state, events)
+        try RefreshedState.save(stateFile, next)
+        refreshed = next
+        return true
+    }
+
+    /// Deletes the refreshed state: ranking goes back to the shipped user_state.
+    public func resetUserState() throws {
+        lock.lock()
+        defer { lock.unlock() }
+        try deleteState()
+    }
+
+    private func deleteState() throws {
+        if FileManager.default.fileExists(atPath: stateFile.path) { try FileManager.default.removeItem(at: stateFile) }
+        refreshed = nil
     }
 
     /// Gives back one `open`; the last release forgets the instance (the next open reads the file again).
@@ -154,9 +209,9 @@ public final class HistoryStore {
     }
 
     /// The store of `file` for `manifest`'s user: the instance already open for that file, or a new one
-    /// with the history read from it (`load`). Each open needs one `release`.
-    /// Throws `HistoryUnavailableException` when the file exists but cannot be read, and
-    /// `TbsmError.illegalState` when the file is open for another user or another max_history.
+    /// with the history read from it (`load`) and the refreshed state beside it (`RefreshedState.load`).
+    /// Each open needs one `release`. Throws `HistoryUnavailableException` when a file exists but cannot
+    /// be read, and `TbsmError.illegalState` when the file is open for another bundle.
     public static func open(_ file: URL, _ manifest: BundleManifest, _ onProblem: (String) -> Void) throws -> HistoryStore {
         // Canonical path: the directory made to exist, then "." / ".." and symlinks resolved.
         let dir = file.deletingLastPathComponent()
@@ -169,13 +224,20 @@ public final class HistoryStore {
         if let existing = registry[key] {
             store = existing
         } else {
-            store = try HistoryStore(file: canonical, key: key, buffer: load(canonical, manifest, onProblem))
+            let history = try load(canonical, manifest, onProblem)
+            let state: RefreshedState?
+            do {
+                state = try RefreshedState.load(RefreshedState.fileFor(canonical), manifest, onProblem)
+            } catch {
+                throw HistoryUnavailableException("cannot read the refreshed state of \(canonical.path): \(error)", underlying: error)
+            }
+            store = HistoryStore(file: canonical, key: key, manifest: manifest, buffer: history, refreshed: state)
             registry[key] = store
         }
-        if (manifest.userId != nil && store.buffer.userId != manifest.userId) || store.buffer.capacity != manifest.maxHistory {
+        if (manifest.userId != nil && store.buffer.userId != manifest.userId) || store.manifest.sha256 != manifest.sha256 || store.buffer.capacity != manifest.historyCapacity {
             throw TbsmError.illegalState(
-                "\(file.path) is already open for user \(store.buffer.userId) (max_history \(store.buffer.capacity)), " +
-                    "not for user \(manifest.userId) (max_history \(manifest.maxHistory)): close that recommender first"
+                "\(file.path) is already open for user \(store.buffer.userId) with another bundle " +
+                    "(manifest sha256 \(store.manifest.sha256.prefix(12))), not \(manifest.sha256.prefix(12)): close that recommender first"
             )
         }
         store.users += 1
@@ -189,7 +251,7 @@ public final class HistoryStore {
     ///   another user, unknown behaviours): moved aside to `<file>.corrupt`, reported through
     ///   `onProblem`, replaced by an empty history.
     public static func load(_ file: URL, _ manifest: BundleManifest, _ onProblem: (String) -> Void) throws -> HistoryBuffer {
-        let empty = HistoryBuffer(userId: manifest.userId, capacity: manifest.maxHistory)
+        let empty = HistoryBuffer(userId: manifest.userId, capacity: manifest.historyCapacity)
         let data: Data
         do {
             data = try Data(contentsOf: file)
@@ -199,7 +261,7 @@ public final class HistoryStore {
         }
         var problem = ""
         do {
-            let buffer = try HistoryBuffer.fromJson(data, capacity: manifest.maxHistory)
+            let buffer = try HistoryBuffer.fromJson(data, capacity: manifest.historyCapacity)
             let unknown = buffer.events().map { $0.behavior }.filter { manifest.behaviors[$0] == nil }
             if manifest.userId != nil && buffer.userId != manifest.userId {
                 problem = "history is for user \(buffer.userId), the bundle for \(manifest.userId)"

@@ -39,7 +39,7 @@ final class InputBuilderTests: XCTestCase {
             guard let i = shard.ids.firstIndex(of: id) else { return shard.oovRow }
             return Int64(i) + shard.firstRow
         }
-        for c in try GoldenSet.load(dir.appendingPathComponent("golden.json"), maxHistory: real.maxHistory).cases {
+        for c in try GoldenSet.load(dir.appendingPathComponent("golden.json"), capacity: real.maxHistory).cases {
             let events = c.history.events()
             let inputs = try InputBuilder.build(real, events, c.requestTime, c.candidates)
             let pad = real.maxHistory - events.count

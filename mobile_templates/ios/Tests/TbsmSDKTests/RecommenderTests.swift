@@ -6,7 +6,7 @@ final class RecommenderTests: XCTestCase {
         let bundle = try TestBundles.copyOfRealBundle()
         let historyFile = bundle.deletingLastPathComponent().appendingPathComponent("history.json")
         let inference = RowScoringInference()
-        let rec = try TbsmRecommender.open(bundleDir: bundle, historyFile: historyFile, onHistoryProblem: { XCTFail($0) }, inference: { _ in inference })
+        let rec = try TbsmRecommender.open(bundleDir: bundle, historyFile: historyFile, onHistoryProblem: { XCTFail($0) }, inference: { _ in inference }, refresh: TestBundles.stillRefresh)
         let ids = rec.manifest.items.ids
         XCTAssertTrue(try rec.record(Event(itemId: ids[0], categoryId: 1, behavior: "pv", timestamp: 1_000)))
         XCTAssertTrue(try rec.record(Event(itemId: ids[1], categoryId: 1, behavior: "cart", timestamp: 2_000)))
@@ -18,7 +18,7 @@ final class RecommenderTests: XCTestCase {
         XCTAssertEqual(try rec.rank([]), [])
         rec.close()
 
-        let reopened = try TbsmRecommender.open(bundleDir: bundle, historyFile: historyFile, onHistoryProblem: { XCTFail($0) }, inference: { _ in RowScoringInference() })
+        let reopened = try TbsmRecommender.open(bundleDir: bundle, historyFile: historyFile, onHistoryProblem: { XCTFail($0) }, inference: { _ in RowScoringInference() }, refresh: TestBundles.stillRefresh)
         XCTAssertEqual(try reopened.history().map { $0.timestamp }, [1_000, 2_000])
         let saved = try JSONSerialization.jsonObject(with: Data(contentsOf: historyFile)) as? [String: Any]
         XCTAssertEqual((saved?["user_id"] as? NSNumber)?.int64Value, rec.manifest.userId)
@@ -29,7 +29,7 @@ final class RecommenderTests: XCTestCase {
         let historyFile = bundle.deletingLastPathComponent().appendingPathComponent("history.json")
         try Data("]]".utf8).write(to: historyFile)
         var problems: [String] = []
-        let rec = try TbsmRecommender.open(bundleDir: bundle, historyFile: historyFile, onHistoryProblem: { problems.append($0) }, inference: { _ in RowScoringInference() })
+        let rec = try TbsmRecommender.open(bundleDir: bundle, historyFile: historyFile, onHistoryProblem: { problems.append($0) }, inference: { _ in RowScoringInference() }, refresh: TestBundles.stillRefresh)
         XCTAssertEqual(problems.count, 1)
         XCTAssertEqual(try rec.history().count, 0)
     }
@@ -38,7 +38,7 @@ final class RecommenderTests: XCTestCase {
         let bundle = try TestBundles.copyOfRealBundle()
         let golden = bundle.appendingPathComponent("golden.json")
         try (Data(contentsOf: golden) + Data(" ".utf8)).write(to: golden)
-        XCTAssertThrowsError(try TbsmRecommender.open(bundleDir: bundle, inference: { _ in RowScoringInference() })) { error in
+        XCTAssertThrowsError(try TbsmRecommender.open(bundleDir: bundle, inference: { _ in RowScoringInference() }, refresh: TestBundles.stillRefresh)) { error in
             XCTAssertTrue("\(error)".contains("sha256"), "\(error)")
         }
     }
@@ -49,7 +49,7 @@ final class RecommenderTests: XCTestCase {
         var manifest = try JSONSerialization.jsonObject(with: Data(contentsOf: file)) as! [String: Any]
         manifest["format_version"] = 99
         try JSONSerialization.data(withJSONObject: manifest).write(to: file)
-        XCTAssertThrowsError(try TbsmRecommender.open(bundleDir: bundle, inference: { _ in RowScoringInference() })) { error in
+        XCTAssertThrowsError(try TbsmRecommender.open(bundleDir: bundle, inference: { _ in RowScoringInference() }, refresh: TestBundles.stillRefresh)) { error in
             XCTAssertTrue("\(error)".contains("format_version"), "\(error)")
         }
     }
@@ -58,8 +58,8 @@ final class RecommenderTests: XCTestCase {
         let bundle = try TestBundles.copyOfRealBundle()
         let historyFile = bundle.deletingLastPathComponent().appendingPathComponent("history.json")
         // Two screens (or two scenes) each opening the bundle.
-        let first = try TbsmRecommender.open(bundleDir: bundle, historyFile: historyFile, onHistoryProblem: { XCTFail($0) }, inference: { _ in RowScoringInference() })
-        let second = try TbsmRecommender.open(bundleDir: bundle, historyFile: historyFile, onHistoryProblem: { XCTFail($0) }, inference: { _ in RowScoringInference() })
+        let first = try TbsmRecommender.open(bundleDir: bundle, historyFile: historyFile, onHistoryProblem: { XCTFail($0) }, inference: { _ in RowScoringInference() }, refresh: TestBundles.stillRefresh)
+        let second = try TbsmRecommender.open(bundleDir: bundle, historyFile: historyFile, onHistoryProblem: { XCTFail($0) }, inference: { _ in RowScoringInference() }, refresh: TestBundles.stillRefresh)
         let ids = first.manifest.items.ids
         XCTAssertTrue(try first.record(Event(itemId: ids[0], categoryId: 1, behavior: "pv", timestamp: 1_000)))
         XCTAssertTrue(try second.record(Event(itemId: ids[1], categoryId: 1, behavior: "pv", timestamp: 2_000)))
@@ -69,7 +69,7 @@ final class RecommenderTests: XCTestCase {
         first.close()
         XCTAssertEqual(try second.history().count, 3)
         second.close()
-        let reopened = try TbsmRecommender.open(bundleDir: bundle, historyFile: historyFile, onHistoryProblem: { XCTFail($0) }, inference: { _ in RowScoringInference() })
+        let reopened = try TbsmRecommender.open(bundleDir: bundle, historyFile: historyFile, onHistoryProblem: { XCTFail($0) }, inference: { _ in RowScoringInference() }, refresh: TestBundles.stillRefresh)
         XCTAssertEqual(try reopened.history().map { $0.timestamp }, [1_000, 2_000, 3_000])
         reopened.close()
     }
@@ -78,7 +78,7 @@ final class RecommenderTests: XCTestCase {
         let bundle = try TestBundles.copyOfRealBundle()
         let dir = bundle.deletingLastPathComponent().appendingPathComponent("state")
         let historyFile = dir.appendingPathComponent("history.json")
-        let rec = try TbsmRecommender.open(bundleDir: bundle, historyFile: historyFile, onHistoryProblem: { XCTFail($0) }, inference: { _ in RowScoringInference() })
+        let rec = try TbsmRecommender.open(bundleDir: bundle, historyFile: historyFile, onHistoryProblem: { XCTFail($0) }, inference: { _ in RowScoringInference() }, refresh: TestBundles.stillRefresh)
         defer { rec.close() }
         let ids = rec.manifest.items.ids
         XCTAssertTrue(try rec.record(Event(itemId: ids[0], categoryId: 1, behavior: "pv", timestamp: 1_000)))
@@ -94,7 +94,7 @@ final class RecommenderTests: XCTestCase {
         let bundle = try TestBundles.copyOfRealBundle()
         let historyFile = bundle.deletingLastPathComponent().appendingPathComponent("history.json")
         try FileManager.default.createDirectory(at: historyFile, withIntermediateDirectories: true) // exists, cannot be read
-        XCTAssertThrowsError(try TbsmRecommender.open(bundleDir: bundle, historyFile: historyFile, onHistoryProblem: { XCTFail($0) }, inference: { _ in RowScoringInference() })) { error in
+        XCTAssertThrowsError(try TbsmRecommender.open(bundleDir: bundle, historyFile: historyFile, onHistoryProblem: { XCTFail($0) }, inference: { _ in RowScoringInference() }, refresh: TestBundles.stillRefresh)) { error in
             XCTAssertTrue(error is HistoryUnavailableException, "\(error)") // retry later
         }
         var isDirectory: ObjCBool = false
@@ -105,7 +105,7 @@ final class RecommenderTests: XCTestCase {
     func testFailedOpenGivesTheHistoryFileBack() throws {
         let bundle = try TestBundles.copyOfRealBundle()
         let historyFile = bundle.deletingLastPathComponent().appendingPathComponent("history.json")
-        XCTAssertThrowsError(try TbsmRecommender.open(bundleDir: bundle, historyFile: historyFile, onHistoryProblem: { XCTFail($0) }, inference: { _ in throw TbsmError.bundle("no model") }))
+        XCTAssertThrowsError(try TbsmRecommender.open(bundleDir: bundle, historyFile: historyFile, onHistoryProblem: { XCTFail($0) }, inference: { _ in throw TbsmError.bundle("no model") }, refresh: TestBundles.stillRefresh))
         // Nothing holds the file: another bundle (another user, another max_history) may open it.
         let other = try HistoryStore.open(historyFile, TestBundles.smallManifest()) { _ in }
         XCTAssertEqual(other.userId, 7)
@@ -115,7 +115,7 @@ final class RecommenderTests: XCTestCase {
     func testCloseWaitsForARunningRankAndIsIdempotent() throws {
         let bundle = try TestBundles.copyOfRealBundle()
         let model = BlockingInference()
-        let rec = try TbsmRecommender.open(bundleDir: bundle, historyFile: bundle.deletingLastPathComponent().appendingPathComponent("history.json"), onHistoryProblem: { XCTFail($0) }, inference: { _ in model })
+        let rec = try TbsmRecommender.open(bundleDir: bundle, historyFile: bundle.deletingLastPathComponent().appendingPathComponent("history.json"), onHistoryProblem: { XCTFail($0) }, inference: { _ in model }, refresh: TestBundles.stillRefresh)
         let ids = rec.manifest.items.ids
         let ranked = Locked<[TbsmRecommender.Scored]?>(nil)
         let rankDone = DispatchSemaphore(value: 0)

@@ -4,6 +4,8 @@ package org.pytorch.executorch
 open class Module private constructor() {
     open fun forward(vararg inputs: EValue): Array<EValue> = throw UnsupportedOperationException("stub")
 
+    open fun execute(methodName: String, vararg inputs: EValue): Array<EValue> = throw UnsupportedOperationException("stub")
+
     /** 0 (Error::Ok) when the method loaded, else an ExecuTorch error code. */
     open fun loadMethod(methodName: String?): Int = throw UnsupportedOperationException("stub")
 

@@ -8,5 +8,8 @@ abstract class Tensor private constructor() {
     companion object {
         @JvmStatic
         fun fromBlob(data: LongArray, shape: LongArray): Tensor = throw UnsupportedOperationException("stub")
+
+        @JvmStatic
+        fun fromBlob(data: FloatArray, shape: LongArray): Tensor = throw UnsupportedOperationException("stub")
     }
 }

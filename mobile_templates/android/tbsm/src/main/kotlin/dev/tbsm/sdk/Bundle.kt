@@ -27,7 +27,45 @@ class IdShard(val ids: LongArray, val firstRow: Long, val oovRow: Long, val padd
     }
 }
 
-/** The fields of manifest.json a phone needs (sdk_builder/formats.py: Manifest). */
+/**
+ * manifest.refresh: refresh.pte's [method] takes (user_state, the last [events] = maxHistory + [window]
+ * events) and returns (loss, gradient); the template runs [steps] steps of the loop when the history
+ * has grown by [everyEvents] events since the last refresh (see [RefreshLoop]).
+ */
+class RefreshSpec(
+    val file: String,
+    val method: String,
+    val window: Int,
+    val events: Int,
+    val everyEvents: Int,
+    val steps: Int,
+    val learningRate: Double,
+    val maxDrift: Double,
+) {
+    companion object {
+        fun parse(json: JSONObject): RefreshSpec {
+            val spec = RefreshSpec(
+                file = json.getString("file"),
+                method = json.getString("method"),
+                window = json.getInt("window"),
+                events = json.getInt("events"),
+                everyEvents = json.getInt("every_events"),
+                steps = json.getInt("steps"),
+                learningRate = json.getDouble("learning_rate"),
+                maxDrift = json.getDouble("max_drift"),
+            )
+            if (spec.window < 1 || spec.everyEvents < 1 || spec.steps < 1 || !(spec.maxDrift > 0)) {
+                throw BundleException("manifest refresh: window, every_events and steps must be >= 1, max_drift > 0")
+            }
+            return spec
+        }
+    }
+}
+
+/**
+ * The fields of manifest.json a phone needs (sdk_builder/formats.py: Manifest). [sha256] is the hash of
+ * manifest.json itself: a refreshed user state is kept only for the bundle it was refreshed with.
+ */
 class BundleManifest(
     val formatVersion: Int,
     val userId: Long?, // null: a cold-start bundle (manifest kind cold_start), for any user without one
@@ -38,11 +76,19 @@ class BundleManifest(
     val maxHistory: Int,
     val maxCandidates: Int,
     val files: Map<String, String>,
+    val userState: FloatArray,
+    val refresh: RefreshSpec? = null,
+    val sha256: String = "",
 ) {
+    /** Events the history keeps: what ranking reads and, with a refresh program, what it trains on. */
+    val historyCapacity: Int
+        get() = refresh?.let { maxOf(it.events, it.everyEvents) } ?: maxHistory
+
     companion object {
         const val FORMAT_VERSION = 2
         val INPUT_NAMES = listOf(
             "hist_items", "hist_categories", "hist_behaviors", "hist_timestamps", "request_time", "candidates",
+            "user_state",
         )
 
         fun parse(text: String): BundleManifest {
@@ -57,6 +103,16 @@ class BundleManifest(
             if (names != INPUT_NAMES) throw BundleException("program inputs $names differ from $INPUT_NAMES")
             val behaviors = json.getJSONObject("behaviors")
             val files = json.getJSONObject("files")
+            // float(np.float32) in the JSON: the double read back narrows to that float32 exactly.
+            val state = json.getJSONArray("user_state")
+            if (state.length() == 0) throw BundleException("manifest user_state is empty")
+            val refresh = if (json.isNull("refresh")) null else RefreshSpec.parse(json.getJSONObject("refresh"))
+            val fileHashes = files.keys().asSequence().associateWith { files.getString(it) }
+            if (refresh != null && refresh.file !in fileHashes) throw BundleException("manifest files lists no sha256 for ${refresh.file}")
+            val maxHistory = program.getInt("max_history")
+            if (refresh != null && refresh.events != maxHistory + refresh.window) {
+                throw BundleException("manifest refresh: events ${refresh.events} is not max_history + window")
+            }
             return BundleManifest(
                 formatVersion = version,
                 userId = if (json.get("user_id") == JSONObject.NULL) null else json.getLong("user_id"),
@@ -64,9 +120,12 @@ class BundleManifest(
                 categories = IdShard.parse(json.getJSONObject("categories")),
                 behaviors = behaviors.keys().asSequence().associateWith { behaviors.getLong(it) },
                 method = program.getString("method"),
-                maxHistory = program.getInt("max_history"),
+                maxHistory = maxHistory,
                 maxCandidates = program.getInt("max_candidates"),
-                files = files.keys().asSequence().associateWith { files.getString(it) },
+                files = fileHashes,
+                userState = FloatArray(state.length()) { state.getDouble(it).toFloat() },
+                refresh = refresh,
+                sha256 = sha256(text.toByteArray(Charsets.UTF_8)),
             )
         }
 
@@ -95,5 +154,8 @@ class BundleManifest(
             }
             return digest.digest().joinToString("") { "%02x".format(it) }
         }
+
+        fun sha256(bytes: ByteArray): String =
+            MessageDigest.getInstance("SHA-256").digest(bytes).joinToString("") { "%02x".format(it) }
     }
 }

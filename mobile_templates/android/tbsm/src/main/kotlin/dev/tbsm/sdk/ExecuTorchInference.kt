@@ -25,7 +25,8 @@ class ExecuTorchInference(modelFile: File) : Inference {
     @Synchronized
     override fun scores(inputs: ModelInputs): FloatArray {
         check(!closed) { "the ExecuTorch module is closed" }
-        val args = inputs.all().map { EValue.from(Tensor.fromBlob(it, longArrayOf(it.size.toLong()))) }
+        val args = inputs.longInputs().map { EValue.from(Tensor.fromBlob(it, longArrayOf(it.size.toLong()))) } +
+            EValue.from(Tensor.fromBlob(inputs.userState, longArrayOf(inputs.userState.size.toLong())))
         val outputs = module.forward(*args.toTypedArray())
         check(outputs.isNotEmpty()) { "forward returned no output" }
         return outputs[0].toTensor().dataAsFloatArray

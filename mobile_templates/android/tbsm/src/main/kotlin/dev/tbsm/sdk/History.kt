@@ -10,7 +10,8 @@ import org.json.JSONObject
 data class Event(val itemId: Long, val categoryId: Long, val behavior: String, val timestamp: Long)
 
 /**
- * The user's most recent events, oldest first, at most [capacity] (the manifest's max_history).
+ * The user's most recent events, oldest first, at most [capacity] (the manifest's max_history, or what
+ * the refresh program reads: [BundleManifest.historyCapacity]).
  * An event older than the last one is rejected: the model reads the history as a time series.
  */
 class HistoryBuffer(val userId: Long?, val capacity: Int) {
@@ -55,13 +56,16 @@ class HistoryBuffer(val userId: Long?, val capacity: Int) {
             val json = JSONObject(text)
             val buffer = HistoryBuffer(if (json.get("user_id") == JSONObject.NULL) null else json.getLong("user_id"), capacity)
             // "events" may be absent (the schema's default is an empty list).
-            val array = if (json.has("events")) json.getJSONArray("events") else JSONArray()
-            for (i in 0 until array.length()) {
-                val e = array.getJSONObject(i)
-                val event = Event(e.getLong("item_id"), e.getLong("category_id"), e.getString("behavior"), e.getLong("timestamp"))
-                require(buffer.add(event)) { "events[$i] is older than events[${i - 1}]" }
-            }
+            for (event in eventsFromJson(if (json.has("events")) json.getJSONArray("events") else JSONArray())) buffer.add(event)
             return buffer
+        }
+
+        /** Events of the events schema, oldest first; throws IllegalArgumentException or JSONException when invalid. */
+        fun eventsFromJson(array: JSONArray): List<Event> = List(array.length()) { i ->
+            val e = array.getJSONObject(i)
+            Event(e.getLong("item_id"), e.getLong("category_id"), e.getString("behavior"), e.getLong("timestamp"))
+        }.also { events ->
+            for (i in 1 until events.size) require(events[i].timestamp >= events[i - 1].timestamp) { "events[$i] is older than events[${i - 1}]" }
         }
     }
 }
@@ -79,19 +83,30 @@ class HistoryUnavailableException(message: String, cause: Throwable? = null) : I
  *
  * Every change is saved first (an [AtomicFile]: a new file, fsync, rename over the old one) and applied
  * in memory only once the save has succeeded: a failed save throws and changes nothing.
+ *
+ * With a refresh program, the store also keeps the user state refreshed from this history
+ * ([RefreshedState], in `<history>.state.json` beside it) and holds maxHistory + window events.
  */
 class HistoryStore private constructor(
     val file: File,
     private val key: String,
+    private val manifest: BundleManifest,
     private var buffer: HistoryBuffer,
+    private var refreshed: RefreshedState?,
 ) {
     /** Open recommenders using this store; guarded by [registry]. */
     private var users = 0
 
     val userId: Long? get() = buffer.userId
 
+    val stateFile: File get() = RefreshedState.fileFor(file)
+
     @Synchronized
     fun events(): List<Event> = buffer.events()
+
+    /** The state to rank with: the one refreshed for this bundle, else the manifest's user_state. */
+    @Synchronized
+    fun userState(): FloatArray = refreshed?.userState ?: manifest.userState
 
     /**
      * Saves the history with [event] appended, then keeps it. False (nothing saved or recorded) when
@@ -106,12 +121,39 @@ class HistoryStore private constructor(
         return true
     }
 
-    /** Saves an empty history, then keeps it. */
+    /** Saves an empty history, then keeps it; the state learned from the old one goes too ([resetUserState]). */
     @Synchronized
     fun clear() {
         val next = HistoryBuffer(buffer.userId, buffer.capacity)
         save(file, next)
         buffer = next
+        resetUserState()
+    }
+
+    /**
+     * Runs the refresh loop when the history has grown by every_events events since the last refresh
+     * (since the bundle was installed, the first time), saves the new state, then keeps it. True when it
+     * ran. A failure (the program, the save) throws and leaves the state as it was.
+     */
+    @Synchronized
+    fun refreshIfDue(refresh: Refresh): Boolean {
+        val spec = manifest.refresh ?: return false
+        val events = buffer.events()
+        if (RefreshLoop.eventsSince(events, refreshed) < spec.everyEvents) return false
+        val start = refreshed?.userState ?: manifest.userState
+        val state = RefreshLoop.run(spec, manifest.userState, start, InputBuilder.refreshEvents(manifest, events), refresh)
+        val next = RefreshedState.after(manifest, state, events)
+        RefreshedState.save(stateFile, next)
+        refreshed = next
+        return true
+    }
+
+    /** Deletes the refreshed state: ranking goes back to the shipped user_state. */
+    @Synchronized
+    fun resetUserState() {
+        AtomicFile(stateFile).delete()
+        if (stateFile.exists()) throw IOException("cannot delete $stateFile")
+        refreshed = null
     }
 
     /** Gives back one [open]; the last release forgets the instance (the next open reads the file again). */
@@ -128,19 +170,28 @@ class HistoryStore private constructor(
 
         /**
          * The store of [file] for [manifest]'s user: the instance already open for that file, or a new one
-         * with the history read from it ([load]). Each open needs one [release].
-         * Throws [HistoryUnavailableException] when the file exists but cannot be read, and
-         * IllegalStateException when the file is open for another user or another max_history.
+         * with the history read from it ([load]) and the refreshed state beside it ([RefreshedState.load]).
+         * Each open needs one [release]. Throws [HistoryUnavailableException] when a file exists but cannot
+         * be read, and IllegalStateException when the file is open for another bundle.
          */
         @JvmStatic
         fun open(file: File, manifest: BundleManifest, onProblem: (String) -> Unit): HistoryStore {
             val canonical = file.canonicalFile
             val key = canonical.path
             synchronized(registry) {
-                val store = registry[key] ?: HistoryStore(canonical, key, load(canonical, manifest, onProblem)).also { registry[key] = it }
-                check((manifest.userId == null || store.buffer.userId == manifest.userId) && store.buffer.capacity == manifest.maxHistory) {
-                    "$file is already open for user ${store.buffer.userId} (max_history ${store.buffer.capacity}), " +
-                        "not for user ${manifest.userId} (max_history ${manifest.maxHistory}): close that recommender first"
+                val store = registry[key] ?: run {
+                    val history = load(canonical, manifest, onProblem)
+                    val state = try {
+                        RefreshedState.load(RefreshedState.fileFor(canonical), manifest, onProblem)
+                    } catch (e: IOException) {
+                        throw HistoryUnavailableException("cannot read the refreshed state of $canonical: ${e.message}", e)
+                    }
+                    HistoryStore(canonical, key, manifest, history, state).also { registry[key] = it }
+                }
+                check((manifest.userId == null || store.buffer.userId == manifest.userId) && store.manifest.sha256 == manifest.sha256 &&
+                    store.buffer.capacity == manifest.historyCapacity) {
+                    "$file is already open for user ${store.buffer.userId} with another bundle " +
+                        "(manifest sha256 ${store.manifest.sha256.take(12)}), not ${manifest.sha256.take(12)}: close that recommender first"
                 }
                 store.users += 1
                 return store
@@ -157,7 +208,7 @@ class HistoryStore private constructor(
          */
         @JvmStatic
         fun load(file: File, manifest: BundleManifest, onProblem: (String) -> Unit): HistoryBuffer {
-            val empty = HistoryBuffer(manifest.userId, manifest.maxHistory)
+            val empty = HistoryBuffer(manifest.userId, manifest.historyCapacity)
             val bytes = try {
                 AtomicFile(file).readFully()
             } catch (e: IOException) {
@@ -165,7 +216,7 @@ class HistoryStore private constructor(
                 throw HistoryUnavailableException("cannot read the history file $file: ${e.message}", e)
             }
             val problem = try {
-                val buffer = HistoryBuffer.fromJson(String(bytes, Charsets.UTF_8), manifest.maxHistory)
+                val buffer = HistoryBuffer.fromJson(String(bytes, Charsets.UTF_8), manifest.historyCapacity)
                 val unknown = buffer.events().map { it.behavior }.filter { it !in manifest.behaviors }
                 when {
                     manifest.userId != null && buffer.userId != manifest.userId -> "history is for user ${buffer.userId}, the bundle for ${manifest.userId}"

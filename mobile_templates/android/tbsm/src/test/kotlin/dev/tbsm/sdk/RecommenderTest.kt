@@ -18,7 +18,7 @@ class RecommenderTest {
         val bundle = TestBundles.copyOfRealBundle()
         val historyFile = File(bundle.parentFile, "history.json")
         val inference = RowScoringInference()
-        val rec = TbsmRecommender.open(bundle, historyFile, { fail(it) }, { inference })
+        val rec = TbsmRecommender.open(bundle, historyFile, { fail(it) }, { inference }, TestBundles.stillRefresh)
         val ids = rec.manifest.items.ids
         assertTrue(rec.record(Event(ids[0], 1, "pv", 1_000)))
         assertTrue(rec.record(Event(ids[1], 1, "cart", 2_000)))
@@ -30,7 +30,7 @@ class RecommenderTest {
         assertEquals(emptyList<TbsmRecommender.Scored>(), rec.rank(emptyList()))
         rec.close()
 
-        val reopened = TbsmRecommender.open(bundle, historyFile, { fail(it) }, { RowScoringInference() })
+        val reopened = TbsmRecommender.open(bundle, historyFile, { fail(it) }, { RowScoringInference() }, TestBundles.stillRefresh)
         assertEquals(listOf(1_000L, 2_000L), reopened.history().map { it.timestamp })
         assertEquals(rec.manifest.userId, JSONObject(historyFile.readText()).getLong("user_id"))
     }
@@ -41,7 +41,7 @@ class RecommenderTest {
         val historyFile = File(bundle.parentFile, "history.json")
         historyFile.writeText("]]")
         val problems = mutableListOf<String>()
-        val rec = TbsmRecommender.open(bundle, historyFile, { problems.add(it) }, { RowScoringInference() })
+        val rec = TbsmRecommender.open(bundle, historyFile, { problems.add(it) }, { RowScoringInference() }, TestBundles.stillRefresh)
         assertEquals(1, problems.size)
         assertEquals(0, rec.history().size)
     }
@@ -51,7 +51,7 @@ class RecommenderTest {
         val bundle = TestBundles.copyOfRealBundle()
         File(bundle, "golden.json").appendText(" ")
         try {
-            TbsmRecommender.open(bundle, File(bundle.parentFile, "h.json"), {}, { RowScoringInference() })
+            TbsmRecommender.open(bundle, File(bundle.parentFile, "h.json"), {}, { RowScoringInference() }, TestBundles.stillRefresh)
             fail("opened a tampered bundle")
         } catch (e: BundleException) {
             assertTrue(e.message!!, e.message!!.contains("sha256"))
@@ -64,7 +64,7 @@ class RecommenderTest {
         val manifest = JSONObject(File(bundle, "manifest.json").readText()).put("format_version", 99)
         File(bundle, "manifest.json").writeText(manifest.toString())
         try {
-            TbsmRecommender.open(bundle, File(bundle.parentFile, "h.json"), {}, { RowScoringInference() })
+            TbsmRecommender.open(bundle, File(bundle.parentFile, "h.json"), {}, { RowScoringInference() }, TestBundles.stillRefresh)
             fail("opened format_version 99")
         } catch (e: BundleException) {
             assertTrue(e.message!!, e.message!!.contains("format_version"))
@@ -76,8 +76,8 @@ class RecommenderTest {
         val bundle = TestBundles.copyOfRealBundle()
         val historyFile = File(bundle.parentFile, "history.json")
         // Two screens, or an activity and its re-creation after a rotation, each opening the bundle.
-        val first = TbsmRecommender.open(bundle, historyFile, { fail(it) }, { RowScoringInference() })
-        val second = TbsmRecommender.open(bundle, historyFile, { fail(it) }, { RowScoringInference() })
+        val first = TbsmRecommender.open(bundle, historyFile, { fail(it) }, { RowScoringInference() }, TestBundles.stillRefresh)
+        val second = TbsmRecommender.open(bundle, historyFile, { fail(it) }, { RowScoringInference() }, TestBundles.stillRefresh)
         val ids = first.manifest.items.ids
         assertTrue(first.record(Event(ids[0], 1, "pv", 1_000)))
         assertTrue(second.record(Event(ids[1], 1, "pv", 2_000)))
@@ -87,7 +87,7 @@ class RecommenderTest {
         first.close()
         assertEquals(3, second.history().size)
         second.close()
-        val reopened = TbsmRecommender.open(bundle, historyFile, { fail(it) }, { RowScoringInference() })
+        val reopened = TbsmRecommender.open(bundle, historyFile, { fail(it) }, { RowScoringInference() }, TestBundles.stillRefresh)
         assertEquals(listOf(1_000L, 2_000L, 3_000L), reopened.history().map { it.timestamp })
         reopened.close()
     }
@@ -96,7 +96,7 @@ class RecommenderTest {
     fun recordThatCannotBeSavedRecordsNothing() {
         val bundle = TestBundles.copyOfRealBundle()
         val historyFile = File(bundle.parentFile, "history.json")
-        TbsmRecommender.open(bundle, historyFile, { fail(it) }, { RowScoringInference() }).use { rec ->
+        TbsmRecommender.open(bundle, historyFile, { fail(it) }, { RowScoringInference() }, TestBundles.stillRefresh).use { rec ->
             val ids = rec.manifest.items.ids
             assertTrue(rec.record(Event(ids[0], 1, "pv", 1_000)))
             val blocker = File(historyFile.path + ".new").also { it.mkdirs(); File(it, "x").writeText("x") }
@@ -118,7 +118,7 @@ class RecommenderTest {
         val bundle = TestBundles.copyOfRealBundle()
         val historyFile = File(bundle.parentFile, "history.json").also { it.mkdirs() } // exists, cannot be read
         try {
-            TbsmRecommender.open(bundle, historyFile, { fail(it) }, { RowScoringInference() })
+            TbsmRecommender.open(bundle, historyFile, { fail(it) }, { RowScoringInference() }, TestBundles.stillRefresh)
             fail("opened with an unreadable history")
         } catch (e: HistoryUnavailableException) {
             // expected: retry later
@@ -132,7 +132,7 @@ class RecommenderTest {
         val bundle = TestBundles.copyOfRealBundle()
         val historyFile = File(bundle.parentFile, "history.json")
         try {
-            TbsmRecommender.open(bundle, historyFile, { fail(it) }, { throw BundleException("no model") })
+            TbsmRecommender.open(bundle, historyFile, { fail(it) }, { throw BundleException("no model") }, TestBundles.stillRefresh)
             fail("opened without a model")
         } catch (e: BundleException) {
             // expected
@@ -147,7 +147,7 @@ class RecommenderTest {
     fun closeWaitsForARunningRankAndIsIdempotent() {
         val bundle = TestBundles.copyOfRealBundle()
         val model = BlockingInference()
-        val rec = TbsmRecommender.open(bundle, File(bundle.parentFile, "history.json"), { fail(it) }, { model })
+        val rec = TbsmRecommender.open(bundle, File(bundle.parentFile, "history.json"), { fail(it) }, { model }, TestBundles.stillRefresh)
         val ids = rec.manifest.items.ids
         var ranked: List<TbsmRecommender.Scored>? = null
         val ranking = Thread { ranked = rec.rank(listOf(ids[0], ids[1]), requestTime = 10) }.apply { start() }
