@@ -198,7 +198,7 @@ def main() -> None:
     parser.add_argument("--user-dropout", type=float, default=0.1,
                         help="Second run: this fraction of training samples on the unknown-user row (0: skip it).")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--no-doc", action="store_true", help="Print only; do not append to docs/benchmarks.md.")
+    parser.add_argument("--no-doc", action="store_true", help="Print only; write neither docs/benchmarks.md nor docs/coldstart-*.json.")
     args = parser.parse_args()
 
     import torch
@@ -220,7 +220,8 @@ def main() -> None:
     entries = []
     for name, load in sets:
         result = evaluate(name, load(), args)
-        (REPO / "docs" / f"coldstart-{name}.json").write_text(json.dumps(result, indent=1, default=float) + "\n")
+        if not args.no_doc:
+            (REPO / "docs" / f"coldstart-{name}.json").write_text(json.dumps(result, indent=1, default=float) + "\n")
         v = "; ".join(f"{k} run {r['blended']:.4f} (prior weight {r['blend_weight']:g})" for k, r in result["validation"].items())
         pop = next(iter(result["validation"].values()))["popularity"]
         text = (f"**{name}**: {result['held_out_users']:,} of {result['users']:,} users held out of training; validation "
