@@ -17,7 +17,7 @@ import numpy as np
 from sdk_builder.bundle import BundleBuilder
 from sdk_builder.client import Bundle
 from sdk_builder.data.dataset import PreparedData
-from sdk_builder.evaluation import UserRequest
+from sdk_builder.evaluation import StreamReport, StreamSplit, StreamUser, UserRequest, stream_quality
 from sdk_builder.formats import BEHAVIOR_NAMES, MAX_HISTORY, Event, EventHistory
 from sdk_builder.shard import ShardPolicy
 from sdk_builder.runs import LoadedCheckpoint
@@ -78,3 +78,62 @@ class BundleRanker:
                     shutil.rmtree(result.path)
                 self.progress(len(chunk))
         return scores
+
+
+def phone_events(split: StreamSplit, user: StreamUser, streamed: int, keep: int = MAX_HISTORY) -> list[Event]:
+    """What the phone has recorded once `streamed` of the user's stream events arrived: the last
+    `keep` events the bundle was built from, then the streamed ones, oldest first."""
+    data, log = split.data, split.stream
+    sl = data.user_events(user.user_row)
+    sl = slice(max(sl.start, sl.stop - keep), sl.stop)
+    kept = zip(data.items.global_id(data.item_rows[sl]).tolist(), data.categories.global_id(data.cat_rows[sl]).tolist(),
+               data.behaviors[sl].tolist(), data.timestamps[sl].tolist())
+    st = slice(user.stream.start, user.stream.start + streamed)
+    new = zip(log.item[st].tolist(), log.category[st].tolist(), log.behavior[st].tolist(), log.timestamp[st].tolist())
+    return [Event(item_id=i, category_id=c, behavior=BEHAVIOR_NAMES[b], timestamp=t) for i, c, b, t in (*kept, *new)]
+
+
+def rank_after_stream(builder: BundleBuilder, split: StreamSplit, users: list[StreamUser], *,
+                      progress: Callable[[int], None] = lambda n: None) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Each user's real bundle from `builder` (its data decides what the bundle knows), opened as the
+    phone opens it, ranking its whole shard in the ExecuTorch runtime after the whole stream arrived
+    (history: the last MAX_HISTORY events on the phone, i.e. the streamed ones).
+    Returns (shard item rows, sorted; their scores) per user."""
+    ckpt = builder.ckpt
+    shards, scores = [], []
+    with tempfile.TemporaryDirectory(prefix="tbsm-stream-") as tmp:
+        for lo in range(0, len(users), CHUNK):
+            chunk = users[lo : lo + CHUNK]
+            user_ids = [int(ckpt.users.ids[u.user_row]) for u in chunk]
+            for user, user_id, result in zip(chunk, user_ids, builder.build_many(user_ids, Path(tmp))):
+                bundle = Bundle(result.path)
+                ids = bundle.manifest.items.ids
+                events = phone_events(split, user, user.stream.stop - user.stream.start)
+                history = EventHistory(user_id=user_id, events=events[-MAX_HISTORY:])
+                shards.append(ckpt.items.lookup(np.array(ids)))
+                scores.append(bundle.score(history, user.request_time, ids))
+                shutil.rmtree(result.path)
+            progress(len(chunk))
+    return shards, scores
+
+
+def evaluate_stream(ckpt: LoadedCheckpoint, split: StreamSplit, *, policy: ShardPolicy | None = None,
+                    max_users: int | None = None, seed: int = 0, recipe: str = "xnnpack",
+                    progress: Callable[[int], None] = lambda n: None) -> StreamReport:
+    """Issue 13's refresh measurement (`stream_split`, `stream_quality`) with real bundles: (a) each
+    user's bundle built from the kept events, (c) rebuilt from kept + streamed events (every user's:
+    the server's popularity and co-visits see them too) with the same checkpoint; all rank after
+    the whole stream arrived, from the same on-device history."""
+    from sdk_builder.data.dataset import extend_events  # TODO(merge main): top-level import
+
+    users = split.users
+    if max_users is not None and len(users) > max_users:
+        users = [users[i] for i in np.sort(np.random.default_rng(seed).choice(len(users), max_users, replace=False))]
+    shards, scores = {}, {}
+    for name, data in (("frozen", split.data), ("rebuilt", extend_events(split.data, split.stream))):
+        # The evaluation measures whatever the run is, so the build-time quality gate is off.
+        builder = BundleBuilder(ckpt, data, policy, recipe=recipe, seed=seed, on_budget_exceeded="fp32",
+                                allow_weak_model=True)
+        builder.prepare_stamping()
+        shards[name], scores[name] = rank_after_stream(builder, split, users, progress=progress)
+    return stream_quality(split, users, shards, scores, seed=seed)
