@@ -379,10 +379,13 @@ def _open_run(run: str):
 @click.option("--sign-key", "sign_key", type=click.Path(exists=True, dir_okay=False),
               help="HMAC key file (>= 32 random bytes): write each bundle's manifest.json.hmac, which the app checks "
                    "with the same key (docs/bundle-format.md).")
+@click.option("--events", "newer_events", multiple=True, type=click.Path(exists=True, dir_okay=False),
+              help="Newer event log(s) (any format `prepare` reads, e.g. the next day's): shards and golden histories "
+                   "include their events after each user's last one; the checkpoint is unchanged (repeatable).")
 @click.option("--json", "as_json", is_flag=True)
 def build_cmd(run, users, users_file, all_users, out, recipe, shard_size, category_capacity, seed, jobs, backend,
               ray_address, skip_unknown, fsync, as_json, accuracy_budget=DEFAULT_ACCURACY_BUDGET, on_budget_exceeded="fail",
-              allow_weak_model=False, sign_key=None):
+              allow_weak_model=False, sign_key=None, newer_events=()):
     """Cut per-user slices of a trained run and compile them to ExecuTorch bundles.
 
     One program is exported per run and stamped with each user's constants (checked against a
@@ -395,6 +398,7 @@ def build_cmd(run, users, users_file, all_users, out, recipe, shard_size, catego
       tbsm-sdk build runs/demo --user-shard 1234 --out bundles
       tbsm-sdk build runs/demo --users cohort.txt --jobs 2 --out bundles --json
       tbsm-sdk build runs/demo --all --backend ray --ray-address auto --out bundles
+      tbsm-sdk build runs/demo --all --events day2.csv --out bundles-day2
     """
     from tqdm import tqdm
 
@@ -420,7 +424,7 @@ def build_cmd(run, users, users_file, all_users, out, recipe, shard_size, catego
     spec = BuildSpec(run=str(run), out=str(out), recipe=recipe, shard_size=shard_size, seed=seed,
                      category_capacity=category_capacity, durable=fsync,
                      accuracy_budget=accuracy_budget, on_budget_exceeded=on_budget_exceeded,
-                     allow_weak_model=allow_weak_model)
+                     allow_weak_model=allow_weak_model, events=tuple(newer_events))
     bar = tqdm(total=len(requested), unit="bundle", desc="build", disable=as_json, leave=False)
     try:
         summary = build_many(spec, requested, jobs=jobs, backend=backend, ray_address=ray_address,
@@ -440,6 +444,11 @@ def build_cmd(run, users, users_file, all_users, out, recipe, shard_size, catego
     speed = f"{summary.bundles_per_second:,.1f} bundles/s after {template}; {summary.seconds:.1f} s in all"
     human = (f"{summary.built:,} built, {summary.skipped_current:,} already up to date, {len(summary.unknown):,} unknown "
              f"skipped; {speed}; index {summary.index}")
+    if summary.newer_events:
+        n = summary.newer_events
+        human = (f"newer events: {n['added']:,} of {n['read']:,} added ({n['unknown_item']:,} on unknown items, "
+                 f"{n['unknown_category']:,} on unknown categories); {n.get('not_newer', 0):,} not after the user's last "
+                 f"known event and {n['unknown_user']:,} of users without a row skipped\n" + human)
     if len(summary.rows) <= 10:
         human = "\n".join(f"{r['path']}: {r['bytes']:,} B" for r in summary.rows) + "\n" + human
     if get_recipe(recipe).lossy:  # measured drift vs budget of each bundle (up to 10 bundles) and every fp32 fallback

@@ -83,7 +83,8 @@ def quality_gate(ckpt: LoadedCheckpoint, allow_weak_model: bool) -> QualityGate 
 
 
 class BundleBuilder:
-    """Builds bundles from one checkpoint and the data it was trained on.
+    """Builds bundles from one checkpoint and the data it was trained on (or that data extended
+    with newer events, `sdk_builder.data.dataset.extend_events`).
 
     With `stamping` (the default) the program is exported once (`prepare_stamping`) and each
     user's `model.pte` is the template with that user's constants written in; otherwise every
@@ -95,7 +96,9 @@ class BundleBuilder:
                  verify_each: bool = True, durable: bool = False,
                  accuracy_budget: float = DEFAULT_ACCURACY_BUDGET, on_budget_exceeded: str = "fail",
                  allow_weak_model: bool = False) -> None:
-        if data.fingerprint() != ckpt.payload["data_fingerprint"]:
+        trained_on = ckpt.payload["data_fingerprint"]
+        # The run's own data, or that data extended with newer events (`extend_events`: same id maps).
+        if data.fingerprint() != trained_on and data.info.get("extends") != trained_on:
             raise BundleError("the data does not match the checkpoint's data fingerprint")
         self.quality = quality_gate(ckpt, allow_weak_model)
         self.ckpt, self.data, self.seed = ckpt, data, seed

@@ -55,6 +55,7 @@ class BuildSpec:
     accuracy_budget: float = DEFAULT_ACCURACY_BUDGET  # lossy recipes only (sdk_builder/bundle/budget.py)
     on_budget_exceeded: str = "fail"  # lossy recipes only: "fail" or "fp32"
     allow_weak_model: bool = False  # build even when the model does not beat popularity on validation
+    events: tuple[str, ...] = ()  # newer event logs: shards and golden histories include them (`extend_events`)
 
 
 @dataclass
@@ -73,17 +74,32 @@ class BatchSummary:
     jobs: int = 1
     backend: str = "local"
     rows: list[dict] = field(default_factory=list)
+    newer_events: dict[str, int] = field(default_factory=dict)  # `extend_events`' counts, with BuildSpec.events
 
 
 def make_builder(spec: BuildSpec, template: ProgramTemplate | None = None) -> BundleBuilder:
     ckpt = load_checkpoint(Path(spec.run), mmap=True)
     data = PreparedData.load(ckpt.path.parent / DATA)
+    if spec.events:
+        data = with_newer_events(data, spec.events)[0]
     builder = BundleBuilder(ckpt, data, ShardPolicy(shard_size=spec.shard_size), recipe=spec.recipe, seed=spec.seed,
                             category_capacity=spec.category_capacity, durable=spec.durable,
                             accuracy_budget=spec.accuracy_budget, on_budget_exceeded=spec.on_budget_exceeded,
                             allow_weak_model=spec.allow_weak_model)
     builder.template = template
     return builder
+
+
+def with_newer_events(data: PreparedData, paths: tuple[str, ...]) -> tuple[PreparedData, dict[str, int]]:
+    """`data` extended with the events of newer logs (any format `prepare` reads); BundleError on bad input."""
+    from sdk_builder.data.dataset import extend_events
+    from sdk_builder.data.events import IngestError, read_event_log
+
+    try:
+        events, _ = read_event_log(list(paths))
+    except (IngestError, ValueError) as exc:
+        raise BundleError(str(exc)) from None
+    return extend_events(data, events)
 
 
 def template_key(builder: BundleBuilder) -> str:
@@ -241,7 +257,8 @@ def build_many(spec: BuildSpec, users: list[int], *, jobs: int = 1, backend: str
         save_user_ids(builder)
     except OSError:  # read-only run directory: unknown ids are then found after the imports, as here
         pass
-    summary = BatchSummary(requested=len(users), unknown=unknown, jobs=jobs, backend=backend)
+    summary = BatchSummary(requested=len(users), unknown=unknown, jobs=jobs, backend=backend,
+                           newer_events=dict(builder.data.info.get("extended_with", {})))
     if unknown and not skip_unknown:
         raise BundleError(unknown_users_message(unknown))
     check_output(out, len(known), 200_000)

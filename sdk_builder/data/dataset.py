@@ -262,6 +262,53 @@ def index_events(events: EventLog) -> PreparedData:
     )
 
 
+def extend_events(data: PreparedData, newer: EventLog, *, only_after_last: bool = True) -> tuple[PreparedData, dict[str, int]]:
+    """`data` plus newer events, mapped through `data`'s id maps, for building bundles of the same
+    checkpoint after more events arrived (the id maps, so every row, stay the checkpoint's).
+
+    Returns the extended data and what happened to each newer event, counted (nothing is dropped
+    silently): `added`; `unknown_user` (a user without a row in the checkpoint cannot get a
+    bundle); `not_newer` with `only_after_last` (at or before that user's last known event: a log
+    that repeats the run's own events adds only what is new); `unknown_item` / `unknown_category`
+    (added, on the OOV row, as at training time). The result has no samples (`splits`): it is
+    for shards and golden histories, not for training or evaluation. `info["extends"]` names
+    the fingerprint of the data it extends, which `BundleBuilder` accepts in place of the
+    checkpoint's own.
+    """
+    users = data.users.lookup(newer.user, unknown=-1)
+    known = users >= 0
+    counts = {"read": len(newer), "unknown_user": int((~known).sum())}
+    if only_after_last:
+        last = np.full(len(data.users.ids), np.iinfo(np.int64).min, dtype=np.int64)
+        has_events = np.diff(data.user_start) > 0
+        last[has_events] = data.timestamps[data.user_start[1:][has_events] - 1]
+        newer_than_last = np.zeros(len(newer), bool)
+        newer_than_last[known] = newer.timestamp[known] > last[users[known]]
+        counts["not_newer"] = int((known & ~newer_than_last).sum())
+        known &= newer_than_last
+    added_users = users[known]
+    items = data.items.lookup(newer.item[known])
+    cats = data.categories.lookup(newer.category[known])
+    counts.update(unknown_item=int((items == OOV_ROW).sum()), unknown_category=int((cats == OOV_ROW).sum()),
+                  added=int(known.sum()))
+    # Old events first within a user, then the newer ones in time order (a stable sort keeps the
+    # run's own order of equal timestamps).
+    user_of_event = np.concatenate([data.user_of_event(), added_users])
+    timestamps = np.concatenate([data.timestamps, newer.timestamp[known].astype(np.int64)])
+    is_new = np.concatenate([np.zeros(data.num_events, bool), np.ones(len(added_users), bool)])
+    order = np.lexsort((timestamps, is_new, user_of_event)) if len(added_users) else np.arange(data.num_events)
+    extended = PreparedData(
+        users=data.users, items=data.items, categories=data.categories,
+        user_start=np.concatenate([[0], np.cumsum(np.bincount(user_of_event, minlength=len(data.users.ids)))]).astype(np.int64),
+        item_rows=np.concatenate([data.item_rows, items])[order],
+        cat_rows=np.concatenate([data.cat_rows, cats])[order],
+        behaviors=np.concatenate([data.behaviors, newer.behavior[known].astype(np.int8)])[order],
+        timestamps=timestamps[order], item_category=data.item_category,
+        info={**data.info, "extends": data.fingerprint(), "extended_with": counts, "events": data.num_events + counts["added"]},
+    )
+    return extended, counts
+
+
 def _touched_keys(data: PreparedData) -> np.ndarray:
     return np.unique(data.user_of_event() * data.items.rows + data.item_rows)
 
