@@ -55,15 +55,21 @@ def run_one(name: str, events, args) -> str:
              f"{report.coverage['frozen']:.3f}, of the rebuilt shard {report.coverage['rebuilt']:.3f}; validation HR@10 "
              f"{metrics['ranking_validation']['blended']:.4f} (prior weight {metrics['ranking_validation']['blend_weight']:g}); "
              f"{seconds}.", "", format_stream_table(report), ""]
+    def points(key: str) -> str:
+        lo, hi = gap[f"{key}_ci95"]
+        return f"{gap[key]:+.3f} [{lo:+.3f}, {hi:+.3f}]"
+
     if "a_to_c" in gap:
-        lo, hi = gap["outside_frozen_shard_ci95"]
-        lines.append(f"HR@10 gap (a) -> (c): {gap['a_to_c']:+.3f}; share of it from targets outside (a)'s shard "
-                     f"(no refreshed state can rank them): {gap['outside_frozen_shard']:.2f} [{lo:.2f}, {hi:.2f}].")
+        share = gap["outside_frozen_shard"] / gap["a_to_c"] if gap["a_to_c"] > 0 else float("nan")
+        lines.append(f"HR@10 gap (a) -> (c): {points('a_to_c')} (paired over users); of it, hits only on targets "
+                     f"outside (a)'s shard, which no refreshed state of (a) can rank: {points('outside_frozen_shard')} "
+                     f"({share:.0%} of the gap).")
     if "recovered_by_refresh" in gap:
         r, (lo, hi) = gap["recovered_by_refresh"], gap["recovered_by_refresh_ci95"]
         met = "met" if r >= TARGET_RECOVERED else "NOT met"
-        lines.append(f"Gap recovered by the on-device refresh (b): {r:.2f} [{lo:.2f}, {hi:.2f}] "
-                     f"(target >= {TARGET_RECOVERED}: {met}).")
+        lines.append(f"(b) - (a): {points('refresh_gain')}; share of the gap recovered by the on-device refresh: {r:.2f} "
+                     f"[{lo:.2f}, {hi:.2f}] (target >= {TARGET_RECOVERED}: {met}; the interval is n/a when some resample "
+                     "has no positive gap).")
     else:
         lines.append("(b) not measured: the bundles have no refresh program.")
     return "\n".join(lines)

@@ -434,16 +434,17 @@ class StreamReport:
     coverage: dict[str, float]  # fraction of the targets inside each kind of bundle's shard
     rows: dict[str, dict] = field(default_factory=dict)
     gap: dict[str, float] = field(default_factory=dict)  # HR@10 gap (a) -> (c), what (b) and the shard explain
+    stream_events: dict[str, int] = field(default_factory=dict)  # extend_events' counts of the streamed events
 
     def summary(self) -> dict:
         return {"users": self.users, "skipped_no_target": self.skipped_no_target, "targets": self.targets,
-                "coverage": self.coverage, "rows": self.rows, "gap": self.gap}
+                "coverage": self.coverage, "rows": self.rows, "gap": self.gap, "stream_events": self.stream_events}
 
 
 def gap_recovered(frozen: np.ndarray, middle: np.ndarray, rebuilt: np.ndarray, *, seed: int = 0,
                   rounds: int = 1000) -> tuple[float, float, float]:
     """(mean(middle - frozen) / mean(rebuilt - frozen), 95% paired-bootstrap interval) over users;
-    NaN where the gap is not positive."""
+    NaN where the gap is not positive (the interval: where any resample's gap is not)."""
     def ratio(idx):
         gap = rebuilt[idx].mean(axis=-1) - frozen[idx].mean(axis=-1)
         with np.errstate(divide="ignore", invalid="ignore"):
@@ -481,10 +482,13 @@ def stream_quality(split: StreamSplit, users: list[StreamUser], shards: dict[str
     report.rows = {name: _summarise(per_user[name], seed) for name in STREAM_ROWS if name in per_user}
     if "frozen" in per_user and "rebuilt" in per_user:
         a, c = per_user["frozen"][PRIMARY_METRIC], per_user["rebuilt"][PRIMARY_METRIC]
-        report.gap["a_to_c"] = float(c.mean() - a.mean())
-        share, lo, hi = gap_recovered(a, per_user["rebuilt_in_frozen_shard"][PRIMARY_METRIC], c, seed=seed)
-        report.gap["outside_frozen_shard"] = 1.0 - share  # of the gap: hits only items (a)'s shard lacks
-        report.gap["outside_frozen_shard_ci95"] = [1.0 - hi, 1.0 - lo]
+        inside = per_user["rebuilt_in_frozen_shard"][PRIMARY_METRIC]
+        parts = {"a_to_c": c - a, "outside_frozen_shard": c - inside}
+        if "refreshed" in per_user:
+            parts["refresh_gain"] = per_user["refreshed"][PRIMARY_METRIC] - a
+        for name, diff in parts.items():  # HR@10 differences, paired over users
+            report.gap[name] = float(diff.mean())
+            report.gap[f"{name}_ci95"] = list(bootstrap_interval(diff, seed=seed))
         if "refreshed" in per_user:
             share, lo, hi = gap_recovered(a, per_user["refreshed"][PRIMARY_METRIC], c, seed=seed)
             report.gap["recovered_by_refresh"] = share

@@ -16,7 +16,7 @@ import numpy as np
 
 from sdk_builder.bundle import BundleBuilder
 from sdk_builder.client import Bundle
-from sdk_builder.data.dataset import PreparedData
+from sdk_builder.data.dataset import PreparedData, extend_events
 from sdk_builder.evaluation import StreamReport, StreamSplit, StreamUser, UserRequest, stream_quality
 from sdk_builder.formats import BEHAVIOR_NAMES, MAX_HISTORY, Event, EventHistory
 from sdk_builder.shard import ShardPolicy
@@ -124,16 +124,22 @@ def evaluate_stream(ckpt: LoadedCheckpoint, split: StreamSplit, *, policy: Shard
     user's bundle built from the kept events, (c) rebuilt from kept + streamed events (every user's:
     the server's popularity and co-visits see them too) with the same checkpoint; all rank after
     the whole stream arrived, from the same on-device history."""
-    from sdk_builder.data.dataset import extend_events  # TODO(merge main): top-level import
-
     users = split.users
     if max_users is not None and len(users) > max_users:
         users = [users[i] for i in np.sort(np.random.default_rng(seed).choice(len(users), max_users, replace=False))]
+    # The stream follows each user's kept events by position (ratings may share a timestamp).
+    rebuilt, counts = extend_events(split.data, split.stream, only_after_last=False)
     shards, scores = {}, {}
-    for name, data in (("frozen", split.data), ("rebuilt", extend_events(split.data, split.stream))):
+    template = None
+    for name, data in (("frozen", split.data), ("rebuilt", rebuilt)):
         # The evaluation measures whatever the run is, so the build-time quality gate is off.
         builder = BundleBuilder(ckpt, data, policy, recipe=recipe, seed=seed, on_budget_exceeded="fp32",
                                 allow_weak_model=True)
-        builder.prepare_stamping()
+        if template is None:
+            builder.prepare_stamping()
+            template = builder.template
+        builder.template = template  # same checkpoint, recipe and layout: one export serves both
         shards[name], scores[name] = rank_after_stream(builder, split, users, progress=progress)
-    return stream_quality(split, users, shards, scores, seed=seed)
+    report = stream_quality(split, users, shards, scores, seed=seed)
+    report.stream_events = counts
+    return report
