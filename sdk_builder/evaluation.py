@@ -1,6 +1,6 @@
 """Recommendation quality measured the way the product is used: a user's shard ranked on the phone.
 
-Two measurements share the metric code here:
+Three measurements share the metric code here:
 - `ValidationRanking` (training time, eager model): each validation user's validation event is the
   target, the shard is cut from the events before it, the model ranks the shard. Cheap enough to
   run at every validation, so checkpoints can be chosen by it and the run can store how the model
@@ -9,6 +9,9 @@ Two measurements share the metric code here:
   (`prepare(holdout_last=K)`: never trained on, never in a shard) are the targets; the user's real
   stamped bundle ranks its whole shard in the ExecuTorch runtime from the last <= 20 pre-holdout
   events, next to popularity, the shard's own order and the full model over the whole catalogue.
+- the refresh measurement (`stream_split`, `stream_quality`; bundles in `sdk_builder.ondevice`):
+  events streamed to the phone after its bundle was built, ranked by the frozen, the on-device
+  refreshed and the server-rebuilt bundle (docs/quality.md).
 
 Items the user already interacted with are never recommended (removed before ranking); held-out
 events on such items are not targets.
