@@ -382,10 +382,13 @@ def _open_run(run: str):
 @click.option("--events", "newer_events", multiple=True, type=click.Path(exists=True, dir_okay=False),
               help="Newer event log(s) (any format `prepare` reads, e.g. the next day's): shards and golden histories "
                    "include their events after each user's last one; the checkpoint is unchanged (repeatable).")
+@click.option("--refresh", is_flag=True,
+              help="Add refresh.pte: the on-device training program that refreshes the user state from the phone's "
+                   "own recent events (manifest.refresh, docs/bundle-format.md).")
 @click.option("--json", "as_json", is_flag=True)
 def build_cmd(run, users, users_file, all_users, out, recipe, shard_size, category_capacity, seed, jobs, backend,
               ray_address, skip_unknown, fsync, as_json, accuracy_budget=DEFAULT_ACCURACY_BUDGET, on_budget_exceeded="fail",
-              allow_weak_model=False, sign_key=None, newer_events=()):
+              allow_weak_model=False, sign_key=None, newer_events=(), refresh=False):
     """Cut per-user slices of a trained run and compile them to ExecuTorch bundles.
 
     One program is exported per run and stamped with each user's constants (checked against a
@@ -424,7 +427,7 @@ def build_cmd(run, users, users_file, all_users, out, recipe, shard_size, catego
     spec = BuildSpec(run=str(run), out=str(out), recipe=recipe, shard_size=shard_size, seed=seed,
                      category_capacity=category_capacity, durable=fsync,
                      accuracy_budget=accuracy_budget, on_budget_exceeded=on_budget_exceeded,
-                     allow_weak_model=allow_weak_model, events=tuple(newer_events))
+                     allow_weak_model=allow_weak_model, events=tuple(newer_events), refresh=refresh)
     bar = tqdm(total=len(requested), unit="bundle", desc="build", disable=as_json, leave=False)
     try:
         summary = build_many(spec, requested, jobs=jobs, backend=backend, ray_address=ray_address,
@@ -560,8 +563,10 @@ def inspect_cmd(bundle, as_json):
 @click.option("--candidates", required=True, help="Comma-separated global item ids, or @FILE with one id per line.")
 @click.option("--request-time", help="Unix seconds of the request (default: now).")
 @click.option("--top", default="0", help="Print only the best N (0: all).")
+@click.option("--state", "state_file", type=click.Path(dir_okay=False),
+              help="A refreshed user state of this bundle (`tbsm-sdk refresh`) instead of the shipped one.")
 @click.option("--json", "as_json", is_flag=True)
-def rank_cmd(bundle, events_file, candidates, request_time, top, as_json):
+def rank_cmd(bundle, events_file, candidates, request_time, top, as_json, state_file=None):
     """Rank candidates for the bundle's user exactly as the phone does.
 
     \b
@@ -591,7 +596,8 @@ def rank_cmd(bundle, events_file, candidates, request_time, top, as_json):
         ids = [_int64(c, "candidates") for c in raw]
         history = parse_history(text, events_file)
         opened = Bundle(Path(bundle))
-        scores = opened.score(history, request_time, ids)
+        state = opened.read_state(Path(state_file)) if state_file else None
+        scores = opened.score(history, request_time, ids, state)
     except (BundleError, OSError) as exc:
         _fail(str(exc))
     known = set(opened.manifest.items.ids)
@@ -601,6 +607,47 @@ def rank_cmd(bundle, events_file, candidates, request_time, top, as_json):
     ranked = [{"item_id": ids[i], "score": float(scores[i]), "in_shard": ids[i] in known} for i in order]
     _emit(as_json, {"user_id": history.user_id, "ranked": ranked},
           "\n".join(f"{r['item_id']}\t{r['score']:.6f}{'' if r['in_shard'] else '  (not in shard: scored as unknown)'}" for r in ranked))
+
+
+@main.command("refresh")
+@click.argument("bundle", type=click.Path(file_okay=False))
+@click.option("--events", "events_file", type=click.Path(dir_okay=False), required=True,
+              help="JSON {\"user_id\", \"events\": [...]}: the on-device events, oldest first (any number; the "
+                   "program takes the last manifest.refresh.events).")
+@click.option("--state", "state_file", type=click.Path(dir_okay=False), help="Start from this refreshed state (default: the shipped one).")
+@click.option("--out", type=click.Path(dir_okay=False), required=True, help="Where to write the refreshed state (JSON).")
+def refresh_cmd(bundle, events_file, state_file, out):
+    """Refresh the user state of a bundle built with --refresh from recent events, as the phone does.
+
+    \b
+    Example:
+      tbsm-sdk refresh bundles/1234 --events recent.json --out state.json
+      tbsm-sdk rank bundles/1234 --events history.json --candidates 11,42 --state state.json
+    """
+    from pydantic import BaseModel, ValidationError
+
+    from sdk_builder.client import Bundle
+    from sdk_builder.formats import BundleError, Event, NonNegativeInt, validation_message
+    from sdk_builder.util import atomic_write_bytes
+
+    class RecentEvents(BaseModel):
+        user_id: NonNegativeInt
+        events: list[Event]
+
+    try:
+        try:
+            recent = RecentEvents.model_validate_json(Path(events_file).read_bytes())
+        except ValidationError as exc:
+            raise BundleError(validation_message(events_file, exc)) from None
+        opened = Bundle(Path(bundle))
+        if recent.user_id != opened.manifest.user_id:
+            raise BundleError(f"{events_file}: events of user {recent.user_id}, this bundle is for user {opened.manifest.user_id}")
+        state = opened.read_state(Path(state_file)) if state_file else None
+        refreshed = opened.refresh(state, recent.events)
+        atomic_write_bytes(Path(out), opened.state_json(refreshed).encode())
+    except (BundleError, OSError) as exc:
+        _fail(str(exc))
+    _emit(False, {}, f"{out}: refreshed state ({len(refreshed)} numbers)")
 
 
 @main.command("demo")

@@ -9,6 +9,7 @@ Depends on `formats`, `runtime` and `util` only (never on the exporter).
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,8 +18,8 @@ import torch
 from pydantic import ValidationError
 
 from sdk_builder.formats import (
-    BUNDLE_FORMAT_VERSION, GOLDEN, INT64_MAX, MANIFEST, PROGRAM, BundleError, EventHistory, GoldenCase, GoldenSet, IdShard,
-    Manifest, validation_message,
+    BUNDLE_FORMAT_VERSION, GOLDEN, INT64_MAX, MANIFEST, PROGRAM, BundleError, Event, EventHistory, GoldenCase, GoldenSet,
+    IdShard, Manifest, RefreshCase, RefreshedState, RefreshRecord, validation_message,
 )
 from sdk_builder.runtime import load_runtime_method
 from sdk_builder.util import sha256_file, sorted_lookup
@@ -55,35 +56,55 @@ class EncodedRequest:
     hist_timestamps: np.ndarray
     request_time: np.ndarray
     candidates: np.ndarray
+    user_state: np.ndarray  # float32 [S]
 
     def tensors(self) -> list[torch.Tensor]:
         return [torch.from_numpy(a) for a in (self.hist_items, self.hist_categories, self.hist_behaviors,
-                                               self.hist_timestamps, self.request_time, self.candidates)]
+                                               self.hist_timestamps, self.request_time, self.candidates,
+                                               self.user_state)]
 
 
-def encode(manifest: Manifest, history: EventHistory, request_time: int, candidate_ids) -> EncodedRequest:
-    """Program inputs for a history (oldest first) and global candidate ids."""
-    h = manifest.program.max_history
-    events = history.events[-h:]
-    pad = h - len(events)
-    items = np.zeros(h, np.int64)
-    cats = np.zeros(h, np.int64)
-    behaviors = np.zeros(h, np.int64)
-    stamps = np.zeros(h, np.int64)
+def state_array(state) -> np.ndarray:
+    """A user state as the program takes it: float32, one dimension, contiguous."""
+    return np.ascontiguousarray(np.asarray(state, dtype=np.float32).reshape(-1))
+
+
+def encode_history(manifest: Manifest, events) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Local rows, categories, behaviour codes and timestamps of events (oldest first), left-padded
+    with 0 to len(events) slots: the caller keeps as many events as its program takes."""
+    n = len(events)
+    items = np.zeros(n, np.int64)
+    cats = np.zeros(n, np.int64)
+    behaviors = np.zeros(n, np.int64)
+    stamps = np.zeros(n, np.int64)
     if events:
-        items[pad:] = local_rows(manifest.items, [e.item_id for e in events])
-        cats[pad:] = local_rows(manifest.categories, [e.category_id for e in events])
+        items[:] = local_rows(manifest.items, [e.item_id for e in events])
+        cats[:] = local_rows(manifest.categories, [e.category_id for e in events])
         missing = {e.behavior.value for e in events} - set(manifest.behaviors)
         if missing:
             raise BundleError(f"manifest behaviors: no code for {sorted(missing)}")
-        behaviors[pad:] = [manifest.behaviors[e.behavior.value] for e in events]
-        stamps[pad:] = [e.timestamp for e in events]
+        behaviors[:] = [manifest.behaviors[e.behavior.value] for e in events]
+        stamps[:] = [e.timestamp for e in events]
+    return items, cats, behaviors, stamps
+
+
+def padded_events(manifest: Manifest, events, width: int) -> tuple[np.ndarray, ...]:
+    """`encode_history` of the last `width` events, left-padded with 0 to `width` slots."""
+    events = events[-width:] if width else []
+    pad = width - len(events)
+    return tuple(np.concatenate([np.zeros(pad, np.int64), a]) for a in encode_history(manifest, events))
+
+
+def encode(manifest: Manifest, history: EventHistory, request_time: int, candidate_ids, state=None) -> EncodedRequest:
+    """Program inputs for a history (oldest first) and global candidate ids; `state`: the user
+    state to rank with (a refreshed one), else the manifest's."""
+    items, cats, behaviors, stamps = padded_events(manifest, history.events, manifest.program.max_history)
     candidates = np.asarray(check_int64_ids(candidate_ids, "candidates"), dtype=np.int64)
     if not 1 <= len(candidates) <= manifest.program.max_candidates:
         raise BundleError(f"candidates: {len(candidates)} given; 1 to {manifest.program.max_candidates} are allowed")
     (request_time,) = check_int64_ids([request_time], "request time")
     return EncodedRequest(items, cats, behaviors, stamps, np.array([request_time], np.int64),
-                          local_rows(manifest.items, candidates))
+                          local_rows(manifest.items, candidates), state_array(manifest.user_state if state is None else state))
 
 
 def run_method(method, request: EncodedRequest) -> np.ndarray:
@@ -96,6 +117,43 @@ def golden_max_diff(cases: list[GoldenCase], requests: list[EncodedRequest], exe
     worst = 0.0
     for case, request in zip(cases, requests):
         worst = max(worst, float(np.max(np.abs(execute(request) - np.asarray(case.scores)))))
+    return worst
+
+
+def refresh_state(state, shipped, record: RefreshRecord, gradient) -> np.ndarray:
+    """The client refresh loop, exactly as every client runs it (docs/bundle-format.md): `steps` SGD
+    steps on the state with `gradient(state) -> d loss / d state` (the refresh program's output 1),
+    each followed by clipping the drift from the shipped state to `max_drift`. Element arithmetic in
+    float32 (learning_rate and the clip factor rounded to float32 once), the norm accumulated in
+    float64 in element order."""
+    state, shipped = state_array(state).copy(), state_array(shipped)
+    learning_rate = np.float32(record.learning_rate)
+    for _ in range(record.steps):
+        state = state - learning_rate * state_array(gradient(state))
+        drift = state - shipped
+        squared = 0.0
+        for v in drift.tolist():
+            squared += v * v
+        norm = math.sqrt(squared)
+        if norm > record.max_drift:
+            state = shipped + drift * np.float32(record.max_drift / norm)
+    return state
+
+
+def refresh_inputs(manifest: Manifest, events: list[Event]) -> list[torch.Tensor]:
+    """The event inputs of the refresh program: the last `manifest.refresh.events` events, encoded
+    like the ranking history (local rows, left-padded with 0)."""
+    return [torch.from_numpy(a) for a in padded_events(manifest, events, manifest.refresh.events)]
+
+
+def refresh_max_diff(manifest: Manifest, cases: list[RefreshCase], method) -> float:
+    """Max abs difference between each case's `state_after` and the refresh loop run with `method`."""
+    worst = 0.0
+    for case in cases:
+        inputs = refresh_inputs(manifest, case.events)
+        got = refresh_state(case.state_before, manifest.user_state, manifest.refresh,
+                            lambda s: method.execute([torch.from_numpy(s), *inputs])[1].numpy())
+        worst = max(worst, float(np.max(np.abs(got.astype(np.float64) - np.asarray(case.state_after)))))
     return worst
 
 
@@ -139,16 +197,74 @@ class Bundle:
         encodes requests from the manifest, and a mismatch would fail (or misread) on the phone."""
         spec = self.manifest.program
         shapes = self.method.input_shapes()
-        expected = [(spec.max_history,)] * 4 + [(1,), (spec.max_candidates,)]
+        expected = [(spec.max_history,)] * 4 + [(1,), (spec.max_candidates,), (len(self.manifest.user_state),)]
         if shapes != expected:
             raise BundleError(f"{self.path / MANIFEST}: program: max_history {spec.max_history} / max_candidates "
-                              f"{spec.max_candidates} do not match {PROGRAM}'s inputs {[list(s) for s in shapes]}")
+                              f"{spec.max_candidates} / user_state of {len(self.manifest.user_state)} numbers do not "
+                              f"match {PROGRAM}'s inputs {[list(s) for s in shapes]}")
 
-    def score(self, history: EventHistory, request_time: int, candidate_ids) -> np.ndarray:
+    def score(self, history: EventHistory, request_time: int, candidate_ids, state=None) -> np.ndarray:
+        """Scores of global candidate ids; `state`: a refreshed user state (`refresh`), else the shipped one."""
         if history.user_id != self.manifest.user_id:
             raise BundleError(f"history is for user {history.user_id}, this bundle is for user {self.manifest.user_id}")
-        request = encode(self.manifest, history, request_time, candidate_ids)
+        if state is not None and np.shape(state) != (len(self.manifest.user_state),):
+            raise BundleError(f"user state of shape {list(np.shape(state))}; this bundle's is [{len(self.manifest.user_state)}]")
+        request = encode(self.manifest, history, request_time, candidate_ids, state)
         return self.execute(request)
+
+    @property
+    def refresh_method(self):
+        """The refresh program (`manifest.refresh`) in the ExecuTorch runtime, loaded on first use."""
+        record = self.manifest.refresh
+        if record is None:
+            raise BundleError(f"{self.path / MANIFEST}: refresh is null (the bundle was built without --refresh)")
+        if getattr(self, "_refresh_method", None) is None:
+            path = self.path / record.file
+            try:
+                method = load_runtime_method(str(path))
+            except Exception as exc:
+                raise BundleError(f"{path}: ExecuTorch could not load it ({type(exc).__name__})") from None
+            size = len(self.manifest.user_state)
+            expected = [(size,)] + [(record.events,)] * 4
+            if method.input_shapes() != expected:
+                raise BundleError(f"{self.path / MANIFEST}: refresh: events {record.events} / user_state of {size} numbers "
+                                  f"do not match {record.file}'s inputs {[list(s) for s in method.input_shapes()]}")
+            self._refresh_method = method
+        return self._refresh_method
+
+    def refresh(self, state, events) -> np.ndarray:
+        """The user state after one refresh (`refresh_state`) on `events` (an EventHistory or a list of
+        Event, oldest first; the program takes the last manifest.refresh.events) from `state`
+        (None: the shipped manifest.user_state)."""
+        if isinstance(events, EventHistory):
+            if events.user_id != self.manifest.user_id:
+                raise BundleError(f"history is for user {events.user_id}, this bundle is for user {self.manifest.user_id}")
+            events = events.events
+        method, shipped = self.refresh_method, self.manifest.user_state
+        state = shipped if state is None else state
+        if np.shape(state) != (len(shipped),):
+            raise BundleError(f"user state of shape {list(np.shape(state))}; this bundle's is [{len(shipped)}]")
+        inputs = refresh_inputs(self.manifest, list(events))
+        return refresh_state(state, shipped, self.manifest.refresh,
+                             lambda s: method.execute([torch.from_numpy(s), *inputs])[1].numpy())
+
+    def read_state(self, path: Path) -> np.ndarray:
+        """A persisted refreshed state (`RefreshedState`) of this bundle; one-line errors otherwise."""
+        path = Path(path)
+        try:
+            saved = RefreshedState.model_validate_json(path.read_bytes())
+        except ValidationError as exc:
+            raise BundleError(validation_message(str(path), exc)) from None
+        if saved.manifest_sha256 != sha256_file(self.path / MANIFEST):
+            raise BundleError(f"{path}: manifest_sha256: the state belongs to another bundle (not {self.path})")
+        if len(saved.user_state) != len(self.manifest.user_state):
+            raise BundleError(f"{path}: user_state: {len(saved.user_state)} numbers, this bundle's state has "
+                              f"{len(self.manifest.user_state)}")
+        return state_array(saved.user_state)
+
+    def state_json(self, state) -> str:
+        return RefreshedState(manifest_sha256=sha256_file(self.path / MANIFEST),
+                              user_state=state_array(state).tolist()).to_json()
 
     def execute(self, request: EncodedRequest) -> np.ndarray:
         try:

@@ -17,7 +17,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
 
-BUNDLE_FORMAT_VERSION = 1
+BUNDLE_FORMAT_VERSION = 2
 MAX_HISTORY = 20
 MAX_CANDIDATES = 4096
 # The on-device row codes: model.tbsm.PADDING_ROW, OOV_ROW and RESERVED_ROWS (tests/test_layering.py).
@@ -192,6 +192,23 @@ class QualityGate(BaseModel):
     passed: bool = Field(description="shipped > popularity; false only when built with --allow-weak-model.")
 
 
+class RefreshRecord(BaseModel):
+    """The on-device refresh of a bundle built with `--refresh` (docs/bundle-format.md, on-device refresh)."""
+
+    file: str = Field(description="The training program: inputs user_state float32 [S] and the last `events` "
+                                  "on-device events (items, categories, behaviors, timestamps: int64, encoded like "
+                                  "the ranking history, left-padded with 0); outputs 0 loss float32 [1], 1 gradient "
+                                  "float32 [S] = d loss / d user_state.")
+    method: str = "forward"
+    window: int = Field(ge=1, description="Positives: the last `window` events, each after the max_history events before it.")
+    events: int = Field(ge=1, description="W = program.max_history + window: how many events the program takes.")
+    every_events: int = Field(ge=1, description="Refresh when the on-device history has grown by this many events.")
+    steps: int = Field(ge=1, description="SGD steps of one refresh.")
+    learning_rate: float = Field(gt=0, description="Step size (used as float32).")
+    max_drift: float = Field(gt=0, description="Max L2 distance of a refreshed state from manifest.user_state.")
+    negatives: int = Field(ge=1, description="Shard items the program scores as negatives per positive (informative).")
+
+
 class Manifest(BaseModel):
     format_version: int = BUNDLE_FORMAT_VERSION
     versions: dict[str, str]
@@ -200,6 +217,8 @@ class Manifest(BaseModel):
     checkpoint_sha256: str
     model_config_: dict[str, Any] = Field(alias="model_config")
     program: ProgramSpec
+    user_state: list[float] = Field(description="The user state shipped with the bundle, float32 values: the program's "
+                                                "`user_state` input unless the app has a refreshed state for this bundle.")
     items: IdShard
     categories: IdShard
     behaviors: dict[str, int] = Field(default_factory=lambda: dict(BEHAVIOR_CODES))
@@ -215,6 +234,8 @@ class Manifest(BaseModel):
                                               description="int8 builds only: budget, measured drift, fallback.")
     quality: QualityGate | None = Field(default=None, exclude_if=lambda v: v is None,
                                         description="The build-time quality gate: validation HR@10 vs popularity.")
+    refresh: RefreshRecord | None = Field(default=None, description="On-device refresh of user_state (`build --refresh`), "
+                                                                    "null without it.")
 
     model_config = ConfigDict(populate_by_name=True, protected_namespaces=())
 
@@ -230,9 +251,32 @@ class GoldenCase(BaseModel):
     scores: list[float] = Field(description="Scores of the full eager model, one per candidate.")
 
 
+class RefreshCase(BaseModel):
+    """One full client refresh loop (manifest.refresh) replayed: `state_after` from `state_before` and `events`."""
+
+    name: str
+    events: list[Event] = Field(description="The on-device events, oldest first (the program takes the last manifest.refresh.events).")
+    state_before: list[float]
+    state_after: list[float]
+    tolerance: float = Field(description="Max abs difference allowed per state element.")
+
+
+class RefreshedState(BaseModel):
+    """A refreshed user state as persisted beside the history (`tbsm-sdk refresh`, `rank --state`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    manifest_sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="sha256 of the manifest.json of the bundle it belongs to.")
+    user_state: list[float] = Field(description="float32 values, as manifest.user_state.")
+
+    def to_json(self) -> str:
+        return compact_json(self.model_dump(mode="json"))
+
+
 class GoldenSet(BaseModel):
     tolerance: float
     cases: list[GoldenCase]
+    refresh_cases: list[RefreshCase] = Field(default_factory=list, description="Bundles built with --refresh only.")
 
     def to_json(self) -> str:
         return compact_json(self.model_dump(mode="json"))

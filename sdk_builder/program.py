@@ -34,6 +34,10 @@ def program_spec() -> ProgramSpec:
             TensorSpec(name="hist_timestamps", dtype="int64", shape=[h], description="Unix seconds of the history events, 0 in padding"),
             TensorSpec(name="request_time", dtype="int64", shape=[1], description="Unix seconds of the ranking request"),
             TensorSpec(name="candidates", dtype="int64", shape=["n_candidates"], description=f"local item rows to score, 1..{MAX_CANDIDATES}"),
+            TensorSpec(name="user_state", dtype="float32", shape=["state_size"],
+                       description="the user state: [user vector (emb_dim), the user's share of the candidate top layer's "
+                                   "bias (z_dim)]; the refreshed state when the app has one for this bundle, else "
+                                   "manifest.user_state (state_size = len(manifest.user_state))"),
         ],
         outputs=[TensorSpec(name="scores", dtype="float32", shape=["n_candidates"],
                             description="score of each candidate in (0, 1), higher is better: sigmoid(model logit + shard prior)")],
@@ -70,7 +74,9 @@ class SliceLayout:
 
 
 # The per-user constants of a program: everything else is shared by all users of a checkpoint.
-USER_CONSTANTS = ("user", "item_table", "category_table", "candidate_features", "candidate_prior")
+# The user's own row is not one of them: it is the program's `user_state` input (`user_state`),
+# so that the phone can rank with a refreshed row (`sdk_builder.refresh`).
+USER_CONSTANTS = ("item_table", "category_table", "candidate_features", "candidate_category", "candidate_prior")
 
 
 def _candidate_x(model: TBSM) -> torch.Tensor:
@@ -80,15 +86,29 @@ def _candidate_x(model: TBSM) -> torch.Tensor:
 
 
 @torch.no_grad()
+def user_state(model: TBSM, user_row: int) -> torch.Tensor:
+    """The user state, float32 [emb_dim + z_dim]: [user vector (D), the user's share of the
+    candidate top layer's bias (Z)] (the x.u input of the first top layer for a candidate's constant x)."""
+    u = model.tower.user_emb.weight[user_row].detach().to(torch.float32)
+    return torch.cat([u, state_bias_share(model, u)]).contiguous()
+
+
+def state_bias_share(model: TBSM, u: torch.Tensor) -> torch.Tensor:
+    """The candidate top layer's bias share of a user vector `u` (differentiable in `u`)."""
+    return model.tower.top[0].weight[:, model.cfg.emb_dim] * (_candidate_x(model) @ u)
+
+
+@torch.no_grad()
 def slice_constants(model: TBSM, shard: Shard, item_category: np.ndarray, layout: SliceLayout | None = None) -> dict[str, torch.Tensor]:
     """One user's constants: `item_category[full item row]` is the item's full category row.
 
-    - `user`: [user vector (D), the user's share of the candidate top layer's bias (Z)];
     - `item_table`, `category_table`: the shard's rows (row 0 padding, row 1 OOV, zero-padded to
       the layout);
-    - `candidate_features`: per shard item, the 5 interactions of the item as a candidate that
-      involve it (x.item, u.item, x.cat, u.cat, item.cat): a candidate's x is a constant, so these
-      replace its embedding: 5 floats per item instead of 16;
+    - `candidate_features`: per shard item, the 3 interactions of the item as a candidate that do
+      not involve the user (x.item, x.cat, item.cat): a candidate's x is a constant, so these are
+      constants; u.item and u.cat are computed from the `user_state` input (a refreshed state moves them);
+    - `candidate_category`: per local item row, its local category row (int64; OOV when the
+      category is not in the shard, 0 for padding);
     - `candidate_prior`: per local item row, what is added to its logit (`Shard.item_prior`).
     """
     layout = layout or SliceLayout.exact(shard)
@@ -96,7 +116,6 @@ def slice_constants(model: TBSM, shard: Shard, item_category: np.ndarray, layout
     if n_items + RESERVED_ROWS > layout.item_rows or n_cats + RESERVED_ROWS > layout.category_rows:
         raise ValueError(f"shard of {n_items} items / {n_cats} categories does not fit the layout {layout}")
     tower, emb = model.tower, model.cfg.emb_dim
-    u = tower.user_emb.weight[shard.user_row]
     x = _candidate_x(model)
     items = torch.zeros(layout.item_rows, emb)
     items[RESERVED_ROWS : RESERVED_ROWS + n_items] = tower.item_emb.weight[torch.as_tensor(shard.item_rows)]
@@ -111,24 +130,22 @@ def slice_constants(model: TBSM, shard: Shard, item_category: np.ndarray, layout
     local_cat[PADDING_ROW] = PADDING_ROW
     local_cat[RESERVED_ROWS : RESERVED_ROWS + n_items] = np.where(found, pos + RESERVED_ROWS, OOV_ROW)
     item_cat_vec = cats[torch.from_numpy(local_cat)]
-    features = torch.stack([items @ x, items @ u, item_cat_vec @ x, item_cat_vec @ u, (items * item_cat_vec).sum(-1)], dim=-1)
+    features = torch.stack([items @ x, item_cat_vec @ x, (items * item_cat_vec).sum(-1)], dim=-1)
     features[PADDING_ROW] = 0
-    first = tower.top[0]
-    bias_share = first.weight[:, emb] * (x @ u)  # the x.u input of the first top layer
     prior = torch.full((layout.item_rows, 1), shard.prior_of_unknown())
     if shard.item_prior is not None:
         prior[RESERVED_ROWS : RESERVED_ROWS + n_items, 0] = torch.as_tensor(shard.item_prior, dtype=torch.float32)
     return {
-        "user": torch.cat([u, bias_share]).unsqueeze(0).contiguous(),
         "item_table": items.contiguous(),
         "category_table": cats.contiguous(),
         "candidate_features": features.contiguous(),
+        "candidate_category": torch.from_numpy(local_cat).contiguous(),
         "candidate_prior": prior.contiguous(),
     }
 
 
 class UserProgram(nn.Module):
-    """The on-device program for one user. Inputs are local rows, see `program_spec`.
+    """The on-device program for one user. Inputs are local rows and the user state, see `program_spec`.
 
     Per-user constants (`USER_CONSTANTS`) are only ever read through gathers, which stay on the
     portable kernels: XNNPACK then sees them as runtime tensors, so they live in the program's
@@ -144,7 +161,6 @@ class UserProgram(nn.Module):
         tower = model.tower
         for name in USER_CONSTANTS:
             self.register_buffer(name, constants[name].detach().clone())
-        self.register_buffer("first_row", torch.zeros(1, dtype=torch.long))
         with torch.no_grad():
             self.behavior_table = (
                 nn.Parameter(tower.behavior_emb.weight.detach().clone(), requires_grad=False)
@@ -153,8 +169,9 @@ class UserProgram(nn.Module):
             first, emb = tower.top[0], cfg.emb_dim
             folded = nn.Linear(5, first.out_features)
             # First top layer inputs: [x (emb), x.u, x.item, u.item, x.cat, u.cat, item.cat]; the
-            # constant x and the user's x.u share (in `user`) fold into the bias.
-            folded.weight.copy_(first.weight[:, emb + 1 : emb + 6])
+            # constant x folds into the bias, the user's x.u share is added from `user_state`.
+            # Our order: the constant features (x.item, x.cat, item.cat), then u.item, u.cat.
+            folded.weight.copy_(first.weight[:, [emb + k for k in (1, 3, 5, 2, 4)]])
             folded.bias.copy_(first.bias + first.weight[:, :emb] @ _candidate_x(model))
             self.candidate_first = folded
             self.candidate_rest = nn.Sequential(*list(tower.top)[1:])
@@ -171,22 +188,29 @@ class UserProgram(nn.Module):
     def for_shard(cls, model: TBSM, shard: Shard, item_category: np.ndarray, layout: SliceLayout | None = None) -> UserProgram:
         return cls(model, slice_constants(model, shard, item_category, layout))
 
-    def user_parts(self) -> tuple[torch.Tensor, torch.Tensor]:
-        user = self.user[self.first_row]  # a gather, so the row stays outside any delegate
+    def user_parts(self, user_state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(user vector (1, D), bias share (1, Z)) of the state input."""
         emb = self.cfg.emb_dim
-        return user[:, :emb], user[:, emb:]
+        return user_state[:emb].unsqueeze(0), user_state[emb:].unsqueeze(0)
 
-    def history_z(self, hist_items, hist_categories, hist_behaviors, hist_timestamps, request_time) -> torch.Tensor:
+    def event_dense(self, hist_timestamps, request_time) -> torch.Tensor:
+        """The dense feature of history events: their age at the request, or their position."""
         if self.cfg.dense_feature == "position":
-            dense = self.position_feature
-        else:
-            seconds = (request_time - hist_timestamps).clamp(min=0).to(torch.float32)
-            dense = torch.log1p(seconds / SECONDS_PER_MINUTE) / TIME_FEATURE_SCALE
+            return self.position_feature
+        seconds = (request_time - hist_timestamps).clamp(min=0).to(torch.float32)
+        return torch.log1p(seconds / SECONDS_PER_MINUTE) / TIME_FEATURE_SCALE
+
+    def history_z(self, hist_items, hist_categories, hist_behaviors, hist_timestamps, request_time,
+                  user_state, dense: torch.Tensor | None = None) -> torch.Tensor:
+        """Event-tower output of each history event (rows of any length: `dense`, one per event,
+        lets a caller stack several histories; default `event_dense`)."""
+        if dense is None:
+            dense = self.event_dense(hist_timestamps, request_time)
         item_vec = self.item_table[hist_items]
         if self.behavior_table is not None:
             item_vec = item_vec + self.behavior_table[hist_behaviors]
         x = self.bottom(dense.unsqueeze(-1))
-        u = self.user_parts()[0].expand_as(x)
+        u = self.user_parts(user_state)[0].expand_as(x)
         cat_vec = self.category_table[hist_categories]
         # Products, then one linear with a ones row over the embedding axis: the 6 dot products
         # become a single delegated linear instead of 6 portable reductions (a (6 x 6D) block-sum
@@ -197,19 +221,29 @@ class UserProgram(nn.Module):
         real = (hist_items != PADDING_ROW).to(z.dtype).unsqueeze(-1)
         return z * real
 
-    def forward(self, hist_items, hist_categories, hist_behaviors, hist_timestamps, request_time, candidates):
-        history = self.history_z(hist_items, hist_categories, hist_behaviors, hist_timestamps, request_time)
-        bias_share = self.user_parts()[1]
+    def forward(self, hist_items, hist_categories, hist_behaviors, hist_timestamps, request_time, candidates, user_state):
+        history = self.history_z(hist_items, hist_categories, hist_behaviors, hist_timestamps, request_time, user_state)
+        logit = self.candidate_logits(history, self.candidate_w(candidates, user_state))
+        return torch.sigmoid(logit + self.candidate_prior[candidates].unsqueeze(0)).reshape(-1)
+
+    def candidate_w(self, candidates: torch.Tensor, user_state: torch.Tensor) -> torch.Tensor:
+        """Candidate-side event-tower output (1, N, Z) of N local item rows."""
+        u, bias_share = self.user_parts(user_state)
         # Candidates live in a (1, N, .) batch of one from here on: bmm needs it, and staying 3-D
         # avoids a squeeze/unsqueeze copy of every (N, .) intermediate between delegates.
-        features = self.candidate_features[candidates].unsqueeze(0)
-        w = unit_rows(self.candidate_rest(self.candidate_first(features) + bias_share), self.ones_z)
+        items = self.item_table[candidates].unsqueeze(0)
+        cats = self.category_table[self.candidate_category[candidates]].unsqueeze(0)
+        features = torch.cat([self.candidate_features[candidates].unsqueeze(0),
+                              (items * u).sum(-1, keepdim=True), (cats * u).sum(-1, keepdim=True)], dim=-1)
+        return unit_rows(self.candidate_rest(self.candidate_first(features) + bias_share), self.ones_z)
+
+    def candidate_logits(self, history: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """Model logits (B, N, 1) of candidates `w` (B, N, Z) after a history (T, Z), or B histories (B, T, Z)."""
         logits = [
             head_logits(head, history * visible.unsqueeze(-1), w)
             for head, visible in zip(self.heads, self.head_visibility)
         ]
-        logit = logits[0] if self.combine is None else self.combine(torch.sigmoid(torch.cat(logits, dim=-1)))
-        return torch.sigmoid(logit + self.candidate_prior[candidates].unsqueeze(0)).reshape(-1)
+        return logits[0] if self.combine is None else self.combine(torch.sigmoid(torch.cat(logits, dim=-1)))
 
 
 def unit_rows(z: torch.Tensor, ones: torch.Tensor) -> torch.Tensor:
@@ -220,7 +254,8 @@ def unit_rows(z: torch.Tensor, ones: torch.Tensor) -> torch.Tensor:
 
 
 def head_logits(head: TSLHead, history: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """TSLHead.forward for one shared history (T, Z) and N candidates (1, N, Z) -> logits (1, N, 1).
+    """TSLHead.forward for one shared history (T, Z) and N candidates (1, N, Z) -> logits (1, N, 1);
+    or for B histories (B, T, Z), each with its own N candidates (B, N, Z) -> (B, N, 1).
 
     scores[n, t] = h_t . q(w_n); for def, q = A^T A w, so scores = w @ (H A^T A)^T: the history
     side is folded once per request and each candidate costs one (Z x T) product. With the MLP
@@ -235,31 +270,44 @@ def head_logits(head: TSLHead, history: torch.Tensor, w: torch.Tensor) -> torch.
     else:
         folded = history
     if head.attention is None:
-        weights = torch.bmm(w, folded.t().unsqueeze(0))
+        weights = torch.bmm(w, _batch_transposed(folded))
     else:
         # The attention MLP's first layer is linear in the scores: fold it into the history side
         # too, so a candidate costs one (Z x hidden) product instead of (Z x T) + (T x hidden).
         mlp_layers, squash = head.attention
         first, *rest = mlp_layers
-        hidden = torch.bmm(w, torch.matmul(first.weight, folded).t().unsqueeze(0)) + first.bias
+        hidden = torch.bmm(w, _batch_transposed(torch.matmul(first.weight, folded))) + first.bias
         for layer in rest:
             hidden = layer(hidden)
         weights = squash(hidden)
-    context = torch.bmm(weights, history.unsqueeze(0))
+    context = torch.bmm(weights, history.unsqueeze(0) if history.dim() == 2 else history)
     return head.head(torch.cat([context, w], dim=-1))
 
 
-def example_inputs(n_candidates: int = 8) -> tuple[torch.Tensor, ...]:
+def _batch_transposed(m: torch.Tensor) -> torch.Tensor:
+    """(T, Z) -> (1, Z, T), the one-history ranking graph as before; (B, T, Z) -> (B, Z, T)."""
+    return m.t().unsqueeze(0) if m.dim() == 2 else m.transpose(1, 2)
+
+
+def state_size(cfg) -> int:
+    return cfg.emb_dim + cfg.z_dim
+
+
+def example_inputs(state: int, n_candidates: int = 8) -> tuple[torch.Tensor, ...]:
+    """Example inputs of a program whose user state has `state` floats (`state_size`)."""
     h = MAX_HISTORY
     return (
         torch.zeros(h, dtype=torch.long), torch.zeros(h, dtype=torch.long), torch.zeros(h, dtype=torch.long),
         torch.zeros(h, dtype=torch.long), torch.zeros(1, dtype=torch.long),
-        torch.full((n_candidates,), OOV_ROW, dtype=torch.long),
+        torch.full((n_candidates,), OOV_ROW, dtype=torch.long), torch.zeros(state, dtype=torch.float32),
     )
 
 
+PROGRAM_DYNAMIC_SHAPES = (None, None, None, None, None, {0: torch.export.Dim("n_candidates", min=1, max=MAX_CANDIDATES)},
+                          None)
+
+
 def export_program(program: UserProgram) -> torch.export.ExportedProgram:
-    n = torch.export.Dim("n_candidates", min=1, max=MAX_CANDIDATES)
-    shapes = (None, None, None, None, None, {0: n})
     with torch.no_grad():
-        return torch.export.export(program.eval(), example_inputs(), dynamic_shapes=shapes, strict=False)
+        return torch.export.export(program.eval(), example_inputs(state_size(program.cfg)),
+                                   dynamic_shapes=PROGRAM_DYNAMIC_SHAPES, strict=False)

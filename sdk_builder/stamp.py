@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from model.tbsm import TBSM
-from sdk_builder.program import USER_CONSTANTS, Shard, SliceLayout, slice_constants
+from sdk_builder.program import USER_CONSTANTS, Shard, SliceLayout, slice_constants, user_state
 from sdk_builder.recipes import get_recipe
 from sdk_builder.recipes.base import Recipe
 from sdk_builder.runtime import load_runtime_method
@@ -55,8 +55,7 @@ class ProgramTemplate:
 def build_template(model: TBSM, layout: SliceLayout, recipe: str | Recipe, example: Shard,
                    item_category: np.ndarray) -> ProgramTemplate:
     recipe = get_recipe(recipe)
-    shapes = {name: tuple(t.shape) for name, t in slice_constants(model, example, item_category, layout).items()}
-    sentinels = sentinel_constants(shapes)
+    sentinels = sentinel_constants(slice_constants(model, example, item_category, layout))
     program = recipe.compile(model, sentinels)
     stored = recipe.stored_constants({name: sentinels[name] for name in USER_CONSTANTS})
     offsets, stored_shapes, dtypes = {}, {}, {}
@@ -67,17 +66,23 @@ def build_template(model: TBSM, layout: SliceLayout, recipe: str | Recipe, examp
     return ProgramTemplate(program, offsets, stored_shapes, dtypes, layout, recipe.name)
 
 
-def sentinel_constants(shapes: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
-    """The distinct random pattern a template is exported with, in place of each per-user constant."""
+def sentinel_constants(constants: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The distinct random pattern a template is exported with, in place of each per-user constant
+    (of the constants' shapes and dtypes: floats, or int64 rows below 2**16)."""
     rng = np.random.default_rng(SENTINEL_SEED)
-    return {name: torch.from_numpy(rng.standard_normal(shape).astype(np.float32)) for name, shape in shapes.items()}
+    out = {}
+    for name, t in constants.items():
+        shape = tuple(t.shape)
+        out[name] = torch.from_numpy(rng.standard_normal(shape).astype(np.float32) if t.dtype.is_floating_point
+                                     else rng.integers(0, 1 << 16, shape, dtype=np.int64))
+    return out
 
 
 def check_sentinels(template: ProgramTemplate, constants: dict[str, torch.Tensor]) -> None:
     """A template read back (e.g. from a cache) must hold the sentinel pattern at every recorded offset,
     for constants of these shapes: an offset off by a byte, or a template of other shapes or another
     recipe, is refused (StampingError) rather than stamped into a subtly wrong program."""
-    sentinels = sentinel_constants({name: tuple(t.shape) for name, t in constants.items()})
+    sentinels = sentinel_constants(constants)
     stored = get_recipe(template.recipe).stored_constants({name: sentinels[name] for name in USER_CONSTANTS})
     if set(stored) != set(template.offsets):
         raise StampingError(f"template constants {sorted(template.offsets)} differ from the recipe's {sorted(stored)}")
@@ -99,14 +104,17 @@ def offset_once(program: bytes, raw: bytes, name: str, recipe: str) -> int:
 
 def check_against_export(template: ProgramTemplate, model: TBSM, shards: list[Shard], item_category: np.ndarray,
                          requests: list[list[torch.Tensor]]) -> float:
-    """Max abs difference between stamped and fully exported programs over `requests`; raises on any."""
+    """Max abs difference between stamped and fully exported programs over `requests` (the six request
+    inputs; each shard's user state is appended); raises on any."""
     recipe = get_recipe(template.recipe)
     worst = 0.0
     for shard in shards:
         constants = slice_constants(model, shard, item_category, template.layout)
         stamped = load_runtime_method(template.stamp(constants))
         exported = load_runtime_method(recipe.compile(model, constants))
+        state = user_state(model, shard.user_row)
         for request in requests:
+            request = [*request[:6], state]
             a = stamped.execute(request)[0]
             b = exported.execute(request)[0]
             worst = max(worst, float((a - b).abs().max()))

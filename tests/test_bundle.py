@@ -89,11 +89,14 @@ def test_same_inputs_give_byte_identical_bundles(builder, tmp_path):
 
 
 def test_bundle_holds_no_other_users_embedding_row(built_bundle, builder):
+    """The user's row is the manifest's `user_state` (a program input); no user row is in the program."""
     program = (built_bundle / "model.pte").read_bytes()
     table = builder.model.tower.user_emb.weight.detach().numpy()
-    own = builder.user_row(json.loads((built_bundle / "manifest.json").read_text())["user_id"])
-    assert table[own].tobytes() in program  # the search finds a row when it is there
-    leaks = [row for row in range(len(table)) if row != own and table[row].tobytes() in program]
+    manifest = json.loads((built_bundle / "manifest.json").read_text())
+    own = builder.user_row(manifest["user_id"])
+    state = np.asarray(manifest["user_state"], dtype=np.float32)
+    assert state[: table.shape[1]].tobytes() == table[own].tobytes()
+    leaks = [row for row in range(len(table)) if table[row].tobytes() in program]
     assert leaks == []
 
 
@@ -104,7 +107,7 @@ def test_manifest_lists_sorted_shard_and_hashes(built_bundle):
     assert set(manifest["files"]) == {"model.pte", "events.schema.json", "golden.json"}
     assert manifest["seeds"]["bundle"] == 0 and "torch" in manifest["versions"] and "executorch" in manifest["versions"]
     assert [i["name"] for i in manifest["program"]["inputs"]] == [
-        "hist_items", "hist_categories", "hist_behaviors", "hist_timestamps", "request_time", "candidates"]
+        "hist_items", "hist_categories", "hist_behaviors", "hist_timestamps", "request_time", "candidates", "user_state"]
 
 
 def test_schema_is_generated_and_agrees_with_the_parser(built_bundle):

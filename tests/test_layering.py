@@ -28,6 +28,7 @@ LAYERS: dict[str, int] = {
     "sdk_builder.recipes": 7, "sdk_builder.recipes.base": 7, "sdk_builder.recipes.fp32": 7, "sdk_builder.recipes.int8": 7,
     "sdk_builder.stamp": 8,
     "sdk_builder.bundle.select": 9, "sdk_builder.bundle.store": 9, "sdk_builder.bundle.golden": 9,
+    "sdk_builder.refresh": 9,
     "sdk_builder.bundle.budget": 10, "sdk_builder.bundle.verify": 10, "sdk_builder.bundle.inspect": 10,
     "sdk_builder.bundle.build": 11,
     "sdk_builder.bundle.many": 12, "sdk_builder.bundle": 12,

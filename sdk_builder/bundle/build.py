@@ -1,7 +1,8 @@
 """Per-user bundles, orchestrated: shard -> constants -> program (stamped or exported) -> golden
 vectors -> (lossy recipes: accuracy budget) -> replay -> atomic write.
 
-A bundle directory holds `model.pte`, `manifest.json`, `events.schema.json` and `golden.json`.
+A bundle directory holds `model.pte`, `manifest.json`, `events.schema.json` and `golden.json`
+(and, built with a `RefreshConfig`, the on-device refresh program `refresh.pte`).
 It is written under a temporary name next to its final place and renamed, so readers see either
 no bundle or a whole one. Same checkpoint, data, user, policy and seed give identical bytes.
 """
@@ -14,15 +15,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from model.tbsm import RESERVED_ROWS
 from sdk_builder.bundle.budget import BudgetOutcome, apply_accuracy_budget
 from sdk_builder.bundle.golden import (
-    GOLDEN_TOLERANCE, EagerReference, Request, ShardView, golden_requests, replay_encoded, score_golden,
+    GOLDEN_TOLERANCE, EagerReference, Request, ShardView, golden_requests, last_events, refresh_cases, replay_encoded,
+    score_golden,
 )
 from sdk_builder.bundle.select import select_shard
 from sdk_builder.bundle.store import bundle_path, is_current, write_bundle_atomically
-from sdk_builder.client import encode
+from sdk_builder.client import encode, padded_events, refresh_max_diff
 from sdk_builder.data.dataset import PreparedData
 from sdk_builder.formats import (
     GOLDEN, MANIFEST, PROGRAM, SCHEMA, BundleError, EventHistory, GoldenCase, GoldenSet, Manifest,
@@ -30,6 +33,9 @@ from sdk_builder.formats import (
 )
 from sdk_builder.program import Shard, SliceLayout, slice_constants
 from sdk_builder.recipes import DEFAULT_ACCURACY_BUDGET, DEFAULT_RECIPE, get_recipe
+from sdk_builder.refresh import (
+    REFRESH_FILE, RefreshConfig, build_refresh_template, check_refresh_stamping, eager_gradient, refresh_constants,
+)
 from sdk_builder.runs import LoadedCheckpoint, versions
 from sdk_builder.runtime import load_runtime_method
 from sdk_builder.shard import ShardIndex, ShardPolicy
@@ -52,12 +58,14 @@ class BuildResult:
 
 
 def build_key(ckpt: LoadedCheckpoint, data: PreparedData, policy: ShardPolicy, recipe: str, seed: int,
-              layout: SliceLayout, sdk_version: str, budget: tuple[float, str] | None) -> str:
+              layout: SliceLayout, sdk_version: str, budget: tuple[float, str] | None,
+              refresh: RefreshConfig | None = None) -> str:
     """Hash of everything a bundle is built from: equal keys mean an up-to-date bundle."""
     key_material = json.dumps({"checkpoint": ckpt.sha256, "data": data.fingerprint(), "policy": policy.to_dict(),
                                "recipe": recipe, "seed": seed, "layout": [layout.item_rows, layout.category_rows],
                                "sdk": sdk_version, "format": Manifest.model_fields["format_version"].default,
-                               **({"budget": list(budget)} if budget is not None else {})},
+                               **({"budget": list(budget)} if budget is not None else {}),
+                               **({"refresh": refresh.record().model_dump()} if refresh is not None else {})},
                               sort_keys=True)
     return sha256_bytes(key_material.encode())
 
@@ -95,7 +103,7 @@ class BundleBuilder:
                  recipe: str = DEFAULT_RECIPE, seed: int = 0, *, stamping: bool = True, category_capacity: int = 256,
                  verify_each: bool = True, durable: bool = False,
                  accuracy_budget: float = DEFAULT_ACCURACY_BUDGET, on_budget_exceeded: str = "fail",
-                 allow_weak_model: bool = False) -> None:
+                 allow_weak_model: bool = False, refresh: RefreshConfig | None = None) -> None:
         trained_on = ckpt.payload["data_fingerprint"]
         # The run's own data, or that data extended with newer events (`extend_events`: same id maps).
         if data.fingerprint() != trained_on and data.info.get("extends") != trained_on:
@@ -123,11 +131,36 @@ class BundleBuilder:
         self.layout = SliceLayout(self.policy.shard_size + RESERVED_ROWS,
                                   min(ckpt.categories.rows, max(category_capacity, 1) + RESERVED_ROWS))
         self.template: ProgramTemplate | None = None
+        # On-device refresh (`--refresh`): its program is stamped from its own template.
+        self.refresh = refresh
+        self.refresh_template: ProgramTemplate | None = None
         self.versions = versions()
         self.model_config = ckpt.config.to_dict()
         self.schema_bytes = compact_json(events_json_schema()).encode()
         self.build_key = build_key(ckpt, data, self.policy, recipe, seed, self.layout, self.versions["tbsm_sdk"],
-                                   (accuracy_budget, on_budget_exceeded) if self.steps.lossy else None)
+                                   (accuracy_budget, on_budget_exceeded) if self.steps.lossy else None, refresh)
+
+    def prepare_refresh(self) -> float:
+        """Export the refresh template once; the stamped and a fully exported program of the first
+        user must give the same loss and gradient in the runtime on that user's events."""
+        user_id = int(self.ckpt.users.ids[0])
+        shard = self.shard_for(self.user_row(user_id))[0]
+        template = build_refresh_template(self.model, self.layout, shard, self.ckpt.item_category, self.refresh)
+        view = ShardView(self.ckpt, shard)
+        events = last_events(self.ckpt, self.data, shard.user_row, self.refresh.events)
+        inputs = [torch.from_numpy(view.user_state),
+                  *(torch.from_numpy(a) for a in padded_events(view, events, self.refresh.events))]
+        worst = check_refresh_stamping(template, self.model, self.refresh_constants_for(shard), self.refresh, inputs)
+        self.refresh_template = template
+        return worst
+
+    def refresh_constants_for(self, shard: Shard):
+        return refresh_constants(self.model, shard, self.ckpt.item_category, self.layout, self.constants_for(shard))
+
+    def refresh_program_for(self, shard: Shard) -> bytes:
+        if self.refresh_template is None:
+            self.prepare_refresh()
+        return self.refresh_template.stamp(self.refresh_constants_for(shard))
 
     def prepare_stamping(self, guard_users: int = 3) -> float:
         """Export the template once and check it: stamped vs fully exported programs of a few users
@@ -161,12 +194,21 @@ class BundleBuilder:
         view = view or ShardView(self.ckpt, shard)
         return Manifest.model_construct(
             versions=self.versions, user_id=user_id, recipe=self.recipe, checkpoint_sha256=self.ckpt.sha256,
-            model_config=self.model_config, program=view.program, items=view.items, categories=view.categories,
+            model_config=self.model_config, program=view.program, user_state=view.user_state.tolist(),
+            items=view.items, categories=view.categories,
             shard_policy=ShardPolicyRecord.model_construct(name=self.policy.name, shard_size=self.policy.shard_size,
                                                            weights=self.policy.weights, sources=sources),
             seeds={"train": int(self.ckpt.payload.get("seed", 0)), "bundle": self.seed},
             golden_tolerance=GOLDEN_TOLERANCE, files=files, build_key=self.build_key, quality=self.quality,
         )
+
+    def refresh_cases(self, shard: Shard, view: ShardView):
+        """Refresh golden cases: the client loop on the user's own last events, with eager gradients."""
+        constants = self.refresh_constants_for(shard)
+        events = last_events(self.ckpt, self.data, shard.user_row, self.refresh.events)
+        gradient = lambda state, inputs: eager_gradient(self.model, constants, self.refresh,  # noqa: E731
+                                                        [torch.from_numpy(state), *inputs])[1]
+        return refresh_cases(view, events, self.refresh.record(), gradient)
 
     def golden_requests(self, user_id: int, shard: Shard) -> list[GoldenCase]:
         return golden_requests(self.ckpt, self.data, self.seed, user_id, shard)
@@ -245,11 +287,17 @@ class BundleBuilder:
         budget = self.check_budget(user_id, shard, program, cases) if self.steps.lossy else None
         if budget is not None:
             program, cases = budget.program, budget.cases
-        golden = GoldenSet.model_construct(tolerance=GOLDEN_TOLERANCE, cases=cases)
-        files = {PROGRAM: program, SCHEMA: self.schema_bytes, GOLDEN: golden.to_json().encode()}
+        golden = GoldenSet.model_construct(tolerance=GOLDEN_TOLERANCE, cases=cases, refresh_cases=[])
+        files = {PROGRAM: program, SCHEMA: self.schema_bytes}
+        if self.refresh is not None:
+            files[REFRESH_FILE] = self.refresh_program_for(shard)
+            golden.refresh_cases = self.refresh_cases(shard, view)
+        files[GOLDEN] = golden.to_json().encode()
         manifest = self.manifest_for(user_id, shard, sources, {k: sha256_bytes(v) for k, v in sorted(files.items())}, view)
         if budget is not None:
             manifest = manifest.model_copy(update={"recipe": budget.recipe, "quantization": budget.quantization})
+        if self.refresh is not None:
+            manifest = manifest.model_copy(update={"refresh": self.refresh.record()})
         files[MANIFEST] = manifest.to_json().encode()
         if check_formats:
             check_against_formats(files)
@@ -257,6 +305,11 @@ class BundleBuilder:
         if max_diff > GOLDEN_TOLERANCE:
             raise BundleError(f"user {user_id}: the compiled program differs from the eager model by {max_diff:.2e} "
                               f"(> {GOLDEN_TOLERANCE:g}); not writing the bundle")
+        if self.refresh is not None and self.verify_each:
+            refresh_diff = refresh_max_diff(manifest, golden.refresh_cases, load_runtime_method(files[REFRESH_FILE]))
+            if not refresh_diff <= golden.refresh_cases[0].tolerance:
+                raise BundleError(f"user {user_id}: the refresh program's loop differs from the eager one by "
+                                  f"{refresh_diff:.2e}; not writing the bundle")
         path = write_bundle_atomically(bundle_path(out_root, user_id), files, durable=self.durable)
         return BuildResult(user_id, path, len(program), sum(len(v) for v in files.values()),
                            0.0, max_diff, manifest_sha256=sha256_bytes(files[MANIFEST]),

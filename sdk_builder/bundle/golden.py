@@ -12,17 +12,20 @@ import numpy as np
 import torch
 
 from model.tbsm import OOV_ROW, PADDING_ROW, RESERVED_ROWS, TBSM
-from sdk_builder.client import EncodedRequest, encode, golden_max_diff, run_method
+from sdk_builder.client import EncodedRequest, encode, golden_max_diff, padded_events, refresh_state, run_method
 from sdk_builder.data.dataset import PreparedData
 from sdk_builder.formats import (
     BEHAVIOR_CODES, BEHAVIOR_NAMES, Behavior, MAX_HISTORY, Event, EventHistory, GoldenCase, GoldenSet, IdShard, Manifest,
+    RefreshCase,
 )
-from sdk_builder.program import Shard, program_spec
+from sdk_builder.program import Shard, program_spec, user_state
 from sdk_builder.runs import LoadedCheckpoint
 
 GOLDEN_TOLERANCE = 1e-5
 GOLDEN_CANDIDATES = 16
 GOLDEN_CASES = 4  # per user: full, short, empty and all-OOV histories
+REFRESH_TOLERANCE = 1e-5  # per state element, after a whole refresh loop
+REFRESH_SHORT = 5  # events of the short refresh case (the rest of the program's window is padding)
 _PROGRAM_SPEC = program_spec()  # read-only: shared by every view
 
 Request = tuple[EventHistory, int, list[int]]  # history, request time, global candidate ids
@@ -30,27 +33,48 @@ Request = tuple[EventHistory, int, list[int]]  # history, request time, global c
 
 class ShardView:
     """The parts of a manifest `encode` needs, before the manifest itself exists. Built once per
-    user: the id lists come from our own id maps (sorted, non-negative), so they skip validation."""
+    user: the id lists come from our own id maps (sorted, non-negative), so they skip validation.
+    `user_state`: the shipped state, by default the shard's user row of the checkpoint's model."""
 
-    def __init__(self, ckpt: LoadedCheckpoint, shard: Shard) -> None:
+    def __init__(self, ckpt: LoadedCheckpoint, shard: Shard, state: np.ndarray | None = None) -> None:
         self.items = IdShard.model_construct(ids=ckpt.items.global_id(shard.item_rows).tolist())
         self.categories = IdShard.model_construct(ids=ckpt.categories.global_id(shard.category_rows).tolist())
         self.behaviors = dict(BEHAVIOR_CODES)
         self.program = _PROGRAM_SPEC
+        self.user_state = (user_state(ckpt.model, shard.user_row).numpy() if state is None
+                           else np.asarray(state, dtype=np.float32))
+
+
+def last_events(ckpt: LoadedCheckpoint, data: PreparedData, user_row: int, n: int) -> list[Event]:
+    """The user's last `n` events of the data, oldest first. Events of our own prepared data
+    (non-negative ids, known behaviours): built without re-validating what the ingestion already
+    checked (~40 us a case otherwise)."""
+    sl = data.user_events(user_row)
+    return [
+        Event.model_construct(item_id=int(i), category_id=int(c), behavior=Behavior(BEHAVIOR_NAMES[int(b)]),
+                              timestamp=int(t))
+        for i, c, b, t in zip(ckpt.items.global_id(data.item_rows[sl][-n:]).tolist(),
+                              ckpt.categories.global_id(data.cat_rows[sl][-n:]).tolist(),
+                              data.behaviors[sl][-n:].tolist(), data.timestamps[sl][-n:].tolist())
+    ]
+
+
+def refresh_cases(view: ShardView, events: list[Event], record, gradient) -> list[RefreshCase]:
+    """The refresh golden cases of a user: the refresh loop from the shipped state on its last
+    `record.events` events and on its last REFRESH_SHORT, with `gradient(state, event inputs)` the
+    eager program's (autograd): the runtime's loop must reproduce them (verify, the C++ client)."""
+    cases = []
+    for name, chosen in (("recent_events", events[-record.events:]), ("few_events", events[-REFRESH_SHORT:])):
+        inputs = [torch.from_numpy(a) for a in padded_events(view, chosen, record.events)]
+        after = refresh_state(view.user_state, view.user_state, record, lambda s: gradient(s, inputs))
+        cases.append(RefreshCase(name=name, events=chosen, state_before=view.user_state.tolist(),
+                                 state_after=after.tolist(), tolerance=REFRESH_TOLERANCE))
+    return cases
 
 
 def golden_requests(ckpt: LoadedCheckpoint, data: PreparedData, seed: int, user_id: int, shard: Shard) -> list[GoldenCase]:
     """Real histories of the user (full, short, empty, all-OOV) with shard and unknown candidates (no scores yet)."""
-    sl = data.user_events(shard.user_row)
-    # Events of our own prepared data (non-negative ids, known behaviours): built without
-    # re-validating what the ingestion already checked (~40 us a case otherwise).
-    events = [
-        Event.model_construct(item_id=int(i), category_id=int(c), behavior=Behavior(BEHAVIOR_NAMES[int(b)]),
-                              timestamp=int(t))
-        for i, c, b, t in zip(ckpt.items.global_id(data.item_rows[sl][-MAX_HISTORY:]).tolist(),
-                              ckpt.categories.global_id(data.cat_rows[sl][-MAX_HISTORY:]).tolist(),
-                              data.behaviors[sl][-MAX_HISTORY:].tolist(), data.timestamps[sl][-MAX_HISTORY:].tolist())
-    ]
+    events = last_events(ckpt, data, shard.user_row, MAX_HISTORY)
     last_time = events[-1].timestamp if events else 0
     rng = np.random.default_rng([seed, user_id])
     shard_ids = ckpt.items.global_id(shard.item_rows)

@@ -5,7 +5,7 @@ with shape, dtype and bytes), the delegate blobs (XNNPACK graphs) with the weigh
 and the rest (flatbuffer structure, headers, alignment padding). Constant tensors carry no names in
 a `.pte`: they are named from the program itself, by the input that indexes them
 (`hist_items` -> `item_table`, `hist_categories` -> `category_table`, `candidates` ->
-`candidate_features`, a constant row index -> `user`); others are numbered. The JSON files are
+`candidate_features`); others are numbered (the user state is an input, not a constant). The JSON files are
 split by top-level field (manifest), id lists and golden case. Every file's parts add up to the
 file's size exactly, and the files to the bundle's size.
 """
@@ -79,6 +79,11 @@ def _part(name: str, kind: str, nbytes: int, shape=None, dtype=None, **extra) ->
     return part
 
 
+def _is_int64(value) -> bool:
+    schema, ScalarType = _serializer_modules().schema, _serializer_modules().ScalarType
+    return isinstance(value, schema.Tensor) and ScalarType(value.scalar_type).name == "LONG"
+
+
 def _constant_names(plan, input_names: list[str]) -> dict[int, str]:
     """value index -> name for constants read through a gather, traced from the kernel calls."""
     schema = _serializer_modules().schema  # inside inspect_program's `with _serializer()`
@@ -93,8 +98,6 @@ def _constant_names(plan, input_names: list[str]) -> dict[int, str]:
     def table_name(index_value: int) -> str | None:
         if index_value in origin:
             return TABLE_OF_INPUT.get(origin[index_value])
-        if is_constant(index_value):
-            return "user"  # a per-user row read through a constant index (a gather keeps it out of delegates)
         return None
 
     names: dict[int, str] = {}
@@ -116,10 +119,12 @@ def _constant_names(plan, input_names: list[str]) -> dict[int, str]:
                 items = getattr(values[args[1]].val, "items", [])
                 index = next((i for i in items if i is not None and i >= 0), None)
                 name = table_name(index) if index is not None else None
+                if name == "candidate_features":  # three tables are read by candidate row
+                    table = values[args[0]].val
+                    name = ("candidate_category" if _is_int64(table)
+                            else "candidate_prior" if list(getattr(table, "sizes", []))[-1:] == [1] else name)
                 if name:
                     names.setdefault(args[0], name)
-                    if index is not None and is_constant(index):
-                        names.setdefault(index, f"{name} row index")
             elif op in ("aten::embedding", "aten::index_select"):
                 weight, index = (args[0], args[1]) if op == "aten::embedding" else (args[0], args[2])
                 name = table_name(index)
@@ -260,6 +265,8 @@ def inspect_bundle(path: Path) -> dict[str, Any]:
             parts = inspect_manifest(data)
         elif name == GOLDEN:
             parts = inspect_golden(data)
+        elif name.endswith(".pte"):  # the refresh program: constants unnamed
+            parts = inspect_program(data, [])
         else:
             parts = [_part(name, "file", len(data))]
         files.append({"name": name, "bytes": len(data), "parts": parts})

@@ -56,6 +56,7 @@ class BuildSpec:
     on_budget_exceeded: str = "fail"  # lossy recipes only: "fail" or "fp32"
     allow_weak_model: bool = False  # build even when the model does not beat popularity on validation
     events: tuple[str, ...] = ()  # newer event logs: shards and golden histories include them (`extend_events`)
+    refresh: bool = False  # add the on-device refresh program (sdk_builder/refresh.py, default RefreshConfig)
 
 
 @dataclass
@@ -77,7 +78,10 @@ class BatchSummary:
     newer_events: dict[str, int] = field(default_factory=dict)  # `extend_events`' counts, with BuildSpec.events
 
 
-def make_builder(spec: BuildSpec, template: ProgramTemplate | None = None) -> BundleBuilder:
+def make_builder(spec: BuildSpec, template: ProgramTemplate | None = None,
+                 refresh_template: ProgramTemplate | None = None) -> BundleBuilder:
+    from sdk_builder.refresh import RefreshConfig
+
     ckpt = load_checkpoint(Path(spec.run), mmap=True)
     data = PreparedData.load(ckpt.path.parent / DATA)
     if spec.events:
@@ -85,8 +89,8 @@ def make_builder(spec: BuildSpec, template: ProgramTemplate | None = None) -> Bu
     builder = BundleBuilder(ckpt, data, ShardPolicy(shard_size=spec.shard_size), recipe=spec.recipe, seed=spec.seed,
                             category_capacity=spec.category_capacity, durable=spec.durable,
                             accuracy_budget=spec.accuracy_budget, on_budget_exceeded=spec.on_budget_exceeded,
-                            allow_weak_model=spec.allow_weak_model)
-    builder.template = template
+                            allow_weak_model=spec.allow_weak_model, refresh=RefreshConfig() if spec.refresh else None)
+    builder.template, builder.refresh_template = template, refresh_template
     return builder
 
 
@@ -218,15 +222,16 @@ _WORKER: BundleBuilder | None = None
 _WORKER_SPEC: BuildSpec | None = None
 
 
-def _init_worker(spec: BuildSpec, template: ProgramTemplate) -> None:
+def _init_worker(spec: BuildSpec, template: ProgramTemplate, refresh_template: ProgramTemplate | None = None) -> None:
     global _WORKER, _WORKER_SPEC
-    _WORKER, _WORKER_SPEC = make_builder(spec, template), spec
+    _WORKER, _WORKER_SPEC = make_builder(spec, template, refresh_template), spec
 
 
-def _ray_build_chunk(chunk: list[int], spec: BuildSpec, template: ProgramTemplate) -> list[dict]:
+def _ray_build_chunk(chunk: list[int], spec: BuildSpec, template: ProgramTemplate,
+                     refresh_template: ProgramTemplate | None = None) -> list[dict]:
     """A Ray task; the builder is made once per worker process and reused by its later tasks."""
     if _WORKER_SPEC != spec:
-        _init_worker(spec, template)
+        _init_worker(spec, template, refresh_template)
     return _build_chunk(chunk, spec.out)
 
 
@@ -266,11 +271,15 @@ def build_many(spec: BuildSpec, users: list[int], *, jobs: int = 1, backend: str
 
     if known:
         prepare_template(builder, known, summary)
+        if builder.refresh is not None:  # exported per build (not cached yet), before any worker starts
+            started_refresh = time.perf_counter()
+            builder.prepare_refresh()
+            summary.template_seconds += time.perf_counter() - started_refresh
     watch.check()
 
     rows: list[dict] = []
     if backend == "ray":
-        rows = _run_ray(spec, builder.template, known, jobs, ray_address, watch, progress)
+        rows = _run_ray(spec, builder.template, known, jobs, ray_address, watch, progress, builder.refresh_template)
     elif jobs <= 1:
         for chunk in _chunks(known, CHUNK):
             rows.extend(_result_row(r, out) for r in builder.build_many(chunk, out, skip_current=True))
@@ -282,7 +291,7 @@ def build_many(spec: BuildSpec, users: list[int], *, jobs: int = 1, backend: str
         # spawn, not fork: a fork after torch's and ExecuTorch's thread pools started deadlocks.
         # Each worker maps the same checkpoint file, so the tables are in memory once.
         ctx = mp.get_context("spawn")
-        with ctx.Pool(jobs, initializer=_init_worker, initargs=(spec, builder.template)) as pool:
+        with ctx.Pool(jobs, initializer=_init_worker, initargs=(spec, builder.template, builder.refresh_template)) as pool:
             for chunk_rows in pool.imap(_chunked_call, [(c, spec.out) for c in _chunks(known, CHUNK)]):
                 rows.extend(chunk_rows)
                 watch.check()
@@ -307,7 +316,8 @@ def _chunked_call(args: tuple[list[int], str]) -> list[dict]:
 
 
 def _run_ray(spec: BuildSpec, template: ProgramTemplate, users: list[int], jobs: int, address: str | None,
-             watch: CheckpointWatch, progress: Callable[[int], None]) -> list[dict]:
+             watch: CheckpointWatch, progress: Callable[[int], None],
+             refresh_template: ProgramTemplate | None = None) -> list[dict]:
     import ray
 
     if not ray.is_initialized():
@@ -318,7 +328,8 @@ def _run_ray(spec: BuildSpec, template: ProgramTemplate, users: list[int], jobs:
     template_ref = ray.put(template)  # shipped once, shared by every task through the object store
 
     build_chunk = ray.remote(_ray_build_chunk)
-    pending = [build_chunk.remote(c, spec, template_ref) for c in _chunks(users, CHUNK)]
+    refresh_ref = ray.put(refresh_template)
+    pending = [build_chunk.remote(c, spec, template_ref, refresh_ref) for c in _chunks(users, CHUNK)]
     rows: list[dict] = []
     while pending:
         done, pending = ray.wait(pending, num_returns=1)

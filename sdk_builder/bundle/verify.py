@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from sdk_builder.bundle.store import INDEX, manifest_signature
-from sdk_builder.client import Bundle, encode, golden_max_diff
+from sdk_builder.client import Bundle, encode, golden_max_diff, refresh_max_diff
 from sdk_builder.formats import GOLDEN, MANIFEST, PROGRAM, SCHEMA, SIGNATURE, BundleError, compact_json, events_json_schema
 from sdk_builder.util import sha256_bytes, sha256_file
 
@@ -68,7 +68,7 @@ def _foreign_schema_validator(data: bytes, source: str):
 
 def _check_directory(bundle: Bundle) -> None:
     m = bundle.manifest
-    missing = {PROGRAM, SCHEMA, GOLDEN} - set(m.files)
+    missing = {PROGRAM, SCHEMA, GOLDEN, *([m.refresh.file] if m.refresh is not None else [])} - set(m.files)
     if missing:
         raise BundleError(f"{bundle.path / MANIFEST}: files: {sorted(missing)} not listed")
     allowed = set(m.files) | {MANIFEST, SIGNATURE}
@@ -110,6 +110,32 @@ def _check_ids(bundle: Bundle) -> None:
                           f"up to {from_sources:,}")
 
 
+def _check_refresh(bundle: Bundle, golden) -> float | None:
+    """A bundle with `manifest.refresh`: its refresh cases replayed through the client loop with the
+    refresh program in the runtime (None without refresh)."""
+    m = bundle.manifest
+    if m.refresh is None:
+        if golden.refresh_cases:
+            raise BundleError(f"{bundle.path / GOLDEN}: refresh_cases, but the manifest's refresh is null")
+        return None
+    if not golden.refresh_cases:
+        raise BundleError(f"{bundle.path / GOLDEN}: no refresh_cases for the manifest's refresh program")
+    size = len(m.user_state)
+    for case in golden.refresh_cases:
+        if len(case.state_before) != size or len(case.state_after) != size:
+            raise BundleError(f"{bundle.path / GOLDEN}: refresh case {case.name}: states of {len(case.state_before)} / "
+                              f"{len(case.state_after)} numbers, the manifest's user_state has {size}")
+    try:
+        worst = refresh_max_diff(m, golden.refresh_cases, bundle.refresh_method)
+    except RuntimeError as exc:
+        raise BundleError(f"{bundle.path / m.refresh.file}: ExecuTorch could not run it "
+                          f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+    tolerance = min(case.tolerance for case in golden.refresh_cases)
+    if not worst <= tolerance:
+        raise BundleError(f"{bundle.path}: refresh cases differ by {worst:.2e} > tolerance {tolerance:g}")
+    return worst
+
+
 def verify_bundle(path: Path, expected: Expected = Expected()) -> dict:
     """Hashes, manifest, schema and golden vectors replayed in the ExecuTorch runtime."""
     bundle = Bundle(Path(path))
@@ -137,8 +163,9 @@ def verify_bundle(path: Path, expected: Expected = Expected()) -> dict:
     worst = golden_max_diff(golden.cases, requests, bundle.execute)
     if not worst <= golden.tolerance:  # NaN fails too
         raise BundleError(f"{bundle.path}: golden vectors differ by {worst:.2e} > tolerance {golden.tolerance:g}")
+    refresh_worst = _check_refresh(bundle, golden)
     return {"bundle": str(bundle.path), "user_id": m.user_id, "ok": True, "cases": len(golden.cases),
-            "max_abs_diff": worst, "items": len(m.items.ids), "categories": len(m.categories.ids),
+            "max_abs_diff": worst, "refresh_max_abs_diff": refresh_worst, "items": len(m.items.ids), "categories": len(m.categories.ids),
             "signed": (bundle.path / SIGNATURE).is_file(), "index_checked": expected.manifest_sha256 is not None,
             "signature_checked": expected.key is not None,
             "bytes": {name: (bundle.path / name).stat().st_size for name in sorted(set(m.files) | {MANIFEST})}}

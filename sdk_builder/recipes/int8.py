@@ -13,7 +13,7 @@ What is stored lossy: the per-user tables that dominate a bundle's bytes.
   rounds the small ones away); fp16 keeps each value's own exponent for 2 bytes, about the bytes
   of int8 plus a per-row fp32 scale (docs/benchmarks.md, "int8 size").
 
-Not lossy: the user row (`user`, ~30 floats) and the shared MLP weights, which XNNPACK runs in
+Not lossy: the user state (a program input, ~30 floats) and the shared MLP weights, which XNNPACK runs in
 fp32 (dynamic-int8 linears were not faster for these 15-wide layers, see docs/benchmarks.md).
 
 The program's inputs and outputs are those of the fp32 recipes: the contract does not depend on
