@@ -72,6 +72,9 @@ def run_one(name: str, events, args) -> str:
                      "has no positive gap).")
     else:
         lines.append("(b) not measured: the bundles have no refresh program.")
+    if "phone_order_gain" in gap:
+        lines.append(f"No model: (a)'s shard in the policy order recomputed from the phone's events minus its build-time "
+                     f"order: {points('phone_order_gain')} (what a prior computed on the phone instead of stamped could add).")
     return "\n".join(lines)
 
 

@@ -426,7 +426,34 @@ STREAM_ROWS = {
     "refreshed": "(b) frozen bundle, user state refreshed on the phone as the stream arrives",
     "rebuilt": "(c) bundle rebuilt on the server with the stream, same checkpoint",
     "rebuilt_in_frozen_shard": "(c) counting only targets inside (a)'s shard",
+    "frozen_policy_order": "(a)'s shard in its build-time policy order (no model)",
+    "frozen_phone_order": "(a)'s shard in the policy order recomputed from the phone's events (no model)",
 }
+
+
+def policy_orders(split: StreamSplit, users: list[StreamUser], frozen_shards: list[np.ndarray],
+                  policy: ShardPolicy) -> dict[str, list[np.ndarray]]:
+    """Scores (minus the position) of each user's frozen shard items in the shard policy's order as
+    stamped at build time ("frozen_policy_order") and as recomputed from every event the phone has,
+    kept and streamed, with the build-time statistics ("frozen_phone_order"; items the new order
+    lacks follow in the build-time order): how much a policy prior computed on the phone instead
+    of stamped would gain, with no model."""
+    data, log = split.data, split.stream
+    index = ShardIndex(data, policy)
+    out: dict[str, list[np.ndarray]] = {"frozen_policy_order": [], "frozen_phone_order": []}
+    for user, shard in zip(users, frozen_shards):
+        kept = data.user_events(user.user_row)
+        before, _ = index.select_ranked(data.item_rows[kept], data.cat_rows[kept])
+        now, _ = index.select_ranked(np.concatenate([data.item_rows[kept], data.items.lookup(log.item[user.stream])]),
+                                     np.concatenate([data.cat_rows[kept], data.categories.lookup(log.category[user.stream])]))
+        for name, order in (("frozen_policy_order", before), ("frozen_phone_order", np.concatenate([now, before]))):
+            order = order[np.isin(order, shard)]
+            _, first = np.unique(order, return_index=True)
+            order = order[np.sort(first)]
+            position = np.full(len(shard), len(shard), np.float64)
+            position[np.searchsorted(shard, order)] = np.arange(len(order))
+            out[name].append(-position)
+    return out
 
 
 @dataclass
@@ -474,7 +501,7 @@ def stream_quality(split: StreamSplit, users: list[StreamUser], shards: dict[str
                                     for k in shards})
     per_user: dict[str, dict[str, np.ndarray]] = {}
     for name in STREAM_ROWS:
-        shard_of = "frozen" if name == "refreshed" else name
+        shard_of = "frozen" if name.startswith(("refreshed", "frozen")) else name
         if name not in scores or shard_of not in shards:
             continue
         ranked = np.stack([top_unseen(sc, sh, u.seen) for sc, sh, u in zip(scores[name], shards[shard_of], users)])
@@ -489,6 +516,9 @@ def stream_quality(split: StreamSplit, users: list[StreamUser], shards: dict[str
         parts = {"a_to_c": c - a, "outside_frozen_shard": c - inside}
         if "refreshed" in per_user:
             parts["refresh_gain"] = per_user["refreshed"][PRIMARY_METRIC] - a
+        if "frozen_phone_order" in per_user:
+            parts["phone_order_gain"] = (per_user["frozen_phone_order"][PRIMARY_METRIC]
+                                         - per_user["frozen_policy_order"][PRIMARY_METRIC])
         for name, diff in parts.items():  # HR@10 differences, paired over users
             report.gap[name] = float(diff.mean())
             report.gap[f"{name}_ci95"] = list(bootstrap_interval(diff, seed=seed))

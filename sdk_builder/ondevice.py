@@ -17,7 +17,7 @@ import numpy as np
 from sdk_builder.bundle import BundleBuilder
 from sdk_builder.client import Bundle
 from sdk_builder.data.dataset import PreparedData, extend_events
-from sdk_builder.evaluation import StreamReport, StreamSplit, StreamUser, UserRequest, stream_quality
+from sdk_builder.evaluation import StreamReport, StreamSplit, StreamUser, UserRequest, policy_orders, stream_quality
 from sdk_builder.formats import BEHAVIOR_NAMES, MAX_HISTORY, Event, EventHistory
 from sdk_builder.refresh import RefreshConfig
 from sdk_builder.shard import ShardPolicy
@@ -164,6 +164,8 @@ def evaluate_stream(ckpt: LoadedCheckpoint, split: StreamSplit, *, policy: Shard
             template = builder.template
         builder.template = template  # same checkpoint, recipe and layout: one export serves both
         shards[name], ranked = rank_after_stream(builder, split, users, progress=progress)
+        if name == "frozen":
+            scores.update(policy_orders(split, users, shards[name], builder.policy))
         scores[name] = ranked["shipped"]
         if "refreshed" in ranked:
             scores["refreshed"] = ranked["refreshed"]
