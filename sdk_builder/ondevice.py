@@ -153,12 +153,9 @@ def evaluate_stream(ckpt: LoadedCheckpoint, split: StreamSplit, *, policy: Shard
     shards, scores = {}, {}
     template = None
     for name, data, refresh_config in (("frozen", split.data, refresh), ("rebuilt", rebuilt, None)):
-        # The evaluation measures whatever the run is, so the build-time quality gate is off. The
-        # per-bundle eager-vs-runtime replay is off for refreshing builds: it refuses some users'
-        # bundles (refresh loop drift above its tolerance, reported), and the phone runs the runtime
-        # program either way, which is what is measured here.
+        # The evaluation measures whatever the run is, so the build-time quality gate is off.
         builder = BundleBuilder(ckpt, data, policy, recipe=recipe, seed=seed, on_budget_exceeded="fp32",
-                                allow_weak_model=True, refresh=refresh_config, verify_each=refresh_config is None)
+                                allow_weak_model=True, refresh=refresh_config)
         if template is None:
             builder.prepare_stamping()
             template = builder.template
