@@ -1,6 +1,6 @@
 """Recommendation quality measured the way the product is used: a user's shard ranked on the phone.
 
-Two measurements share the metric code here:
+Three measurements share the metric code here:
 - `ValidationRanking` (training time, eager model): each validation user's validation event is the
   target, the shard is cut from the events before it, the model ranks the shard. Cheap enough to
   run at every validation, so checkpoints can be chosen by it and the run can store how the model
@@ -9,6 +9,9 @@ Two measurements share the metric code here:
   (`prepare(holdout_last=K)`: never trained on, never in a shard) are the targets; the user's real
   stamped bundle ranks its whole shard in the ExecuTorch runtime from the last <= 20 pre-holdout
   events, next to popularity, the shard's own order and the full model over the whole catalogue.
+- the refresh measurement (`stream_split`, `stream_quality`; bundles in `sdk_builder.ondevice`):
+  events streamed to the phone after its bundle was built, ranked by the frozen, the on-device
+  refreshed and the server-rebuilt bundle (docs/quality.md).
 
 Items the user already interacted with are never recommended (removed before ranking); held-out
 events on such items are not targets.
@@ -20,14 +23,17 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
 
 from model.tbsm import PADDING_ROW, RESERVED_ROWS, TBSM
-from sdk_builder.data.dataset import PreparedData
+from sdk_builder.data.dataset import PreparedData, prepare, split_future
 from sdk_builder.shard import ShardIndex, ShardPolicy, policy_prior
+
+if TYPE_CHECKING:  # annotations only: events imports pyarrow (~0.8 s)
+    from sdk_builder.data.events import EventLog
 
 CUTOFFS = (10, 50)
 PRIMARY_METRIC = "hr@10"
@@ -357,3 +363,177 @@ def plot_report(report: OnDeviceReport, path: Path, title: str = "") -> None:
     fig.savefig(tmp, dpi=90, metadata={"Software": None})
     plt.close(fig)
     tmp.replace(path)
+
+
+# -- On-device refresh (issue 13): a stream of events reaches the phone after its bundle was built --
+
+@dataclass
+class StreamUser:
+    """One user of the stream protocol (`stream_split`)."""
+
+    user_row: int
+    stream: slice  # the user's streamed events: rows of `StreamSplit.stream`, oldest first
+    request_time: int  # the first target event's time: the phone ranks just before it
+    targets: np.ndarray  # distinct item rows of the next events, in neither the kept nor the streamed events
+    seen: np.ndarray  # item rows the phone knows the user touched (kept + streamed): never recommended
+
+
+@dataclass
+class StreamSplit:
+    """Each user's last `stream + next_events` events are held out of everything (training, id
+    maps, popularity, shards): the first `stream` reach the phone one by one after the bundle was
+    built from `data`, the new items of the `next_events` after them are the targets."""
+
+    data: PreparedData  # kept events only: the checkpoint and the frozen bundles (a) are built from it
+    stream: EventLog  # every held-out user's streamed events (global ids, user then time order)
+    users: list[StreamUser]  # users with at least one target
+    skipped_no_target: int
+
+
+def stream_split(events: EventLog, *, stream: int = 20, next_events: int = 10, **prepare_args) -> StreamSplit:
+    """`prepare(events, holdout_last=stream + next_events, **prepare_args)`, the held-out events cut
+    into the stream and the targets (`StreamSplit`)."""
+    if stream < 1 or next_events < 1:
+        raise ValueError("stream and next_events must be at least 1")
+    held_out = stream + next_events
+    data = prepare(events, holdout_last=held_out, **prepare_args)
+    held = split_future(events, held_out)[1]  # the rows of data.future, with their global ids
+    future = data.future
+    known = future.item_rows >= RESERVED_ROWS
+    if len(held) != len(future.item_rows) or not np.array_equal(held.item[known], data.items.global_id(future.item_rows[known])):
+        raise AssertionError("split_future and prepare disagree on the held-out events")
+    counts = np.diff(future.start)
+    position = np.arange(len(held)) - np.repeat(future.start[:-1], counts)
+    stream_log = held.take(position < stream)
+    users, skipped, offset = [], 0, 0
+    for u in np.flatnonzero(counts).tolist():
+        first = int(future.start[u])
+        streamed = future.item_rows[first : first + stream]
+        seen = np.unique(np.concatenate([data.item_rows[data.user_events(u)], streamed]))
+        nxt = future.item_rows[first + stream : first + held_out]
+        targets = np.unique(nxt[(nxt >= RESERVED_ROWS) & ~np.isin(nxt, seen)])
+        if len(targets):
+            users.append(StreamUser(u, slice(offset, offset + stream), int(future.timestamps[first + stream]), targets,
+                                    seen[seen >= RESERVED_ROWS]))
+        else:
+            skipped += 1
+        offset += stream
+    return StreamSplit(data, stream_log, users, skipped)
+
+
+STREAM_ROWS = {
+    "frozen": "(a) frozen bundle, built before the stream",
+    "refreshed": "(b) frozen bundle, user state refreshed on the phone as the stream arrives",
+    "rebuilt": "(c) bundle rebuilt on the server with the stream, same checkpoint",
+    "rebuilt_in_frozen_shard": "(c) counting only targets inside (a)'s shard",
+    "frozen_policy_order": "(a)'s shard in its build-time policy order (no model)",
+    "frozen_phone_order": "(a)'s shard in the policy order recomputed from the phone's events (no model)",
+}
+
+
+def policy_orders(split: StreamSplit, users: list[StreamUser], frozen_shards: list[np.ndarray],
+                  policy: ShardPolicy) -> dict[str, list[np.ndarray]]:
+    """Scores (minus the position) of each user's frozen shard items in the shard policy's order as
+    stamped at build time ("frozen_policy_order") and as recomputed from every event the phone has,
+    kept and streamed, with the build-time statistics ("frozen_phone_order"; items the new order
+    lacks follow in the build-time order): how much a policy prior computed on the phone instead
+    of stamped would gain, with no model."""
+    data, log = split.data, split.stream
+    index = ShardIndex(data, policy)
+    out: dict[str, list[np.ndarray]] = {"frozen_policy_order": [], "frozen_phone_order": []}
+    for user, shard in zip(users, frozen_shards):
+        kept = data.user_events(user.user_row)
+        before, _ = index.select_ranked(data.item_rows[kept], data.cat_rows[kept])
+        now, _ = index.select_ranked(np.concatenate([data.item_rows[kept], data.items.lookup(log.item[user.stream])]),
+                                     np.concatenate([data.cat_rows[kept], data.categories.lookup(log.category[user.stream])]))
+        for name, order in (("frozen_policy_order", before), ("frozen_phone_order", np.concatenate([now, before]))):
+            order = order[np.isin(order, shard)]
+            _, first = np.unique(order, return_index=True)
+            order = order[np.sort(first)]
+            position = np.full(len(shard), len(shard), np.float64)
+            position[np.searchsorted(shard, order)] = np.arange(len(order))
+            out[name].append(-position)
+    return out
+
+
+@dataclass
+class StreamReport:
+    users: int
+    skipped_no_target: int
+    targets: int
+    coverage: dict[str, float]  # fraction of the targets inside each kind of bundle's shard
+    rows: dict[str, dict] = field(default_factory=dict)
+    gap: dict[str, float] = field(default_factory=dict)  # HR@10 gap (a) -> (c), what (b) and the shard explain
+    stream_events: dict[str, int] = field(default_factory=dict)  # extend_events' counts of the streamed events
+
+    def summary(self) -> dict:
+        return {"users": self.users, "skipped_no_target": self.skipped_no_target, "targets": self.targets,
+                "coverage": self.coverage, "rows": self.rows, "gap": self.gap, "stream_events": self.stream_events}
+
+
+def gap_recovered(frozen: np.ndarray, middle: np.ndarray, rebuilt: np.ndarray, *, seed: int = 0,
+                  rounds: int = 1000) -> tuple[float, float, float]:
+    """(mean(middle - frozen) / mean(rebuilt - frozen), 95% paired-bootstrap interval) over users;
+    NaN where the gap is not positive (the interval: where any resample's gap is not)."""
+    def ratio(idx):
+        gap = rebuilt[idx].mean(axis=-1) - frozen[idx].mean(axis=-1)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.where(gap > 0, (middle[idx].mean(axis=-1) - frozen[idx].mean(axis=-1)) / gap, np.nan)
+
+    point = float(ratio(np.arange(len(frozen))))
+    samples = ratio(np.random.default_rng(seed).integers(0, len(frozen), size=(rounds, len(frozen))))
+    if np.isnan(samples).any():
+        return point, float("nan"), float("nan")
+    lo, hi = np.percentile(samples, [2.5, 97.5])
+    return point, float(lo), float(hi)
+
+
+def stream_quality(split: StreamSplit, users: list[StreamUser], shards: dict[str, list[np.ndarray]],
+                   scores: dict[str, list[np.ndarray]], *, seed: int = 0) -> StreamReport:
+    """The refresh measurement from each user's shard (item rows, sorted) and its scores: `shards`
+    and `scores` keyed "frozen" (a) and "rebuilt" (c), `scores` also "refreshed" (b, on (a)'s shard)
+    when measured. The part of the gap the frozen shard cannot close: (c)'s HR@10 minus (c)'s
+    HR@10 counting only targets inside (a)'s shard (no state of (a) can rank an item it lacks)."""
+    targets = [u.targets for u in users]
+    n_targets = int(sum(len(t) for t in targets))
+    report = StreamReport(users=len(users), skipped_no_target=split.skipped_no_target, targets=n_targets,
+                          coverage={k: float(sum(np.isin(t, s).sum() for t, s in zip(targets, shards[k])) / max(n_targets, 1))
+                                    for k in shards})
+    per_user: dict[str, dict[str, np.ndarray]] = {}
+    for name in STREAM_ROWS:
+        shard_of = "frozen" if name.startswith(("refreshed", "frozen")) else name
+        if name not in scores or shard_of not in shards:
+            continue
+        ranked = np.stack([top_unseen(sc, sh, u.seen) for sc, sh, u in zip(scores[name], shards[shard_of], users)])
+        per_user[name] = ranking_metrics(ranked, targets)
+        if name == "rebuilt" and "frozen" in shards:
+            inside = [t[np.isin(t, s)] for t, s in zip(targets, shards["frozen"])]
+            per_user["rebuilt_in_frozen_shard"] = ranking_metrics(ranked, inside)
+    report.rows = {name: _summarise(per_user[name], seed) for name in STREAM_ROWS if name in per_user}
+    if "frozen" in per_user and "rebuilt" in per_user:
+        a, c = per_user["frozen"][PRIMARY_METRIC], per_user["rebuilt"][PRIMARY_METRIC]
+        inside = per_user["rebuilt_in_frozen_shard"][PRIMARY_METRIC]
+        parts = {"a_to_c": c - a, "outside_frozen_shard": c - inside}
+        if "refreshed" in per_user:
+            parts["refresh_gain"] = per_user["refreshed"][PRIMARY_METRIC] - a
+        if "frozen_phone_order" in per_user:
+            parts["phone_order_gain"] = (per_user["frozen_phone_order"][PRIMARY_METRIC]
+                                         - per_user["frozen_policy_order"][PRIMARY_METRIC])
+        for name, diff in parts.items():  # HR@10 differences, paired over users
+            report.gap[name] = float(diff.mean())
+            report.gap[f"{name}_ci95"] = list(bootstrap_interval(diff, seed=seed))
+        if "refreshed" in per_user:
+            share, lo, hi = gap_recovered(a, per_user["refreshed"][PRIMARY_METRIC], c, seed=seed)
+            report.gap["recovered_by_refresh"] = share
+            report.gap["recovered_by_refresh_ci95"] = [lo, hi]
+    return report
+
+
+def format_stream_table(report: StreamReport) -> str:
+    """A markdown table of the refresh measurement, each metric with its 95% interval."""
+    head = "| ranking | " + " | ".join(METRICS) + " |\n|---|" + "---:|" * len(METRICS)
+    lines = [head]
+    for name, metrics in report.rows.items():
+        cells = [f"{m['mean']:.3f} [{m['ci95'][0]:.3f}, {m['ci95'][1]:.3f}]" for m in (metrics[k] for k in METRICS)]
+        lines.append(f"| {STREAM_ROWS[name]} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

@@ -72,6 +72,21 @@ def test_refresh_program_gradient_matches_eager_autograd(refresh_builder):
     assert np.abs(training.named_gradients()["delta"].numpy() - gradient).max() <= 1e-5
 
 
+def test_golden_refresh_cases_are_the_shipped_programs_loop_bit_for_bit(refresh_bundle):
+    """The expected states are what refresh.pte itself gives (every client runs that program), not
+    an eager loop: five large steps can turn a 1e-7 gradient difference into 2e-2 when a ReLU flips
+    on one side only, so an eager expectation would refuse such users' bundles."""
+    bundle = Bundle(refresh_bundle)
+    method = load_runtime_method((refresh_bundle / REFRESH_FILE).read_bytes())
+    from sdk_builder.client import refresh_inputs, refresh_state
+
+    for case in bundle.golden().refresh_cases:
+        inputs = refresh_inputs(bundle.manifest, case.events)
+        state = refresh_state(case.state_before, bundle.manifest.user_state, bundle.manifest.refresh,
+                              lambda s: method.execute([torch.from_numpy(s), *inputs])[1].numpy())
+        assert np.asarray(case.state_after, np.float32).tobytes() == state.tobytes(), case.name
+
+
 def user_events(bundle: Bundle, n: int) -> list[Event]:
     return list(bundle.golden().refresh_cases[0].events[-n:])
 

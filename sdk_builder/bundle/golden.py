@@ -62,7 +62,7 @@ def last_events(ckpt: LoadedCheckpoint, data: PreparedData, user_row: int, n: in
 def refresh_cases(view: ShardView, events: list[Event], record, gradient) -> list[RefreshCase]:
     """The refresh golden cases of a user: the refresh loop from the shipped state on its last
     `record.events` events and on its last REFRESH_SHORT, with `gradient(state, event inputs)` the
-    eager program's (autograd): the runtime's loop must reproduce them (verify, the C++ client)."""
+    refresh program's: every client's loop must reproduce them (verify, the C++ client)."""
     cases = []
     for name, chosen in (("recent_events", events[-record.events:]), ("few_events", events[-REFRESH_SHORT:])):
         inputs = [torch.from_numpy(a) for a in padded_events(view, chosen, record.events)]
