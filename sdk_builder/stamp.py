@@ -68,13 +68,13 @@ def build_template(model: TBSM, layout: SliceLayout, recipe: str | Recipe, examp
 
 def sentinel_constants(constants: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The distinct random pattern a template is exported with, in place of each per-user constant
-    (of the constants' shapes and dtypes: floats, or int64 rows below 2**16)."""
+    (of the constants' shapes and dtypes: floats, or integer rows of any value the dtype holds up to 2**15)."""
     rng = np.random.default_rng(SENTINEL_SEED)
     out = {}
     for name, t in constants.items():
         shape = tuple(t.shape)
         out[name] = torch.from_numpy(rng.standard_normal(shape).astype(np.float32) if t.dtype.is_floating_point
-                                     else rng.integers(0, 1 << 16, shape, dtype=np.int64))
+                                     else rng.integers(0, 1 << 15, shape).astype(t.numpy().dtype))
     return out
 
 

@@ -79,9 +79,9 @@ def _part(name: str, kind: str, nbytes: int, shape=None, dtype=None, **extra) ->
     return part
 
 
-def _is_int64(value) -> bool:
+def _is_integer(value) -> bool:
     schema, ScalarType = _serializer_modules().schema, _serializer_modules().ScalarType
-    return isinstance(value, schema.Tensor) and ScalarType(value.scalar_type).name == "LONG"
+    return isinstance(value, schema.Tensor) and ScalarType(value.scalar_type).name in ("SHORT", "INT", "LONG")
 
 
 def _constant_names(plan, input_names: list[str]) -> dict[int, str]:
@@ -121,7 +121,7 @@ def _constant_names(plan, input_names: list[str]) -> dict[int, str]:
                 name = table_name(index) if index is not None else None
                 if name == "candidate_features":  # three tables are read by candidate row
                     table = values[args[0]].val
-                    name = ("candidate_category" if _is_int64(table)
+                    name = ("candidate_category" if _is_integer(table)
                             else "candidate_prior" if list(getattr(table, "sizes", []))[-1:] == [1] else name)
                 if name:
                     names.setdefault(args[0], name)
