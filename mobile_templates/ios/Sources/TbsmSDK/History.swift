@@ -284,12 +284,17 @@ public final class HistoryStore {
     /// fsyncs it and renames it over `file`. On iOS the file stays readable from the first unlock after
     /// a reboot until the next reboot (background launches included).
     public static func save(_ file: URL, _ history: HistoryBuffer) throws {
-        try FileManager.default.createDirectory(at: file.deletingLastPathComponent(), withIntermediateDirectories: true)
-        #if os(macOS)
-        let options: Data.WritingOptions = [.atomic]
-        #else
-        let options: Data.WritingOptions = [.atomic, .completeFileProtectionUntilFirstUserAuthentication]
-        #endif
-        try history.toJson().write(to: file, options: options)
+        try replaceAtomically(file, history.toJson())
     }
+}
+
+/// Replaces `file` with `data` atomically (the history and the refreshed user state alike).
+func replaceAtomically(_ file: URL, _ data: Data) throws {
+    try FileManager.default.createDirectory(at: file.deletingLastPathComponent(), withIntermediateDirectories: true)
+    #if os(macOS)
+    let options: Data.WritingOptions = [.atomic]
+    #else
+    let options: Data.WritingOptions = [.atomic, .completeFileProtectionUntilFirstUserAuthentication]
+    #endif
+    try data.write(to: file, options: options)
 }

@@ -156,12 +156,6 @@ public struct RefreshedState {
 
     /// Replaces `file` with `state` atomically (a temporary file, fsync, rename), like `HistoryStore.save`.
     public static func save(_ file: URL, _ state: RefreshedState) throws {
-        try FileManager.default.createDirectory(at: file.deletingLastPathComponent(), withIntermediateDirectories: true)
-        #if os(macOS)
-        let options: Data.WritingOptions = [.atomic]
-        #else
-        let options: Data.WritingOptions = [.atomic, .completeFileProtectionUntilFirstUserAuthentication]
-        #endif
-        try state.toJson().write(to: file, options: options)
+        try replaceAtomically(file, state.toJson())
     }
 }

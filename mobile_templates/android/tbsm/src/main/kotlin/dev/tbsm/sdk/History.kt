@@ -233,22 +233,26 @@ class HistoryStore private constructor(
             return empty
         }
 
-        /** Replaces [file] with [history] through [AtomicFile] (written to `<file>.new`, fsynced, renamed). */
+        /** Replaces [file] with [history] atomically ([replaceAtomically]). */
         @JvmStatic
-        fun save(file: File, history: HistoryBuffer) {
-            file.parentFile?.mkdirs()
-            val atomic = AtomicFile(file)
-            val out = atomic.startWrite()
-            try {
-                out.write(history.toJson().toByteArray(Charsets.UTF_8))
-            } catch (e: IOException) {
-                atomic.failWrite(out)
-                throw e
-            }
-            atomic.finishWrite(out)
-            // finishWrite logs a failed rename instead of throwing; a "<file>.new" still there means the old
-            // file was not replaced, and the caller must not keep the change.
-            if (File(file.path + ".new").exists()) throw IOException("cannot replace $file")
-        }
+        fun save(file: File, history: HistoryBuffer) = replaceAtomically(file, history.toJson().toByteArray(Charsets.UTF_8))
     }
+}
+
+/** Replaces [file] with [bytes] through [AtomicFile] (written to `<file>.new`, fsynced, renamed): the
+ *  history and the refreshed user state are each either the old or the new file, never a torn one. */
+internal fun replaceAtomically(file: File, bytes: ByteArray) {
+    file.parentFile?.mkdirs()
+    val atomic = AtomicFile(file)
+    val out = atomic.startWrite()
+    try {
+        out.write(bytes)
+    } catch (e: IOException) {
+        atomic.failWrite(out)
+        throw e
+    }
+    atomic.finishWrite(out)
+    // finishWrite logs a failed rename instead of throwing; a "<file>.new" still there means the old
+    // file was not replaced, and the caller must not keep the change.
+    if (File(file.path + ".new").exists()) throw IOException("cannot replace $file")
 }

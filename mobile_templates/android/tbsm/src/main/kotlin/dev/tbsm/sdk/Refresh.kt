@@ -150,19 +150,7 @@ class RefreshedState(
             }
         }
 
-        /** Replaces [file] with [state] through [AtomicFile] (written to `<file>.new`, fsynced, renamed). */
-        fun save(file: File, state: RefreshedState) {
-            file.parentFile?.mkdirs()
-            val atomic = AtomicFile(file)
-            val out = atomic.startWrite()
-            try {
-                out.write(state.toJson().toByteArray(Charsets.UTF_8))
-            } catch (e: IOException) {
-                atomic.failWrite(out)
-                throw e
-            }
-            atomic.finishWrite(out)
-            if (File(file.path + ".new").exists()) throw IOException("cannot replace $file")
-        }
+        /** Replaces [file] with [state] atomically ([replaceAtomically]). */
+        fun save(file: File, state: RefreshedState) = replaceAtomically(file, state.toJson().toByteArray(Charsets.UTF_8))
     }
 }
