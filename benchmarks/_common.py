@@ -107,3 +107,29 @@ def one_thread_run(run: Path | None, prefix: str):
     tmp = Path(tempfile.mkdtemp(prefix=prefix))
     run = run or ml_small_run(tmp / "run")
     return tmp, load_checkpoint(run), PreparedData.load(Path(run) / DATA)
+
+
+def add_data_set_options(parser, synthetic_users: int) -> None:
+    """--only, --data, --synthetic-users: the data sets of the quality benchmarks (`data_sets`)."""
+    parser.add_argument("--only", choices=["ml-small", "synthetic"])
+    parser.add_argument("--data", type=Path, default=ML_SMALL, help="A Taobao-format CSV (default: ../shared's ml-latest-small).")
+    parser.add_argument("--synthetic-users", type=int, default=synthetic_users)
+
+
+def data_sets(args) -> list:
+    """(name, loader) of each data set `args` asks for (`add_data_set_options`, plus `--seed`):
+    ml-latest-small when its file exists (else said on stderr), and synthetic data."""
+    import sys
+
+    from sdk_builder.data.events import read_taobao_csv
+    from sdk_builder.data.synthetic import generate_taobao_events
+
+    sets = []
+    if args.only in (None, "ml-small"):
+        if args.data.is_file():
+            sets.append(("ml-small", lambda: read_taobao_csv(args.data)[0]))
+        else:
+            print(f"{args.data}: not found; skipping ml-latest-small", file=sys.stderr)
+    if args.only in (None, "synthetic"):
+        sets.append((f"synthetic-{args.synthetic_users}", lambda: generate_taobao_events(args.synthetic_users, seed=args.seed)))
+    return sets

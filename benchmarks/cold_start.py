@@ -30,7 +30,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import ML_SMALL, REPO  # noqa: E402
+from benchmarks._common import REPO, add_data_set_options, data_sets  # noqa: E402
 from benchmarks.report import append_report  # noqa: E402
 
 TITLE = "Cold start (issue 13): users held out of training entirely"
@@ -186,9 +186,7 @@ def format_tables(result: dict, args) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--only", choices=["ml-small", "synthetic"])
-    parser.add_argument("--data", type=Path, default=ML_SMALL, help="A Taobao-format CSV (default: ../shared's ml-latest-small).")
-    parser.add_argument("--synthetic-users", type=int, default=3000)
+    add_data_set_options(parser, synthetic_users=3000)
     parser.add_argument("--held-out", type=float, default=0.2, help="Fraction of users held out of training entirely.")
     parser.add_argument("--known", type=int, default=5, help="Events known on the device in case (ii).")
     parser.add_argument("--next", type=int, default=10, help="Events after the known ones whose new items are targets.")
@@ -204,19 +202,9 @@ def main() -> None:
     import torch
     from executorch.extension.pybindings import portable_lib
 
-    from sdk_builder.data.events import read_taobao_csv
-    from sdk_builder.data.synthetic import generate_taobao_events
-
     torch.set_num_threads(1)
     portable_lib._unsafe_reset_threadpool(1)
-    sets = []
-    if args.only in (None, "ml-small"):
-        if args.data.is_file():
-            sets.append(("ml-small", lambda: read_taobao_csv(args.data)[0]))
-        else:
-            print(f"{args.data}: not found; skipping ml-latest-small", file=sys.stderr)
-    if args.only in (None, "synthetic"):
-        sets.append((f"synthetic-{args.synthetic_users}", lambda: generate_taobao_events(args.synthetic_users, seed=args.seed)))
+    sets = data_sets(args)
     entries = []
     for name, load in sets:
         result = evaluate(name, load(), args)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import ML_SMALL, REPO, append_to_doc, context_line  # noqa: E402
+from _common import REPO, add_data_set_options, append_to_doc, context_line, data_sets  # noqa: E402
 
 SECTION = "## On-device ranking quality (held-out last events)"
 TARGETS = {"vs_popularity": 1.5, "vs_shard_policy": 1.0, "vs_server": 0.95}
@@ -72,9 +72,7 @@ def verdict(result: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--only", choices=["ml-small", "synthetic"])
-    parser.add_argument("--data", type=Path, default=ML_SMALL, help="A Taobao-format CSV (default: ../shared's ml-latest-small).")
-    parser.add_argument("--synthetic-users", type=int, default=20_000)
+    add_data_set_options(parser, synthetic_users=20_000)
     parser.add_argument("--max-users", type=int, default=2000, help="Seeded sample of test users per data set.")
     parser.add_argument("--holdout-last", type=int, default=10)
     parser.add_argument("--epochs", type=int, default=1)
@@ -89,22 +87,12 @@ def main() -> None:
 
     import torch
 
-    from sdk_builder.data.events import read_taobao_csv
-    from sdk_builder.data.synthetic import generate_taobao_events
-
     torch.set_num_threads(args.threads)
     ctx = context_line("benchmarks/on_device.py " + " ".join(sys.argv[1:]))
-    sets = []
-    if args.only in (None, "ml-small"):
-        if args.data.is_file():
-            sets.append(("ml-small", read_taobao_csv(args.data)[0]))
-        else:
-            print(f"{args.data}: not found; skipping ml-latest-small", file=sys.stderr)
-    if args.only in (None, "synthetic"):
-        sets.append((f"synthetic-{args.synthetic_users}", generate_taobao_events(args.synthetic_users, seed=args.seed)))
+    sets = data_sets(args)
     entries = []
-    for name, events in sets:
-        out = run_one(name, events, args)
+    for name, load in sets:
+        out = run_one(name, load(), args)
         r = out["result"]
         text = (f"**{name}**: {r['users']:,} test users ({r['skipped_no_target']:,} with no new held-out item skipped), "
                 f"{r['targets']:,} held-out items, shard coverage {r['shard_coverage']:.3f}; validation HR@10 "

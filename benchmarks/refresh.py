@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import ML_SMALL  # noqa: E402
+from benchmarks._common import add_data_set_options, data_sets  # noqa: E402
 from benchmarks.report import append_report  # noqa: E402
 
 TITLE = "On-device refresh: frozen vs refreshed vs rebuilt bundle (issue 13)"
@@ -80,9 +80,7 @@ def run_one(name: str, events, args) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--only", choices=["ml-small", "synthetic"])
-    parser.add_argument("--data", type=Path, default=ML_SMALL, help="A Taobao-format CSV (default: ../shared's ml-latest-small).")
-    parser.add_argument("--synthetic-users", type=int, default=3000)
+    add_data_set_options(parser, synthetic_users=3000)
     parser.add_argument("--max-users", type=int, default=300, help="Seeded sample of evaluated users per data set.")
     parser.add_argument("--stream", type=int, default=20, help="Events streamed to the phone after the bundle was built.")
     parser.add_argument("--next-events", type=int, default=10, help="Events after the stream whose new items are the targets.")
@@ -96,18 +94,8 @@ def main() -> None:
 
     import torch
 
-    from sdk_builder.data.events import read_taobao_csv
-    from sdk_builder.data.synthetic import generate_taobao_events
-
     torch.set_num_threads(args.threads)
-    sets = []
-    if args.only in (None, "ml-small"):
-        if args.data.is_file():
-            sets.append(("ml-small", lambda: read_taobao_csv(args.data)[0]))
-        else:
-            print(f"{args.data}: not found; skipping ml-latest-small", file=sys.stderr)
-    if args.only in (None, "synthetic"):
-        sets.append((f"synthetic-{args.synthetic_users}", lambda: generate_taobao_events(args.synthetic_users, seed=args.seed)))
+    sets = data_sets(args)
     entries = []
     for name, load in sets:
         text = run_one(name, load(), args)
