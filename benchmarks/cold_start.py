@@ -34,7 +34,6 @@ from benchmarks._common import REPO, add_data_set_options, data_sets  # noqa: E4
 from benchmarks.report import append_report  # noqa: E402
 
 TITLE = "Cold start (issue 13): users held out of training entirely"
-METRICS = ("hr@10", "hr@50", "ndcg@10", "recall@50")
 
 
 def rows_of(ckpt, ids: np.ndarray) -> np.ndarray:
@@ -162,16 +161,15 @@ ROW_NAMES = {
 
 
 def format_tables(result: dict, args) -> str:
+    from sdk_builder.evaluation import metrics_table
+
     parts = []
     for k, t in result["tables"].items():
-        head = "| ranking | " + " | ".join(METRICS) + " |\n|---|" + "---:|" * len(METRICS)
         lines = [f"*{'no on-device history' if int(k) == 0 else f'first {k} events on the device'}*: {t['users']:,} users, "
                  f"{t['targets']:,} target items (next {args.next} events' new items), shard coverage "
-                 f"{t['shard_coverage']:.3f}", "", head]
-        for row, metrics in t["rows"].items():
-            cells = [f"{metrics[m]['mean']:.3f} [{metrics[m]['ci95'][0]:.3f}, {metrics[m]['ci95'][1]:.3f}]" for m in METRICS]
-            label = ROW_NAMES.get(row) or f"mean row, eager: logit + {row.removeprefix('eager_w')} x prior"
-            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+                 f"{t['shard_coverage']:.3f}", "",
+                 metrics_table(t["rows"], lambda row: ROW_NAMES.get(row)
+                               or f"mean row, eager: logit + {row.removeprefix('eager_w')} x prior")]
         pop = t["rows"]["popularity"]["hr@10"]["mean"]
         verdicts = [f"{r.removeprefix('bundle_')} row: HR@10 {t['rows'][r]['hr@10']['mean'] - pop:+.3f} vs popularity"
                     for r in t["rows"] if r.startswith("bundle_")]

@@ -312,14 +312,17 @@ def _events(data: PreparedData, request: UserRequest) -> tuple[np.ndarray, np.nd
 METRICS = ("hr@10", "hr@50", "ndcg@10", "recall@50")
 
 
-def format_table(report: OnDeviceReport) -> str:
-    """A markdown table: one row per ranking, each metric with its 95% interval."""
-    head = "| ranking | " + " | ".join(METRICS) + " |\n|---|" + "---:|" * len(METRICS)
-    lines = [head]
-    for name, metrics in report.rows.items():
+def metrics_table(rows: dict[str, dict], label: Callable[[str], str]) -> str:
+    """A markdown table: one row per ranking (`label(name)`), each metric with its 95% interval."""
+    lines = ["| ranking | " + " | ".join(METRICS) + " |\n|---|" + "---:|" * len(METRICS)]
+    for name, metrics in rows.items():
         cells = [f"{m['mean']:.3f} [{m['ci95'][0]:.3f}, {m['ci95'][1]:.3f}]" for m in (metrics[k] for k in METRICS)]
-        lines.append(f"| {ROWS[name]} | " + " | ".join(cells) + " |")
+        lines.append(f"| {label(name)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def format_table(report: OnDeviceReport) -> str:
+    return metrics_table(report.rows, ROWS.__getitem__)
 
 
 def ratios(report: OnDeviceReport, metric: str = PRIMARY_METRIC) -> dict[str, float]:
@@ -530,10 +533,4 @@ def stream_quality(split: StreamSplit, users: list[StreamUser], shards: dict[str
 
 
 def format_stream_table(report: StreamReport) -> str:
-    """A markdown table of the refresh measurement, each metric with its 95% interval."""
-    head = "| ranking | " + " | ".join(METRICS) + " |\n|---|" + "---:|" * len(METRICS)
-    lines = [head]
-    for name, metrics in report.rows.items():
-        cells = [f"{m['mean']:.3f} [{m['ci95'][0]:.3f}, {m['ci95'][1]:.3f}]" for m in (metrics[k] for k in METRICS)]
-        lines.append(f"| {STREAM_ROWS[name]} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return metrics_table(report.rows, STREAM_ROWS.__getitem__)
