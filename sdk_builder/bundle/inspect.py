@@ -84,6 +84,17 @@ def _is_integer(value) -> bool:
     return isinstance(value, schema.Tensor) and ScalarType(value.scalar_type).name in ("SHORT", "INT", "LONG")
 
 
+def _name_by_shape(tensor, taken: set[str]) -> str | None:
+    """The two per-user constants that are not read through an input's gather: the int16 build-time
+    positions (one per item row) and the prior's float32 scale (one value)."""
+    kind = _serializer_modules().ScalarType(tensor.scalar_type).name
+    if kind == "SHORT" and len(tensor.sizes) == 1 and "candidate_position" not in taken:
+        return "candidate_position"
+    if kind == "FLOAT" and list(tensor.sizes) == [1] and "prior_scale" not in taken:
+        return "prior_scale"
+    return None
+
+
 def _constant_names(plan, input_names: list[str]) -> dict[int, str]:
     """value index -> name for constants read through a gather, traced from the kernel calls."""
     schema = _serializer_modules().schema  # inside inspect_program's `with _serializer()`
@@ -119,10 +130,11 @@ def _constant_names(plan, input_names: list[str]) -> dict[int, str]:
                 items = getattr(values[args[1]].val, "items", [])
                 index = next((i for i in items if i is not None and i >= 0), None)
                 name = table_name(index) if index is not None else None
-                if name == "candidate_features":  # three tables are read by candidate row
-                    table = values[args[0]].val
-                    name = ("candidate_category" if _is_integer(table)
-                            else "candidate_prior" if list(getattr(table, "sizes", []))[-1:] == [1] else name)
+                table = values[args[0]].val
+                if name == "candidate_features" and _is_integer(table):  # two tables are read by candidate row
+                    name = "candidate_category"
+                elif name == "item_table" and _is_integer(table):  # the co-visit lists, then their counts
+                    name = "neighbor_counts" if "item_neighbors" in names.values() else "item_neighbors"
                 if name:
                     names.setdefault(args[0], name)
             elif op in ("aten::embedding", "aten::index_select"):
@@ -163,7 +175,8 @@ def _inspect_program(data: bytes, input_names: list[str] | None) -> list[dict[st
                 continue
             seen_buffers.add(tensor.data_buffer_idx)
             storage = program.constant_buffer[tensor.data_buffer_idx].storage
-            name = names.get(v)
+            name = names.get(v) or _name_by_shape(tensor, set(names.values()))
+            names.setdefault(v, name)
             if name is None:
                 name = f"constant #{unnamed}"
                 unnamed += 1
