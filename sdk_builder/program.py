@@ -81,11 +81,24 @@ class SliceLayout:
 # The user's own row is not one of them: it is the program's `user_state` input (`user_state`),
 # so that the phone can rank with a refreshed row (`sdk_builder.refresh`).
 USER_CONSTANTS = ("item_table", "category_table", "candidate_features", "candidate_category", "candidate_position",
-                  "item_neighbors", "neighbor_counts", "prior_scale")
+                  "item_neighbors", "neighbor_weights", "prior_scale")
 # Seed weights of the on-device co-visit score: WEIGHT // (1 + age), age 0 the latest distinct item.
 # Integers, so that the program and the eager reference break ties identically (lcm(1..12): exact
 # 1 / (1 + age) ratios for the 12 latest seeds).
 SEED_WEIGHT = 27720
+# Co-visit counts are stored as one byte, 8 codes per doubling (`encode_counts`): a count within
+# ~4.4% of the stored value, 1 byte instead of 2, and a code that stays put when a count moves a
+# little (a day's new events change few codes: smaller patches). Code q decodes to COUNT_DECODE[q],
+# integers in 16ths, so that the program and the eager reference sum exactly the same numbers.
+MAX_COUNT_CODE = 200  # counts up to ~3e7
+COUNT_DECODE = np.array([0] + [round(16 * 2 ** ((q - 1) / 8)) for q in range(1, MAX_COUNT_CODE + 1)], np.int32)
+
+
+def encode_counts(counts: np.ndarray) -> np.ndarray:
+    """uint8 codes of co-visit counts: 0 for none, else 1 + round(8 log2(count)), at most MAX_COUNT_CODE."""
+    counts = np.asarray(counts, np.float64)
+    codes = 1 + np.round(8 * np.log2(np.maximum(counts, 1)))
+    return np.where(counts > 0, np.minimum(codes, MAX_COUNT_CODE), 0).astype(np.uint8)
 
 
 def _candidate_x(model: TBSM) -> torch.Tensor:
@@ -121,8 +134,8 @@ def slice_constants(model: TBSM, shard: Shard, item_category: np.ndarray, layout
       padding);
     - `candidate_position`: per local item row, its position in the build-time policy order
       (int16; the shard's size for padding, OOV and a shard without positions);
-    - `item_neighbors`, `neighbor_counts`: per local item row, its co-visited shard items and their
-      counts (int16 [item_rows, k], counts clipped to int16), for `live_positions`;
+    - `item_neighbors`, `neighbor_weights`: per local item row, its co-visited shard items (int16
+      [item_rows, k]) and their co-visit counts (uint8 codes, `encode_counts`), for `live_positions`;
     - `prior_scale`: b, the prior's weight in the score (float32 [1]).
     """
     layout = layout or SliceLayout.exact(shard)
@@ -167,15 +180,15 @@ def slice_constants_prior(shard: Shard, layout: SliceLayout) -> dict[str, torch.
         position[RESERVED_ROWS : RESERVED_ROWS + n_items] = shard.item_position
     k = max(layout.neighbors, 1)  # a zero-width table could not be stamped: one empty column instead
     neighbors = np.zeros((layout.item_rows, k), np.int64)
-    counts = np.zeros((layout.item_rows, k), np.int64)
+    codes = np.zeros((layout.item_rows, k), np.uint8)
     if shard.neighbors is not None and k:
         kept = min(k, shard.neighbors.shape[1])
         neighbors[RESERVED_ROWS : RESERVED_ROWS + n_items, :kept] = shard.neighbors[:, :kept]
-        counts[RESERVED_ROWS : RESERVED_ROWS + n_items, :kept] = np.minimum(shard.neighbor_counts[:, :kept], np.iinfo(np.int16).max)
+        codes[RESERVED_ROWS : RESERVED_ROWS + n_items, :kept] = encode_counts(shard.neighbor_counts[:, :kept])
     return {
         "candidate_position": torch.from_numpy(position.astype(np.int16)).contiguous(),
         "item_neighbors": torch.from_numpy(neighbors.astype(np.int16)).contiguous(),
-        "neighbor_counts": torch.from_numpy(counts.astype(np.int16)).contiguous(),
+        "neighbor_weights": torch.from_numpy(codes).contiguous(),
         "prior_scale": torch.tensor([shard.prior_scale], dtype=torch.float32),
     }
 
@@ -220,6 +233,7 @@ class UserProgram(nn.Module):
         self.register_buffer("ones_d", torch.ones(1, cfg.emb_dim))
         self.register_buffer("ones_z", torch.ones(1, cfg.z_dim))
         self.register_buffer("first_row", torch.zeros(1, dtype=torch.long))
+        self.register_buffer("count_decode", torch.from_numpy(COUNT_DECODE))
 
     @classmethod
     def for_shard(cls, model: TBSM, shard: Shard, item_category: np.ndarray, layout: SliceLayout | None = None) -> UserProgram:
@@ -261,7 +275,8 @@ class UserProgram(nn.Module):
     def forward(self, hist_items, hist_categories, hist_behaviors, hist_timestamps, request_time, candidates, user_state):
         history = self.history_z(hist_items, hist_categories, hist_behaviors, hist_timestamps, request_time, user_state)
         logit = self.candidate_logits(history, self.candidate_w(candidates, user_state))
-        prior = self.prior(live_positions(hist_items, self.candidate_position, self.item_neighbors, self.neighbor_counts))
+        prior = self.prior(live_positions(hist_items, self.candidate_position, self.item_neighbors, self.neighbor_weights,
+                                          self.count_decode))
         return torch.sigmoid(logit + prior[candidates].view(1, -1, 1)).reshape(-1)
 
     def prior(self, positions: torch.Tensor) -> torch.Tensor:
@@ -294,27 +309,27 @@ class UserProgram(nn.Module):
 
 
 def prior_tables(shard: Shard) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
-    """(candidate_position, item_neighbors, neighbor_counts, prior_scale) of a shard's exact layout, as
+    """(candidate_position, item_neighbors, neighbor_weights, prior_scale) of a shard's exact layout, as
     `slice_constants` stores them, for eager scoring (`shard_prior`)."""
     constants = slice_constants_prior(shard, SliceLayout.exact(shard))
-    return (constants["candidate_position"], constants["item_neighbors"], constants["neighbor_counts"],
+    return (constants["candidate_position"], constants["item_neighbors"], constants["neighbor_weights"],
             float(constants["prior_scale"][0]))
 
 
 def shard_prior(tables: tuple[torch.Tensor, torch.Tensor, torch.Tensor, float], hist_items: torch.Tensor) -> torch.Tensor:
     """What the program adds to every local item row's logit after the history `hist_items` (eager)."""
     position, neighbors, counts, scale = tables
-    positions = live_positions(hist_items, position, neighbors, counts)
+    positions = live_positions(hist_items, position, neighbors, counts, torch.from_numpy(COUNT_DECODE))
     return -torch.log1p(positions.to(torch.float32)) * torch.tensor([scale], dtype=torch.float32)
 
 
 def live_positions(hist_items: torch.Tensor, candidate_position: torch.Tensor, item_neighbors: torch.Tensor,
-                   neighbor_counts: torch.Tensor) -> torch.Tensor:
+                   neighbor_weights: torch.Tensor, count_decode: torch.Tensor) -> torch.Tensor:
     """Every local item row's position in the shard policy's order recomputed from the phone's history
     (int64 [item_rows]), in the policy's tiers (`sdk_builder.shard`):
     1. the history's distinct items, latest first;
     2. items co-visited after them: score = sum over distinct history items (seeds) of the co-visit
-       count times SEED_WEIGHT // (1 + the seed's age), highest first, ties by row;
+       (decoded) count times SEED_WEIGHT // (1 + the seed's age), highest first, ties by row;
     3. every other item in its build-time order (`candidate_position`).
     So fresh events move their co-visited items to the top of the prior, between bundle builds.
     Integer arithmetic only: the program and the eager reference give the same positions.
@@ -330,7 +345,8 @@ def live_positions(hist_items: torch.Tensor, candidate_position: torch.Tensor, i
     recent = seed.sum()
     weight = torch.where(seed, SEED_WEIGHT // (1 + age), torch.zeros_like(age))
     entry = item_neighbors[h].to(torch.int64).reshape(-1)
-    value = (neighbor_counts[h].to(torch.int64) * weight.unsqueeze(1)).reshape(-1)
+    counts = count_decode[neighbor_weights[h].to(torch.int64)].to(torch.int64)
+    value = (counts * weight.unsqueeze(1)).reshape(-1)
     seen = ((entry.unsqueeze(1) == h.unsqueeze(0)) & real.unsqueeze(0)).sum(1) > 0
     live = (entry >= RESERVED_ROWS) & (value > 0) & ~seen
     same = (entry.unsqueeze(0) == entry.unsqueeze(1)) & live.unsqueeze(0) & live.unsqueeze(1)

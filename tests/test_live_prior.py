@@ -11,14 +11,15 @@ import torch
 
 from model.tbsm import RESERVED_ROWS
 from sdk_builder.formats import MAX_HISTORY
-from sdk_builder.program import SEED_WEIGHT, live_positions, prior_tables, shard_prior, slice_constants, user_state
+from sdk_builder.program import COUNT_DECODE, SEED_WEIGHT, encode_counts, live_positions, prior_tables, shard_prior, slice_constants, user_state
 from sdk_builder.runtime import load_runtime_method
 from sdk_builder.shard import shard_neighbors
 
 
 def tiers_by_hand(hist, position, neighbors, counts):
     """The policy's tiers written out item by item: distinct history items latest first, then items
-    co-visited after them by weighted count (ties by row), then the build-time order."""
+    co-visited after them by weighted count (ties by row), then the build-time order. `counts` as
+    stored: a count of c is 2 ** ((code - 1) / 8) in 16ths, rounded."""
     seeds = []
     for item in reversed(hist):
         if item >= RESERVED_ROWS and item not in seeds:
@@ -27,7 +28,8 @@ def tiers_by_hand(hist, position, neighbors, counts):
     for age, seed in enumerate(seeds):
         for item, count in zip(neighbors[seed], counts[seed]):
             if item >= RESERVED_ROWS and count > 0 and item not in seeds:
-                score[item] = score.get(item, 0) + int(count) * (SEED_WEIGHT // (1 + age))
+                decoded = round(16 * 2 ** ((int(count) - 1) / 8))
+                score[item] = score.get(item, 0) + decoded * (SEED_WEIGHT // (1 + age))
     live = sorted(score, key=lambda i: (-score[i], i))
     out = [len(seeds) + len(live) + int(p) for p in position]
     for k, item in enumerate(live):
@@ -35,6 +37,15 @@ def tiers_by_hand(hist, position, neighbors, counts):
     for k, item in enumerate(seeds):
         out[item] = k
     return out
+
+
+def test_count_codes_are_monotonic_and_within_a_twentieth():
+    counts = np.arange(1, 100_000)
+    codes = encode_counts(counts)
+    decoded = COUNT_DECODE[codes] / 16
+    assert encode_counts(np.zeros(3)).tolist() == [0, 0, 0] and codes.min() == 1
+    assert np.all(np.diff(codes.astype(int)) >= 0) and np.all(np.diff(COUNT_DECODE[1:]) > 0)
+    assert np.max(np.abs(decoded / counts - 1)) < 0.05
 
 
 @pytest.mark.parametrize("seed", range(12))
@@ -45,12 +56,12 @@ def test_live_positions_follow_the_policy_tiers(seed):
     neighbors = rng.integers(0, rows, (rows, k))
     neighbors[:RESERVED_ROWS] = 0
     # Few distinct counts, so that equal scores (ties broken by row) really occur.
-    counts = rng.integers(0, 4, (rows, k)) * (neighbors >= RESERVED_ROWS)
+    counts = encode_counts(rng.integers(0, 4, (rows, k)) * (neighbors >= RESERVED_ROWS))
     length = int(rng.integers(0, MAX_HISTORY + 1))
     hist = np.zeros(MAX_HISTORY, np.int64)
     hist[MAX_HISTORY - length :] = rng.integers(1, 12, length)  # OOV (1) and repeats included
     got = live_positions(torch.from_numpy(hist), torch.from_numpy(position.astype(np.int16)),
-                         torch.from_numpy(neighbors.astype(np.int16)), torch.from_numpy(counts.astype(np.int16)))
+                         torch.from_numpy(neighbors.astype(np.int16)), torch.from_numpy(counts), torch.from_numpy(COUNT_DECODE))
     assert got.tolist() == tiers_by_hand(hist.tolist(), position, neighbors, counts)
 
 

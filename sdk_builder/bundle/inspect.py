@@ -79,9 +79,13 @@ def _part(name: str, kind: str, nbytes: int, shape=None, dtype=None, **extra) ->
     return part
 
 
-def _is_integer(value) -> bool:
+def _scalar_type(value) -> str | None:
     schema, ScalarType = _serializer_modules().schema, _serializer_modules().ScalarType
-    return isinstance(value, schema.Tensor) and ScalarType(value.scalar_type).name in ("SHORT", "INT", "LONG")
+    return ScalarType(value.scalar_type).name if isinstance(value, schema.Tensor) else None
+
+
+def _is_integer(value) -> bool:
+    return _scalar_type(value) in ("SHORT", "INT", "LONG")
 
 
 def _name_by_shape(tensor, taken: set[str]) -> str | None:
@@ -133,8 +137,10 @@ def _constant_names(plan, input_names: list[str]) -> dict[int, str]:
                 table = values[args[0]].val
                 if name == "candidate_features" and _is_integer(table):  # two tables are read by candidate row
                     name = "candidate_category"
-                elif name == "item_table" and _is_integer(table):  # the co-visit lists, then their counts
-                    name = "neighbor_counts" if "item_neighbors" in names.values() else "item_neighbors"
+                elif name == "item_table" and _is_integer(table):  # the co-visit lists (int16)
+                    name = "item_neighbors"
+                elif name == "item_table" and _scalar_type(table) == "BYTE":  # and their count codes (uint8)
+                    name = "neighbor_weights"
                 if name:
                     names.setdefault(args[0], name)
             elif op in ("aten::embedding", "aten::index_select"):
