@@ -335,32 +335,30 @@ def live_positions(hist_items: torch.Tensor, candidate_position: torch.Tensor, i
     Integer arithmetic only: the program and the eager reference give the same positions.
     Vectorised over the T history events and their T x k neighbours (T x k <= 20 x 8 entries)."""
     h = hist_items
-    t = h.shape[0]
-    real = h >= RESERVED_ROWS
-    index = torch.arange(t)
-    later = index.unsqueeze(0) > index.unsqueeze(1)  # [i, j]: j is more recent than i
-    repeated_later = ((h.unsqueeze(0) == h.unsqueeze(1)) & later).sum(1) > 0
-    seed = real & ~repeated_later  # the latest event of each distinct item
-    age = (seed.unsqueeze(0) & later).sum(1)  # distinct items more recent than this one
+    h_row, h_col = h.view(1, -1), h.view(-1, 1)
+    index = torch.arange(h.shape[0])
+    later = index.view(1, -1) > index.view(-1, 1)  # [i, j]: j is more recent than i
+    seed = (h >= RESERVED_ROWS) & (((h_row == h_col) & later).sum(1) == 0)  # each distinct item's latest event
+    age = (seed.view(1, -1) & later).sum(1)  # distinct items more recent than this one
     recent = seed.sum()
-    weight = torch.where(seed, SEED_WEIGHT // (1 + age), torch.zeros_like(age))
-    entry = item_neighbors[h].to(torch.int64).reshape(-1)
-    counts = count_decode[neighbor_weights[h].to(torch.int64)].to(torch.int64)
-    value = (counts * weight.unsqueeze(1)).reshape(-1)
-    seen = ((entry.unsqueeze(1) == h.unsqueeze(0)) & real.unsqueeze(0)).sum(1) > 0
-    live = (entry >= RESERVED_ROWS) & (value > 0) & ~seen
-    same = (entry.unsqueeze(0) == entry.unsqueeze(1)) & live.unsqueeze(0) & live.unsqueeze(1)
-    score = (same.to(torch.int64) * value.unsqueeze(0)).sum(1)
+    weight = (SEED_WEIGHT // (1 + age)) * seed
+    entry = item_neighbors[h].to(torch.int64).view(-1)
+    value = (count_decode[neighbor_weights[h].to(torch.int64)].to(torch.int64) * weight.view(-1, 1)).view(-1)
+    live = (entry >= RESERVED_ROWS) & (value > 0) & ((entry.view(-1, 1) == h_row).sum(1) == 0)
     slots = torch.arange(entry.shape[0])
-    earlier = slots.unsqueeze(0) < slots.unsqueeze(1)  # [i, j]: entry j comes before entry i
-    first = live & ~((same & earlier).sum(1) > 0)
-    beats = (score.unsqueeze(0) > score.unsqueeze(1)) | ((score.unsqueeze(0) == score.unsqueeze(1)) & (entry.unsqueeze(0) < entry.unsqueeze(1)))
-    rank = (beats & first.unsqueeze(0)).sum(1)
-    positions = candidate_position.to(torch.int64) + recent + first.sum()
-    unchanged = positions[PADDING_ROW].expand_as(entry)
-    positions = positions.scatter(0, torch.where(live, entry, torch.zeros_like(entry)), torch.where(live, recent + rank, unchanged))
-    unchanged = positions[PADDING_ROW].expand_as(h)
-    return positions.scatter(0, torch.where(seed, h, torch.zeros_like(h)), torch.where(seed, age, unchanged))
+    key = torch.where(live, entry, -1 - slots)  # entries that are not live match no other entry
+    key_row, key_col = key.view(1, -1), key.view(-1, 1)
+    same = key_row == key_col
+    score = (same * (value * live).view(1, -1)).sum(1)
+    first = live & ((same & (slots.view(1, -1) < slots.view(-1, 1))).sum(1) == 0)  # one entry per item
+    score_row, score_col = score.view(1, -1), score.view(-1, 1)
+    beats = (score_row > score_col) | ((score_row == score_col) & (key_row < key_col))  # [i, j]: j ranks before i
+    rank = (beats & first.view(1, -1)).sum(1)
+    positions = candidate_position.to(torch.int64) + (recent + first.sum())
+    # Entries and events that move nothing write the padding row's own position back to it.
+    pad = positions[PADDING_ROW]
+    positions = positions.scatter(0, entry * live, torch.where(live, recent + rank, pad))
+    return positions.scatter(0, h * seed, torch.where(seed, age, pad))
 
 
 def unit_rows(z: torch.Tensor, ones: torch.Tensor) -> torch.Tensor:
