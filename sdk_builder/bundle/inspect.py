@@ -126,6 +126,21 @@ def _scalar_type(fb, tensor) -> str:
     return fb.scalar_types.get(tensor.scalarType, str(tensor.scalarType))
 
 
+def _is_integer(fb, value) -> bool:
+    return isinstance(value, fb.TensorT) and _scalar_type(fb, value) in ("SHORT", "INT", "LONG")
+
+
+def _name_by_shape(fb, tensor, taken: set[str]) -> str | None:
+    """The two per-user constants that are not read through an input's gather: the int16 build-time
+    positions (one per item row) and the prior's float32 scale (one value)."""
+    kind, sizes = _scalar_type(fb, tensor), _ints(tensor.sizes)
+    if kind == "SHORT" and len(sizes) == 1 and "candidate_position" not in taken:
+        return "candidate_position"
+    if kind == "FLOAT" and sizes == [1] and "prior_scale" not in taken:
+        return "prior_scale"
+    return None
+
+
 def _constant_names(fb, plan, input_names: list[str]) -> dict[int, str]:
     """value index -> name for constants read through a gather, traced from the kernel calls."""
     values = plan.values or []
@@ -159,11 +174,14 @@ def _constant_names(fb, plan, input_names: list[str]) -> dict[int, str]:
                 items = _ints(getattr(values[args[1]].val, "items", None))
                 index = next((i for i in items if i >= 0), None)
                 name = table_name(index) if index is not None else None
-                if name == "candidate_features":  # three tables are read by candidate row
-                    table = values[args[0]].val
-                    is_integer = isinstance(table, fb.TensorT) and _scalar_type(fb, table) in ("SHORT", "INT", "LONG")
-                    name = ("candidate_category" if is_integer
-                            else "candidate_prior" if _ints(getattr(table, "sizes", None))[-1:] == [1] else name)
+                table = values[args[0]].val
+                if name == "candidate_features" and _is_integer(fb, table):  # two tables are read by candidate row
+                    name = "candidate_category"
+                elif name == "item_table" and _is_integer(fb, table):  # the co-visit lists (int16)
+                    name = "item_neighbors"
+                elif (name == "item_table" and isinstance(table, fb.TensorT)
+                      and _scalar_type(fb, table) == "BYTE"):  # and their count codes (uint8)
+                    name = "neighbor_weights"
                 if name:
                     names.setdefault(args[0], name)
             elif op in ("aten::embedding", "aten::index_select"):
@@ -217,7 +235,8 @@ def _inspect_program(fb, data: bytes, input_names: list[str] | None) -> list[dic
                 continue
             seen_buffers.add(tensor.dataBufferIdx)
             storage = storages[tensor.dataBufferIdx]
-            name = names.get(v)
+            name = names.get(v) or _name_by_shape(fb, tensor, set(names.values()))
+            names.setdefault(v, name)
             if name is None:
                 name = f"constant #{unnamed}"
                 unnamed += 1
