@@ -59,6 +59,9 @@ class Shard:
     neighbor_counts: np.ndarray | None = None
     # b = w / (1 + w) for the run's prior weight w: the prior's share of the shipped score (0: the model alone).
     prior_scale: float = 0.0
+    # Unix seconds of the last event the build saw (0: none): only later events re-rank the policy's
+    # order on the phone, the earlier ones are already in it (with more seeds and longer co-visit lists).
+    built_after: int = 0
 
 
 @dataclass(frozen=True)
@@ -81,7 +84,7 @@ class SliceLayout:
 # The user's own row is not one of them: it is the program's `user_state` input (`user_state`),
 # so that the phone can rank with a refreshed row (`sdk_builder.refresh`).
 USER_CONSTANTS = ("item_table", "category_table", "candidate_features", "candidate_category", "candidate_position",
-                  "item_neighbors", "neighbor_weights", "prior_scale")
+                  "item_neighbors", "neighbor_weights", "prior_params")
 # Seed weights of the on-device co-visit score: WEIGHT // (1 + age), age 0 the latest distinct item.
 # Integers, so that the program and the eager reference break ties identically (lcm(1..12): exact
 # 1 / (1 + age) ratios for the 12 latest seeds).
@@ -136,7 +139,8 @@ def slice_constants(model: TBSM, shard: Shard, item_category: np.ndarray, layout
       (int16; the shard's size for padding, OOV and a shard without positions);
     - `item_neighbors`, `neighbor_weights`: per local item row, its co-visited shard items (int16
       [item_rows, k]) and their co-visit counts (uint8 codes, `encode_counts`), for `live_positions`;
-    - `prior_scale`: b, the prior's weight in the score (float32 [1]).
+    - `prior_params`: float32 [3], b (the prior's weight in the score) and `Shard.built_after` as two
+      float32-exact halves (seconds // 65536, seconds % 65536).
     """
     layout = layout or SliceLayout.exact(shard)
     n_items, n_cats = len(shard.item_rows), len(shard.category_rows)
@@ -189,7 +193,7 @@ def slice_constants_prior(shard: Shard, layout: SliceLayout) -> dict[str, torch.
         "candidate_position": torch.from_numpy(position.astype(np.int16)).contiguous(),
         "item_neighbors": torch.from_numpy(neighbors.astype(np.int16)).contiguous(),
         "neighbor_weights": torch.from_numpy(codes).contiguous(),
-        "prior_scale": torch.tensor([shard.prior_scale], dtype=torch.float32),
+        "prior_params": torch.tensor([shard.prior_scale, *divmod(int(shard.built_after), 65536)], dtype=torch.float32),
     }
 
 
@@ -232,7 +236,7 @@ class UserProgram(nn.Module):
         self.register_buffer("position_feature", model.position_feature[:-1].clone())
         self.register_buffer("ones_d", torch.ones(1, cfg.emb_dim))
         self.register_buffer("ones_z", torch.ones(1, cfg.z_dim))
-        self.register_buffer("first_row", torch.zeros(1, dtype=torch.long))
+        self.register_buffer("param_rows", torch.arange(3))
         self.register_buffer("count_decode", torch.from_numpy(COUNT_DECODE))
 
     @classmethod
@@ -275,14 +279,22 @@ class UserProgram(nn.Module):
     def forward(self, hist_items, hist_categories, hist_behaviors, hist_timestamps, request_time, candidates, user_state):
         history = self.history_z(hist_items, hist_categories, hist_behaviors, hist_timestamps, request_time, user_state)
         logit = self.candidate_logits(history, self.candidate_w(candidates, user_state))
-        prior = self.prior(live_positions(hist_items, self.candidate_position, self.item_neighbors, self.neighbor_weights,
-                                          self.count_decode))
+        prior = self.prior(live_positions(hist_items, hist_timestamps, self.built_after(), self.candidate_position,
+                                          self.item_neighbors, self.neighbor_weights, self.count_decode))
         return torch.sigmoid(logit + prior[candidates].view(1, -1, 1)).reshape(-1)
 
+    def prior_parameters(self) -> torch.Tensor:
+        """`prior_params`, read through a gather so that it stays a stampable constant (a delegate
+        would pack it into its blob)."""
+        return self.prior_params[self.param_rows]
+
+    def built_after(self) -> torch.Tensor:
+        params = self.prior_parameters().to(torch.int64)
+        return params[1] * 65536 + params[2]
+
     def prior(self, positions: torch.Tensor) -> torch.Tensor:
-        """b * -log(1 + position) of every local item row; `prior_scale` is read through a gather so
-        that it stays a stampable constant (a delegate would pack it into its blob)."""
-        return -torch.log1p(positions.to(torch.float32)) * self.prior_scale[self.first_row]
+        """b * -log(1 + position) of every local item row."""
+        return -torch.log1p(positions.to(torch.float32)) * self.prior_parameters()[:1]
 
     def build_time_positions(self) -> torch.Tensor:
         """The policy positions stamped at build time (what ranks before any on-device event)."""
@@ -308,26 +320,28 @@ class UserProgram(nn.Module):
         return logits[0] if self.combine is None else self.combine(torch.sigmoid(torch.cat(logits, dim=-1)))
 
 
-def prior_tables(shard: Shard) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
-    """(candidate_position, item_neighbors, neighbor_weights, prior_scale) of a shard's exact layout, as
-    `slice_constants` stores them, for eager scoring (`shard_prior`)."""
-    constants = slice_constants_prior(shard, SliceLayout.exact(shard))
-    return (constants["candidate_position"], constants["item_neighbors"], constants["neighbor_weights"],
-            float(constants["prior_scale"][0]))
+def prior_tables(shard: Shard) -> dict[str, torch.Tensor]:
+    """The prior's constants of a shard's exact layout, as `slice_constants` stores them, for eager
+    scoring (`shard_prior`)."""
+    return slice_constants_prior(shard, SliceLayout.exact(shard))
 
 
-def shard_prior(tables: tuple[torch.Tensor, torch.Tensor, torch.Tensor, float], hist_items: torch.Tensor) -> torch.Tensor:
-    """What the program adds to every local item row's logit after the history `hist_items` (eager)."""
-    position, neighbors, counts, scale = tables
-    positions = live_positions(hist_items, position, neighbors, counts, torch.from_numpy(COUNT_DECODE))
-    return -torch.log1p(positions.to(torch.float32)) * torch.tensor([scale], dtype=torch.float32)
+def shard_prior(tables: dict[str, torch.Tensor], hist_items: torch.Tensor, hist_timestamps: torch.Tensor) -> torch.Tensor:
+    """What the program adds to every local item row's logit after a history (eager)."""
+    params = tables["prior_params"]
+    built_after = params[1].to(torch.int64) * 65536 + params[2].to(torch.int64)
+    positions = live_positions(hist_items, hist_timestamps, built_after, tables["candidate_position"],
+                               tables["item_neighbors"], tables["neighbor_weights"], torch.from_numpy(COUNT_DECODE))
+    return -torch.log1p(positions.to(torch.float32)) * params[:1]
 
 
-def live_positions(hist_items: torch.Tensor, candidate_position: torch.Tensor, item_neighbors: torch.Tensor,
-                   neighbor_weights: torch.Tensor, count_decode: torch.Tensor) -> torch.Tensor:
-    """Every local item row's position in the shard policy's order recomputed from the phone's history
-    (int64 [item_rows]), in the policy's tiers (`sdk_builder.shard`):
-    1. the history's distinct items, latest first;
+def live_positions(hist_items: torch.Tensor, hist_timestamps: torch.Tensor, built_after: torch.Tensor,
+                   candidate_position: torch.Tensor, item_neighbors: torch.Tensor, neighbor_weights: torch.Tensor,
+                   count_decode: torch.Tensor) -> torch.Tensor:
+    """Every local item row's position in the shard policy's order recomputed from the history's
+    events after `built_after` (the build's last event; earlier ones are already in the build-time
+    order), int64 [item_rows], in the policy's tiers (`sdk_builder.shard`):
+    1. the distinct items of those events, latest first;
     2. items co-visited after them: score = sum over distinct history items (seeds) of the co-visit
        (decoded) count times SEED_WEIGHT // (1 + the seed's age), highest first, ties by row;
     3. every other item in its build-time order (`candidate_position`).
@@ -338,7 +352,8 @@ def live_positions(hist_items: torch.Tensor, candidate_position: torch.Tensor, i
     h_row, h_col = h.view(1, -1), h.view(-1, 1)
     index = torch.arange(h.shape[0])
     later = index.view(1, -1) > index.view(-1, 1)  # [i, j]: j is more recent than i
-    seed = (h >= RESERVED_ROWS) & (((h_row == h_col) & later).sum(1) == 0)  # each distinct item's latest event
+    fresh = (h >= RESERVED_ROWS) & (hist_timestamps > built_after)
+    seed = fresh & (((h_row == h_col) & later).sum(1) == 0)  # each distinct item's latest event, if fresh
     age = (seed.view(1, -1) & later).sum(1)  # distinct items more recent than this one
     recent = seed.sum()
     weight = (SEED_WEIGHT // (1 + age)) * seed

@@ -62,7 +62,7 @@ def test_bundle_verifies_in_the_runtime(built_bundle):
     report = verify_bundle(built_bundle)
     assert report["ok"] and report["cases"] == 4 and report["max_abs_diff"] <= 1e-5
     names = {c.name for c in Bundle(built_bundle).golden().cases}
-    assert names == {"full_history", "short_history", "empty_history", "all_oov_history"}
+    assert names == {"full_history", "short_history", "empty_history", "all_oov_history", "new_events_history"}
 
 
 def test_xnnpack_bundle_verifies_through_the_cli(builder, tmp_path):

@@ -16,18 +16,19 @@ from sdk_builder.runtime import load_runtime_method
 from sdk_builder.shard import shard_neighbors
 
 
-def tiers_by_hand(hist, position, neighbors, counts):
+def tiers_by_hand(hist, times, built_after, position, neighbors, counts):
     """The policy's tiers written out item by item: distinct history items latest first, then items
     co-visited after them by weighted count (ties by row), then the build-time order. `counts` as
     stored: a count of c is 2 ** ((code - 1) / 8) in 16ths, rounded."""
-    seeds = []
-    for item in reversed(hist):
-        if item >= RESERVED_ROWS and item not in seeds:
+    seeds, latest_seen = [], set()
+    for item, time in zip(reversed(hist), reversed(times)):
+        if item >= RESERVED_ROWS and item not in latest_seen and time > built_after:
             seeds.append(item)
+        latest_seen.add(item)
     score: dict[int, int] = {}
     for age, seed in enumerate(seeds):
         for item, count in zip(neighbors[seed], counts[seed]):
-            if item >= RESERVED_ROWS and count > 0 and item not in seeds:
+            if item >= RESERVED_ROWS and count > 0 and item not in hist:
                 decoded = round(16 * 2 ** ((int(count) - 1) / 8))
                 score[item] = score.get(item, 0) + decoded * (SEED_WEIGHT // (1 + age))
     live = sorted(score, key=lambda i: (-score[i], i))
@@ -60,9 +61,13 @@ def test_live_positions_follow_the_policy_tiers(seed):
     length = int(rng.integers(0, MAX_HISTORY + 1))
     hist = np.zeros(MAX_HISTORY, np.int64)
     hist[MAX_HISTORY - length :] = rng.integers(1, 12, length)  # OOV (1) and repeats included
-    got = live_positions(torch.from_numpy(hist), torch.from_numpy(position.astype(np.int16)),
+    times = np.zeros(MAX_HISTORY, np.int64)
+    times[MAX_HISTORY - length :] = np.sort(rng.integers(1000, 1100, length))
+    built_after = int(rng.choice([0, 1050, 2000]))  # all, some or none of the events are after the build
+    got = live_positions(torch.from_numpy(hist), torch.from_numpy(times), torch.tensor(built_after),
+                         torch.from_numpy(position.astype(np.int16)),
                          torch.from_numpy(neighbors.astype(np.int16)), torch.from_numpy(counts), torch.from_numpy(COUNT_DECODE))
-    assert got.tolist() == tiers_by_hand(hist.tolist(), position, neighbors, counts)
+    assert got.tolist() == tiers_by_hand(hist.tolist(), times.tolist(), built_after, position, neighbors, counts)
 
 
 def test_shard_neighbors_are_the_global_lists_inside_the_shard(builder):
@@ -103,17 +108,21 @@ def test_the_shipped_program_re_ranks_from_the_history_in_the_runtime(builder):
     zeros = torch.zeros(MAX_HISTORY, dtype=torch.long)
     state = user_state(builder.model, user_row)
 
-    def runtime_prior(hist_items):
-        inputs = [hist_items, zeros, zeros, zeros, torch.tensor([1_512_000_000]), candidates, state]
+    def runtime_prior(hist_items, hist_times):
+        inputs = [hist_items, zeros, zeros, hist_times, torch.tensor([shard.built_after + 3600]), candidates, state]
         a, b = (torch.logit(m.execute(inputs)[0].to(torch.float64)) for m in (with_prior, without))
         return (a - b).numpy()
 
     history = zeros.clone()
     history[-1] = seed + RESERVED_ROWS
+    after_build, before_build = zeros.clone(), zeros.clone()
+    after_build[-1], before_build[-1] = shard.built_after + 60, shard.built_after
     tables = prior_tables(dataclasses.replace(shard, prior_scale=0.9))
-    for hist in (zeros, history):
-        expected = shard_prior(tables, hist)[candidates].numpy()
-        np.testing.assert_allclose(runtime_prior(hist), expected, atol=2e-4)
-    before, after = shard_prior(tables, zeros), shard_prior(tables, history)
+    priors = {}
+    for name, (hist, times) in {"empty": (zeros, zeros), "fresh": (history, after_build), "old": (history, before_build)}.items():
+        priors[name] = shard_prior(tables, hist, times)
+        np.testing.assert_allclose(runtime_prior(hist, times), priors[name][candidates].numpy(), atol=2e-4)
+    assert shard.built_after > 0 and torch.equal(priors["old"], priors["empty"])  # the build already saw it
+    before, after = priors["empty"], priors["fresh"]
     assert before[leader] > before[target] and after[target] > after[leader]
     assert after[target] == pytest.approx(-np.log1p(1) * 0.9, abs=1e-6)  # right after the one seed

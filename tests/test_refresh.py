@@ -110,7 +110,8 @@ def test_refresh_loop_is_deterministic_bounded_and_resets_to_the_shipped_state(r
 
 def test_refresh_on_new_events_ranks_their_items_higher(refresh_bundle, refresh_builder):
     """The user starts interacting with shard items the bundle ranked low: after a refresh on those
-    events the refreshed state ranks them higher than the shipped one, for the same history."""
+    events the refreshed state ranks them higher than the shipped one, for the same history (the
+    one before them: with them in it, the prior puts them first whatever the state)."""
     bundle = Bundle(refresh_bundle)
     manifest, ckpt = bundle.manifest, refresh_builder.ckpt
     ids = manifest.items.ids
@@ -124,7 +125,7 @@ def test_refresh_on_new_events_ranks_their_items_higher(refresh_bundle, refresh_
            for k, (i, c) in enumerate(zip(low, categories))]
     events = past + new
     state = bundle.refresh(None, events)
-    history = EventHistory(user_id=manifest.user_id, events=events[-20:])
+    history = EventHistory(user_id=manifest.user_id, events=past[-20:])
     request_time = new[-1].timestamp + 60
 
     def ranks(scores):

@@ -23,6 +23,7 @@ from sdk_builder.runs import LoadedCheckpoint
 
 GOLDEN_TOLERANCE = 1e-5
 GOLDEN_CANDIDATES = 16
+NEW_EVENTS = 3  # events after the build in the golden case that re-ranks the prior
 GOLDEN_CASES = 4  # per user: full, short, empty and all-OOV histories
 REFRESH_TOLERANCE = 1e-5  # per state element, after a whole refresh loop
 REFRESH_SHORT = 5  # events of the short refresh case (the rest of the program's window is padding)
@@ -73,7 +74,8 @@ def refresh_cases(view: ShardView, events: list[Event], record, gradient) -> lis
 
 
 def golden_requests(ckpt: LoadedCheckpoint, data: PreparedData, seed: int, user_id: int, shard: Shard) -> list[GoldenCase]:
-    """Real histories of the user (full, short, empty, all-OOV) with shard and unknown candidates (no scores yet)."""
+    """Real histories of the user (full, short, empty, all-OOV, and one ending in events after the
+    build, which re-rank the prior on the phone) with shard and unknown candidates (no scores yet)."""
     events = last_events(ckpt, data, shard.user_row, MAX_HISTORY)
     last_time = events[-1].timestamp if events else 0
     rng = np.random.default_rng([seed, user_id])
@@ -82,7 +84,13 @@ def golden_requests(ckpt: LoadedCheckpoint, data: PreparedData, seed: int, user_
     unknown_id = int(ckpt.items.ids.max()) + 1 + int(rng.integers(0, 1000))
     candidates = shard_ids[picks].tolist() + [unknown_id]
     foreign = [e.model_copy(update={"item_id": unknown_id + 1 + k}) for k, e in enumerate(events[-5:])]
-    histories = {"full_history": events, "short_history": events[-3:], "empty_history": [], "all_oov_history": foreign}
+    seen = {e.item_id for e in events}
+    fresh_ids = [int(i) for i in shard_ids[::-1] if int(i) not in seen][:NEW_EVENTS]
+    fresh_rows = ckpt.items.lookup(np.asarray(fresh_ids, dtype=np.int64))
+    fresh = [Event.model_construct(item_id=i, category_id=int(c), behavior=Behavior.pv, timestamp=last_time + 60 * (k + 1))
+             for k, (i, c) in enumerate(zip(fresh_ids, ckpt.categories.global_id(ckpt.item_category[fresh_rows]).tolist()))]
+    histories = {"full_history": events, "short_history": events[-3:], "empty_history": [], "all_oov_history": foreign,
+                 "new_events_history": (events + fresh)[-MAX_HISTORY:]}
     return [GoldenCase.model_construct(name=name, history=EventHistory.model_construct(user_id=user_id, events=hist),
                                        request_time=last_time + 3600, candidates=candidates, scores=[])
             for name, hist in histories.items()]
@@ -122,7 +130,8 @@ class EagerReference:
                                    np.concatenate([[PADDING_ROW, OOV_ROW], shard.category_rows]), prior_tables(shard))
             full_item, full_cat, tables = rows[id(shard)]
             # The prior as the program computes it: re-ranked from this request's history.
-            full_prior = shard_prior(tables, torch.from_numpy(np.asarray(req.hist_items, dtype=np.int64))).numpy()
+            full_prior = shard_prior(tables, torch.from_numpy(np.asarray(req.hist_items, dtype=np.int64)),
+                                     torch.from_numpy(np.asarray(req.hist_timestamps, dtype=np.int64))).numpy()
             cand = full_item[req.candidates]
             # A candidate's category as the program sees it: OOV when the bundle does not carry it
             # (over the category capacity), exactly like an unknown id on the phone.

@@ -132,12 +132,12 @@ def _is_integer(fb, value) -> bool:
 
 def _name_by_shape(fb, tensor, taken: set[str]) -> str | None:
     """The two per-user constants that are not read through an input's gather: the int16 build-time
-    positions (one per item row) and the prior's float32 scale (one value)."""
+    positions (one per item row) and the prior's float32 parameters (three values)."""
     kind, sizes = _scalar_type(fb, tensor), _ints(tensor.sizes)
     if kind == "SHORT" and len(sizes) == 1 and "candidate_position" not in taken:
         return "candidate_position"
-    if kind == "FLOAT" and sizes == [1] and "prior_scale" not in taken:
-        return "prior_scale"
+    if kind == "FLOAT" and sizes == [3] and "prior_params" not in taken:
+        return "prior_params"
     return None
 
 

@@ -22,16 +22,17 @@ def select_shard(data: PreparedData, index: ShardIndex, layout: SliceLayout, use
     category_rows, over = select_categories(cats[-MAX_HISTORY:], data.item_category[np.sort(ranked)],
                                             layout.category_rows - RESERVED_ROWS)
     sources["categories_over_capacity"] = over
-    return shard_of(index, layout, user_row, ranked, category_rows, prior_scale), sources
+    built_after = int(data.timestamps[sl][-1]) if len(items) else 0
+    return shard_of(index, layout, user_row, ranked, category_rows, prior_scale, built_after), sources
 
 
 def shard_of(index: ShardIndex, layout: SliceLayout, user_row: int, ranked: np.ndarray, category_rows: np.ndarray,
-             prior_scale: float) -> Shard:
+             prior_scale: float, built_after: int = 0) -> Shard:
     """The Shard of items in the policy's order `ranked`: their build-time positions and their
-    co-visit lists inside the shard (the program's on-device re-ranking)."""
+    co-visit lists inside the shard, with which the program re-ranks from events after `built_after`."""
     item_rows, positions = policy_positions(ranked)
     neighbors, counts = shard_neighbors(index, item_rows, layout.neighbors)
-    return Shard(user_row, item_rows, category_rows, positions, neighbors, counts, float(prior_scale))
+    return Shard(user_row, item_rows, category_rows, positions, neighbors, counts, float(prior_scale), built_after)
 
 
 def select_categories(history_cats: np.ndarray, item_cats: np.ndarray, capacity: int) -> tuple[np.ndarray, int]:
