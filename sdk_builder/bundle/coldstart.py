@@ -125,7 +125,8 @@ def cold_start_requests(ckpt: LoadedCheckpoint, data: PreparedData, seed: int, s
     candidates = shard_ids[picks].tolist() + [unknown_id]
     foreign = [e.model_copy(update={"item_id": unknown_id + 1 + k}) for k, e in enumerate(events[-5:])]
     request_time = (events[-1].timestamp if events else start) + 3600
-    histories = {"popular_history": events, "short_history": events[-3:], "empty_history": [], "all_oov_history": foreign}
+    histories = {"popular_history": events, "short_history": events[-3:], "empty_history": [], "all_oov_history": foreign,
+                 "one_event_history": events[-1:]}
     return [GoldenCase.model_construct(name=name, history=EventHistory.model_construct(user_id=None, events=hist),
                                        request_time=request_time, candidates=candidates, scores=[])
             for name, hist in histories.items()]

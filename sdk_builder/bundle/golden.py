@@ -24,7 +24,7 @@ from sdk_builder.runs import LoadedCheckpoint
 GOLDEN_TOLERANCE = 1e-5
 GOLDEN_CANDIDATES = 16
 NEW_EVENTS = 3  # events after the build in the golden case that re-ranks the prior
-GOLDEN_CASES = 4  # per user: full, short, empty and all-OOV histories
+GOLDEN_CASES = 5  # per user: full, short, empty, all-OOV and after-the-build histories
 REFRESH_TOLERANCE = 1e-5  # per state element, after a whole refresh loop
 REFRESH_SHORT = 5  # events of the short refresh case (the rest of the program's window is padding)
 _PROGRAM_SPEC = program_spec()  # read-only: shared by every view
