@@ -112,7 +112,7 @@ def cold_start_shard(builder: BundleBuilder, user_row: int) -> tuple[Shard, dict
 def cold_start_requests(ckpt: LoadedCheckpoint, data: PreparedData, seed: int, shard: Shard,
                         ranked: np.ndarray) -> list[GoldenCase]:
     """Synthetic golden histories (there is no user): the most popular shard items viewed one
-    minute apart (all of max_history, and the last 3), none, and unknown ids only; user_id null."""
+    minute apart (all of max_history, the last 3 and the last one), none, and unknown ids only; user_id null."""
     popular = ranked[:MAX_HISTORY][::-1]  # oldest first: the most popular item is the latest event
     start = int(data.timestamps.max()) if data.num_events else 0
     events = [Event.model_construct(item_id=int(i), category_id=int(c), behavior=Behavior.pv, timestamp=start + 60 * k)
