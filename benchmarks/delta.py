@@ -72,7 +72,7 @@ def previous_day_mask(data, target: np.ndarray) -> np.ndarray:
     return ~target & (day < last_older_day[user])
 
 
-def measure(name: str, older, newer, n_users: int, slacks: list[float], tmp: Path) -> tuple[list[list[str]], list[list[str]]]:
+def measure(name: str, older, newer, n_users: int, slacks: list[float], recipes: dict[str, str], tmp: Path) -> tuple[list[list[str]], list[list[str]]]:
     import torch
     from executorch.extension.pybindings import portable_lib
 
@@ -112,7 +112,7 @@ def measure(name: str, older, newer, n_users: int, slacks: list[float], tmp: Pat
         print("| " + " | ".join(row) + " |", file=sys.stderr)
 
     rows = []
-    for label, recipe in RECIPES.items():
+    for label, recipe in recipes.items():
         started = time.perf_counter()
         old_builder = BundleBuilder(ckpt, data, ShardPolicy(), recipe=recipe, allow_weak_model=True,
                                     on_budget_exceeded="fp32")
@@ -158,9 +158,11 @@ def main() -> None:
     parser.add_argument("--slacks", default=str(DEFAULT_SLACK),
                         help="Comma-separated shard hysteresis slacks to compare with none (sdk_builder/shard.py).")
     parser.add_argument("--only", choices=["ml-latest-small", "synthetic"], help="One data set.")
+    parser.add_argument("--recipes", default=",".join(RECIPES), help="Comma-separated subset of fp32,int8.")
     parser.add_argument("--no-report", action="store_true", help="Print only; do not append to docs/benchmarks.md.")
     args = parser.parse_args()
     slacks = [float(x) for x in args.slacks.split(",") if float(x) > 0]
+    recipes = {label: RECIPES[label] for label in args.recipes.split(",")}
 
     from sdk_builder.data.events import read_taobao_csv
     from sdk_builder.data.synthetic import generate_taobao_events
@@ -169,13 +171,13 @@ def main() -> None:
     rows, coverage_rows = [], []
     if args.only != "synthetic":
         if ML_SMALL.exists():
-            r, c = measure("ml-latest-small", *ml_split(read_taobao_csv(ML_SMALL)[0]), args.users, slacks, tmp)
+            r, c = measure("ml-latest-small", *ml_split(read_taobao_csv(ML_SMALL)[0]), args.users, slacks, recipes, tmp)
             rows, coverage_rows = rows + r, coverage_rows + c
         else:
             print(f"{ML_SMALL} is absent: synthetic data only", file=sys.stderr)
     if args.only != "ml-latest-small":
         synthetic = generate_taobao_events(args.synthetic_users, n_items=20_000, n_categories=200, seed=0)
-        r, c = measure("synthetic", *synthetic_split(synthetic), args.users, slacks, tmp)
+        r, c = measure("synthetic", *synthetic_split(synthetic), args.users, slacks, recipes, tmp)
         rows, coverage_rows = rows + r, coverage_rows + c
     table = markdown_table(
         ["data", "recipe", "shard slack", "new events", "users", "median patch (B)", "p90 patch (B)",

@@ -399,8 +399,8 @@ def _open_run(run: str):
 @click.option("--delta-from-dir", "delta_from_dir", type=click.Path(exists=True, file_okay=False),
               help="An earlier build's --out: write a .patch beside each new bundle whose user has a bundle there.")
 @click.option("--shard-slack", type=click.FloatRange(min=0),
-              help="With --delta-from(-dir): keep the old shard's items while the policy would still pick them for a "
-                   "shard this much larger (fewer new rows, smaller patches; default sdk_builder.shard.DEFAULT_SLACK); "
+              help="With --delta-from(-dir): the old shard's items compete as if ranked (1 + slack) times higher in "
+                   "the shard policy's order (fewer new rows, smaller patches; default sdk_builder.shard.DEFAULT_SLACK); "
                    "0 selects the shard afresh.")
 @click.option("--json", "as_json", is_flag=True)
 def build_cmd(run, users, users_file, all_users, out, recipe, shard_size, category_capacity, seed, jobs, backend,

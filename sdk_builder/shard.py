@@ -8,9 +8,11 @@ A shard is what the phone can score or see in its history. It is filled, dedupli
 Each source gets a share of the shard (`weights`); space a source cannot use passes to the next.
 Deterministic: every ranking breaks ties by item row.
 
-Hysteresis: given the user's previous shard, items of it that are still in the policy's order
-for a shard `slack` larger stay (a rebuilt bundle then differs from the old one by fewer rows, so
-its patch is smaller); the user's own recent items always get in, freed slots go to new items.
+Hysteresis: given the user's previous shard, its items compete for the shard as if they ranked
+(1 + slack) times higher in the policy's order, so a rebuilt bundle differs from the old one by
+fewer rows and its patch is smaller (an item new to the shard costs its rows as literal bytes),
+while a new item still gets in when it outranks an old one by that factor. The user's own recent
+items always get in. The kept items keep their places in the policy's order (and so their prior).
 """
 
 from __future__ import annotations
@@ -22,9 +24,9 @@ import numpy as np
 from model.tbsm import RESERVED_ROWS
 from sdk_builder.data.dataset import PreparedData
 
-# Previous shard items stay while the policy would still pick them for a shard this much larger
-# (benchmarks/delta.py measures patch bytes and next-day coverage for several values).
-DEFAULT_SLACK = 0.3
+# Previous shard items compete as if ranked (1 + slack) times higher (benchmarks/delta.py measures
+# patch bytes and next-day coverage for several values).
+DEFAULT_SLACK = 3.0
 
 
 @dataclass(frozen=True)
@@ -108,14 +110,14 @@ class ShardIndex:
         longer, _ = self._policy_order(history_items, history_cats, int(round(size * (1.0 + slack))))
         # The policy's order, continued past the shard by the longer shard's other items.
         order = np.concatenate([ranked, longer[~np.isin(longer, ranked)]])[: len(longer)]
-        must = ranked[: sources.get("recent", 0)]  # the on-device history needs their rows
-        kept = order[np.isin(order, previous)]
-        wanted = np.concatenate([must, kept, order])
-        _, first = np.unique(wanted, return_index=True)
-        chosen = wanted[np.sort(first)][:size]
-        position = np.full(int(order.max()) + 1, len(order), np.int64)
-        position[order] = np.arange(len(order))
-        chosen = chosen[np.argsort(position[chosen], kind="stable")]  # back in the policy's order
+        position = np.arange(len(order), dtype=np.float64)
+        incumbent = np.isin(order, previous)
+        # An item of the previous shard competes as if it ranked (1 + slack) times higher: it stays
+        # until newcomers outrank it by that factor, so the policy's top new items still get in.
+        key = np.where(incumbent, position / (1.0 + slack), position)
+        key[: sources.get("recent", 0)] = -2.0  # the on-device history needs their rows
+        chosen = np.sort(np.lexsort((position, key))[:size])  # indices into order, back in the policy's order
+        chosen = order[chosen]
         displaced = ~np.isin(ranked, chosen)
         if displaced.any():
             source_of = np.repeat(np.arange(len(sources)), list(sources.values()))  # `ranked` is source by source

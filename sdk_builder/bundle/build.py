@@ -141,7 +141,7 @@ class BundleBuilder:
         self.schema_bytes = compact_json(events_json_schema()).encode()
         self.build_key = build_key(ckpt, data, self.policy, recipe, seed, self.layout, self.versions["tbsm_sdk"],
                                    (accuracy_budget, on_budget_exceeded) if self.steps.lossy else None, refresh)
-        # Each user's previous bundle (`build --delta-from`): its shard's items stay within the slack.
+        # Each user's previous bundle (`build --delta-from`): its shard's items are favoured (shard hysteresis).
         self.previous, self.shard_slack = previous, shard_slack
 
     def prepare_refresh(self) -> float:

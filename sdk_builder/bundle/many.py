@@ -58,7 +58,7 @@ class BuildSpec:
     events: tuple[str, ...] = ()  # newer event logs: shards and golden histories include them (`extend_events`)
     refresh: bool = False  # add the on-device refresh program (sdk_builder/refresh.py, default RefreshConfig)
     # The users' previous bundles (`--delta-from` one bundle, `--delta-from-dir` an earlier --out):
-    # shards keep their items within `shard_slack` (sdk_builder/shard.py; 0: no hysteresis).
+    # their items compete for the new shard as if ranked (1 + shard_slack) times higher (sdk_builder/shard.py).
     delta_from: str = ""
     delta_from_dir: str = ""
     shard_slack: float = DEFAULT_SLACK
