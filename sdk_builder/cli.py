@@ -449,6 +449,8 @@ def build_cmd(run, users, users_file, all_users, out, recipe, shard_size, catego
     if (delta_from and Path(delta_from).resolve() == bundle_path(Path(out), requested[0]).resolve()) or (
             delta_from_dir and Path(delta_from_dir).resolve() == Path(out).resolve()):
         _fail("the old bundles must live outside --out: the build replaces the bundles in --out")
+    if shard_slack is not None and not (delta_from or delta_from_dir):
+        _fail("--shard-slack needs the old bundles: pass --delta-from or --delta-from-dir")
     if shard_size < 1 or jobs < 1 or category_capacity < 1:
         _fail("--shard-size, --jobs and --category-capacity must be at least 1")
     spec = BuildSpec(run=str(run), out=str(out), recipe=recipe, shard_size=shard_size, seed=seed,
