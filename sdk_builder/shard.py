@@ -26,7 +26,7 @@ from sdk_builder.data.dataset import PreparedData
 
 # Previous shard items compete as if ranked (1 + slack) times higher (benchmarks/delta.py measures
 # patch bytes and next-day coverage for several values).
-DEFAULT_SLACK = 2.0
+DEFAULT_SLACK = 4.0
 
 
 @dataclass(frozen=True)
