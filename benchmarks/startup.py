@@ -1,11 +1,13 @@
-"""Wall time of the phone-side commands (`--help`, `rank`, `verify`, `inspect`) on one bundle,
-and with --run of a second `build` of one user (the template cached by an earlier build), before
-and after the start-up work, in one run; `import torch` alone as the floor.
+"""Wall time of the phone-side commands (`--help`, `rank`, `verify`, `inspect`, and `rank` with a bad
+argument) on one bundle, and with --run of a second `build` of one user (the template cached by an
+earlier build) and of an unknown id, before and after the start-up work, in one run; `import torch`
+alone as the floor.
 
 "Before" is a checkout of --before-ref (default: the commit before the start-up work) extracted
 with `git archive` into a temporary directory; "after" is this checkout. Each command runs
 --repeats times per checkout, alternating, in a fresh interpreter (OMP_NUM_THREADS=1); the table
-shows the median wall time and whether the run imported `executorch.exir` (the export stack).
+shows the median wall time and whether the run imported `executorch.exir` (the export stack) and
+torch.
 Needs a bundle: --bundle DIR, or one is built from a tiny synthetic run (about a minute).
 Prints a markdown table and appends it to docs/benchmarks.md.
 """
@@ -35,7 +37,8 @@ PROBE = ("import runpy, sys\n"
          "try:\n"
          "    runpy.run_module('sdk_builder.cli', run_name='__main__', alter_sys=True)\n"
          "finally:\n"
-         "    sys.stderr.write('EXIR_LOADED=%d\\n' % any(m.startswith('executorch.exir') for m in sys.modules))\n")
+         "    sys.stderr.write('EXIR_LOADED=%d\\n' % any(m.startswith('executorch.exir') for m in sys.modules))\n"
+         "    sys.stderr.write('TORCH_LOADED=%d\\n' % ('torch' in sys.modules))\n")
 
 
 def extract(ref: str, dest: Path) -> Path:
@@ -62,8 +65,9 @@ def tiny_bundle(work: Path) -> Path:
 _CALLS = iter(range(10**9))
 
 
-def timed(checkout: Path, args: list[str] | None) -> tuple[float, float, bool, int]:
-    """Wall seconds, CPU seconds (user + system: less sensitive to a busy machine), exir loaded, exit code.
+def timed(checkout: Path, args: list[str] | None) -> tuple[float, float, bool, bool, int]:
+    """Wall seconds, CPU seconds (user + system: less sensitive to a busy machine), exir loaded, torch
+    loaded, exit code.
     "{n}" in an argument becomes a number new on every call (a fresh --out: the bundle is built, not skipped)."""
     env = {**os.environ, "PYTHONPATH": str(checkout), "OMP_NUM_THREADS": "1"}
     call = next(_CALLS)
@@ -74,7 +78,7 @@ def timed(checkout: Path, args: list[str] | None) -> tuple[float, float, bool, i
     seconds = time.perf_counter() - start
     cpu_after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (cpu_after.ru_utime - cpu_before.ru_utime) + (cpu_after.ru_stime - cpu_before.ru_stime)
-    return seconds, cpu, "EXIR_LOADED=1" in done.stderr, done.returncode
+    return seconds, cpu, "EXIR_LOADED=1" in done.stderr, args is None or "TORCH_LOADED=1" in done.stderr, done.returncode
 
 
 def main() -> None:
@@ -98,6 +102,7 @@ def main() -> None:
         "rank": ["rank", str(bundle), "--events", str(history), "--candidates", candidates, "--request-time", "1512000000"],
         "verify": ["verify", str(bundle)],
         "inspect": ["inspect", str(bundle)],
+        "rank (bad --candidates)": ["rank", str(bundle), "--events", str(history), "--candidates", "1,x"],
     }
     if args.run:
         user = str(golden["cases"][0]["history"]["user_id"])
@@ -108,6 +113,7 @@ def main() -> None:
     times: dict[tuple[str, str], list[float]] = {}
     cpu: dict[tuple[str, str], list[float]] = {}
     exir: dict[tuple[str, str], bool] = {}
+    torch: dict[tuple[str, str], bool] = {}
     codes: dict[tuple[str, str], int] = {}
     commands.setdefault("python -c 'import torch' (floor)", None)
     for name, which in [(c, w) for c in commands for w in checkouts]:  # warm the page cache once
@@ -115,10 +121,11 @@ def main() -> None:
     for _ in range(args.repeats):
         for name in commands:
             for which, checkout in checkouts.items():
-                seconds, cpu_seconds, loaded, code = timed(checkout, commands[name])
+                seconds, cpu_seconds, loaded, torch_loaded, code = timed(checkout, commands[name])
                 times.setdefault((name, which), []).append(seconds)
                 cpu.setdefault((name, which), []).append(cpu_seconds)
                 exir[(name, which)] = loaded
+                torch[(name, which)] = torch_loaded
                 codes[(name, which)] = code
     rows = []
     for name in commands:
@@ -127,9 +134,10 @@ def main() -> None:
         rows.append([f"`tbsm-sdk {name}`" if commands[name] is not None else name, f"{before:.2f}", f"{after:.2f}", f"{before / after:.1f}x",
                      f"{cpu_before:.2f}", f"{cpu_after:.2f}",
                      "yes" if exir[(name, "before")] else "no", "yes" if exir[(name, "after")] else "no",
+                     "yes" if torch[(name, "before")] else "no", "yes" if torch[(name, "after")] else "no",
                      f"{codes[(name, 'before')]}/{codes[(name, 'after')]}"])
     table = markdown_table(["command (one bundle)", "before s", "after s", "speed-up", "before CPU s", "after CPU s",
-                            "exir before", "exir after", "exit codes"], rows, "lrrrrrlll")
+                            "exir before", "exir after", "torch before", "torch after", "exit codes"], rows, "lrrrrrlllll")
     print(table)
     if not args.no_report:
         append_report("Start-up of the phone-side commands",

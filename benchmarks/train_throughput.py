@@ -313,10 +313,15 @@ def main() -> None:
     vs_baseline = rate("ours-position", 1) / rate("baseline", 1)
     vs_baseline_cpu = rate("ours-position", 1, "cpu_rates") / rate("baseline", 1, "cpu_rates")
     two_threads = rate("ours-position", 2) / rate("ours-position", 1)
+    busy = max(load_before, os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0) > 0.5
+    # On a busy machine a 1-thread process gets a fraction of a core and a 2-thread one more of the
+    # machine: their ratio says how the CPU was shared, not what the second thread buys.
+    two_thread_verdict = ("not judged (busy machine)" if busy else
+                          "met" if two_threads >= TARGET_TWO_THREADS else "NOT met")
     verdict = (f"Targets (issue 12, bench config): 1 thread >= {TARGET_VS_BASELINE:g}x the same-run baseline: "
                f"{'met' if vs_baseline >= TARGET_VS_BASELINE else 'NOT met'} ({vs_baseline:.1f}x per wall second, "
                f"{vs_baseline_cpu:.1f}x per CPU second); 2 threads >= {TARGET_TWO_THREADS:g}x the 1-thread figure: "
-               f"{'met' if two_threads >= TARGET_TWO_THREADS else 'NOT met'} ({two_threads:.2f}x).")
+               f"{two_thread_verdict} ({two_threads:.2f}x).")
     note = (f"Bench model with full Taobao tables (987,994 / 4,162,024 / 9,439 rows), batch {BATCH}, "
             f"Adagrad lr {LR}; synthetic data: {USERS:,} users, {N_ITEMS:,} items, {N_CATEGORIES:,} categories, "
             f"holdout protocol, ids scattered over the full tables; collate included; warm-up steps excluded; "
@@ -327,7 +332,7 @@ def main() -> None:
     from _common import load_average
 
     verdict += f" Load average after the run: {load_average()}."
-    if max(load_before, os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0) > 0.5:
+    if busy:
         verdict += (" WARNING: other processes were using the CPU during this run; wall-clock rates are low, and the "
                     "2-thread rows are not meaningful (OpenMP threads spin-wait when the cores are oversubscribed). "
                     "Re-run on an idle machine for reference numbers.")

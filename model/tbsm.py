@@ -199,12 +199,27 @@ class EventTower(nn.Module):
     def forward_fused(
         self, dense: torch.Tensor, user_vec: torch.Tensor, item_vec: torch.Tensor, cat_vec: torch.Tensor
     ) -> torch.Tensor:
-        """`forward_embedded` for a (B, T) batch through `_FusedTowerFunction` (the trainer's path)."""
+        """`forward_embedded` for a (B, T) batch through `_FusedTowerFunction`, from per-event vectors
+        (the trainer passes unique rows and indices instead: `forward_rows`)."""
+        b, t, d = item_vec.shape
+        rows = torch.cat([user_vec, item_vec.reshape(-1, d), cat_vec.reshape(-1, d)])
+        events = torch.arange(b, b + 2 * b * t).view(2, b, t)
+        return self.forward_rows(dense, rows, torch.arange(b), events)
+
+    def forward_rows(
+        self, dense: torch.Tensor, rows: torch.Tensor, user_index: torch.Tensor, event_index: torch.Tensor
+    ) -> torch.Tensor:
+        """The tower on vectors given as rows (R, D) and indices into them: user_index (B,) and
+        event_index (2, B, T) (item rows, then category rows) -> z (B, T, Z).
+
+        The trainer's path: `rows` holds each table row the batch reads once, so the backward
+        accumulates each row's gradient in one index_add instead of one autograd gather per table.
+        """
         x = self.bottom(dense.unsqueeze(-1))
         if x.dim() == 2:  # the position feature: one bottom output per timestep, shared by the batch
             x = x.unsqueeze(0)
         weights = [p for m in self.top if isinstance(m, nn.Linear) for p in (m.weight, m.bias)]
-        return _FusedTowerFunction.apply(x, user_vec, item_vec, cat_vec, *weights)
+        return _FusedTowerFunction.apply(x, rows, user_index, event_index, *weights)
 
 
 class _FusedTowerFunction(torch.autograd.Function):
@@ -213,18 +228,25 @@ class _FusedTowerFunction(torch.autograd.Function):
     Same math as the eager tower; what differs is the layout: the top MLP runs feature-major,
     (features, events), because MKL's small GEMMs with 15-20 outputs are 2-3x faster writing a
     (15, 5376) result than a (5376, 15) one, and the L2 norm becomes a sum over rows. Autograd's
-    ~60 nodes for the tower become one, and the backward reuses the forward's products.
-    Inputs: x (1 or B, T, D) (1: shared by the batch, the position feature), u (B, D), i and c
-    (B, T, D), then weight and bias of each top-MLP layer. Output z (B, T, Z).
+    ~60 nodes for the tower and its three gathers become one, the backward reuses the forward's
+    products, and each row's gradient is accumulated by one index_add (autograd's gather backward
+    is an index_put with accumulation, ~1.5x slower).
+    Inputs: x (1 or B, T, D) (1: shared by the batch, the position feature), rows (R, D), user_index
+    (B,), event_index (2, B, T), then weight and bias of each top-MLP layer. Output z (B, T, Z).
     """
 
     @staticmethod
-    def forward(ctx, x, u, i, c, *weights):
-        b, t, d = i.shape
+    def forward(ctx, x, rows, user_index, event_index, *weights):
+        _, b, t = event_index.shape
+        d = rows.shape[1]
         n = b * t
         ws, bs = weights[0::2], weights[1::2]
-        user = u.unsqueeze(1)
-        pairs = torch.empty(6, b, t, dtype=i.dtype)  # DLRM's strictly-lower-triangle order
+        user = rows.index_select(0, user_index).unsqueeze(1)
+        # Separate item and category tensors: ops on one (2, B, T, D) tensor were slower here, as it
+        # no longer fits the L2 cache.
+        i = rows.index_select(0, event_index[0].reshape(-1)).view(b, t, d)
+        c = rows.index_select(0, event_index[1].reshape(-1)).view(b, t, d)
+        pairs = torch.empty(6, b, t, dtype=rows.dtype)  # DLRM's strictly-lower-triangle order
         for row, (left, right) in enumerate(((x, user), (i, x), (i, user), (c, x), (c, user), (i, c))):
             torch.sum(left * right, -1, out=pairs[row])
         first = ws[0]
@@ -236,13 +258,13 @@ class _FusedTowerFunction(torch.autograd.Function):
             hidden.append(h)
         norm = (h * h).sum(0).sqrt_()
         z = h / norm.clamp(min=NORM_EPS)
-        ctx.save_for_backward(x, u, i, c, pairs, z, norm, *hidden, *weights)
-        ctx.layers = len(ws)
+        ctx.save_for_backward(x, user, i, c, user_index, event_index, pairs, z, norm, *hidden, *weights)
+        ctx.layers, ctx.rows = len(ws), rows.shape[0]
         return z.t().contiguous().view(b, t, -1)
 
     @staticmethod
     def backward(ctx, grad_z):
-        x, u, i, c, pairs, z, norm, *rest = ctx.saved_tensors
+        x, user, i, c, user_index, event_index, pairs, z, norm, *rest = ctx.saved_tensors
         k = ctx.layers
         hidden, ws = rest[:k], rest[k:][0::2]
         b, t, d = i.shape
@@ -262,7 +284,6 @@ class _FusedTowerFunction(torch.autograd.Function):
         g_x = g.view(-1, b, t).sum(1) if shared_x else g
         grads.append((torch.cat([torch.mm(g_x, x.reshape(-1, d)), torch.mm(g, pairs.view(6, n).t())], dim=1), g.sum(1)))
         g_pairs = torch.mm(first[:, d:].t(), g).view(6, b, t, 1)
-        user = u.unsqueeze(1)
         g_i = c * g_pairs[5]
         g_i.addcmul_(x, g_pairs[1]).addcmul_(user, g_pairs[2])
         g_c = i * g_pairs[5]
@@ -272,8 +293,11 @@ class _FusedTowerFunction(torch.autograd.Function):
         g_xe = i * g_pairs[1]
         g_xe.addcmul_(c, g_pairs[3]).addcmul_(user, g_pairs[0])
         g_x_in = torch.mm(g_x.t(), first[:, :d]).view(x.shape) + (g_xe.sum(0, keepdim=True) if shared_x else g_xe)
+        g_rows = g_i.new_zeros(ctx.rows, d).index_add_(0, user_index, g_u.sum(1))
+        g_rows.index_add_(0, event_index[0].reshape(-1), g_i.view(n, d))
+        g_rows.index_add_(0, event_index[1].reshape(-1), g_c.view(n, d))
         weight_grads = [g for pair in reversed(grads) for g in pair]
-        return (g_x_in, g_u.sum(1), g_i, g_c, *weight_grads)
+        return (g_x_in, g_rows, None, None, *weight_grads)
 
 
 class TSLHead(nn.Module):
@@ -423,6 +447,21 @@ class TBSM(nn.Module):
         dense = self.dense_features(timestamps, timestamps[:, -1])
         tower = self.tower.forward_fused if fused else self.tower.forward_embedded
         z = tower(dense, user_vec, item_vec, cat_vec)
+        return self.attend(z[:, :-1], z[:, -1], real_event[:, :-1])
+
+    def forward_rows(
+        self,
+        rows: torch.Tensor,
+        user_index: torch.Tensor,
+        event_index: torch.Tensor,
+        timestamps: torch.Tensor,
+        real_event: torch.Tensor,
+    ) -> torch.Tensor:
+        """`forward` from the unique table rows a batch reads, rows (R, D), and indices into them:
+        user_index (B,), event_index (2, B, T) (items, then categories). The trainer's path; no
+        behaviour embedding (`EventTower.forward_rows`)."""
+        dense = self.dense_features(timestamps, timestamps[:, -1])
+        z = self.tower.forward_rows(dense, rows, user_index, event_index)
         return self.attend(z[:, :-1], z[:, -1], real_event[:, :-1])
 
     def attend(self, history: torch.Tensor, w: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -45,10 +45,15 @@ class TrainConfig:
 
 @dataclass
 class DedupedBatch:
-    """A batch plus, per id table it reads, its unique rows and the inverse index (`dedup`)."""
+    """A batch plus, per id table it reads, its unique rows and the inverse index (`dedup`).
+
+    `event_index` (2, B, T): the item, then category, inverse offset to index the concatenation of
+    the tables' unique rows (user, item, category), as `TBSM.forward_rows` takes them; None with a
+    behaviour table (that model trains through the per-table path)."""
 
     batch: BatchLike
     rows: list[tuple[np.ndarray, np.ndarray]]
+    event_index: torch.Tensor | None = None
 
     @property
     def labels(self) -> torch.Tensor:
@@ -58,16 +63,40 @@ class DedupedBatch:
         return self.batch.inputs()
 
 
+_scratch = threading.local()
+
+
+def unique_inverse(rows: np.ndarray, table_rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """`np.unique(rows, return_inverse=True)` (inverse shaped as `rows`), for rows < table_rows.
+
+    np.unique sorts all B*T rows; this sorts only the distinct ones, finding them through a
+    per-thread scratch array with a slot per table row (only the slots a batch touches are ever
+    written, so a 4M-row table costs no more than a small one).
+    """
+    flat = rows.reshape(-1)
+    scratch = getattr(_scratch, "slots", None)
+    if scratch is None or len(scratch) < table_rows:
+        scratch = _scratch.slots = np.empty(table_rows, np.int64)
+    positions = np.arange(len(flat))
+    scratch[flat] = positions  # one position per distinct row survives (whichever was written last)
+    unique = np.sort(flat[scratch[flat] == positions])
+    scratch[unique] = np.arange(len(unique))
+    return unique, scratch[flat].reshape(rows.shape)
+
+
 def dedup(model: TBSM, batch: BatchLike) -> DedupedBatch:
-    """np.unique of the user, item, category (and behaviour) rows: pure numpy, so it can run on a
-    prefetch thread while the previous batch trains."""
+    """The unique user, item, category (and behaviour) rows and inverse indices: pure numpy, so it
+    can run on a prefetch thread while the previous batch trains."""
     user_rows, item_rows, cat_rows, behaviors, _ = batch.inputs()
-    lookups = [user_rows, item_rows, cat_rows] + ([behaviors] if model.tower.behavior_emb is not None else [])
-    rows = []
-    for r in lookups:
-        unique, inverse = np.unique(r.numpy(), return_inverse=True)
-        rows.append((unique, inverse.reshape(r.shape)))
-    return DedupedBatch(batch, rows)
+    tower = model.tower
+    tables = [tower.user_emb, tower.item_emb, tower.cat_emb] + ([tower.behavior_emb] if tower.behavior_emb is not None else [])
+    lookups = [user_rows, item_rows, cat_rows, behaviors]
+    rows = [unique_inverse(r.numpy(), t.num_embeddings) for t, r in zip(tables, lookups)]
+    event_index = None
+    if tower.behavior_emb is None:
+        n_users, n_items = len(rows[0][0]), len(rows[1][0])
+        event_index = torch.from_numpy(np.stack([rows[1][1] + n_users, rows[2][1] + (n_users + n_items)]))
+    return DedupedBatch(batch, rows, event_index)
 
 
 def prefetched(items: Iterable, depth: int = PREFETCH_DEPTH) -> Iterator:
@@ -165,13 +194,24 @@ class TBSMOptimizer:
         unique_t = torch.from_numpy(unique)
         return unique_t, self.tables[table_index].index_select(0, unique_t).requires_grad_()
 
+    def gather_rows(self, rows: list[tuple[int, np.ndarray]]) -> tuple[torch.Tensor, list]:
+        """One leaf (R, D) holding the given unique rows of each table, in order, and the spans
+        (table index, unique rows, slice of the leaf) `step_rows` writes back."""
+        spans, offset = [], 0
+        for table_index, unique in rows:
+            spans.append((table_index, torch.from_numpy(unique), slice(offset, offset + len(unique))))
+            offset += len(unique)
+        leaf = torch.empty(offset, self.tables[0].shape[1])
+        for table_index, unique_t, span in spans:
+            torch.index_select(self.tables[table_index], 0, unique_t, out=leaf[span])
+        return leaf.requires_grad_(), spans
+
     def zero_grad(self) -> None:
         self.flat_grad.zero_()
 
     @torch.no_grad()
     def step(self, touched: list[tuple[int, torch.Tensor, torch.Tensor]]) -> None:
-        self.dense_sum.addcmul_(self.flat_grad, self.flat_grad)
-        self.flat.addcdiv_(self.flat_grad, self.dense_sum.sqrt().add_(self.eps), value=-self.lr)
+        self._dense_step()
         for table_index, unique, leaf in touched:
             if leaf.grad is None:
                 continue
@@ -180,6 +220,27 @@ class TBSMOptimizer:
             self.table_sum[table_index].index_copy_(0, unique, state)
             rows = leaf.detach().addcdiv_(grad, state.sqrt_().add_(self.eps), value=-self.lr)
             self.tables[table_index].index_copy_(0, unique, rows)
+
+    @torch.no_grad()
+    def step_rows(self, leaf: torch.Tensor, spans: list) -> None:
+        """`step` for a `gather_rows` leaf: the same per-element formula, on all tables' rows at once."""
+        self._dense_step()
+        grad = leaf.grad
+        if grad is None:
+            return
+        state = torch.empty_like(leaf)
+        for table_index, unique, span in spans:
+            torch.index_select(self.table_sum[table_index], 0, unique, out=state[span])
+        state.addcmul_(grad, grad)
+        for table_index, unique, span in spans:
+            self.table_sum[table_index].index_copy_(0, unique, state[span])
+        rows = leaf.detach().addcdiv_(grad, state.sqrt_().add_(self.eps), value=-self.lr)
+        for table_index, unique, span in spans:
+            self.tables[table_index].index_copy_(0, unique, rows[span])
+
+    def _dense_step(self) -> None:
+        self.dense_sum.addcmul_(self.flat_grad, self.flat_grad)
+        self.flat.addcdiv_(self.flat_grad, self.dense_sum.sqrt().add_(self.eps), value=-self.lr)
 
     def state_dict(self) -> dict:
         return {"dense_sum": self.dense_sum, "table_sum": self.table_sum, "lr": self.lr, "eps": self.eps}
@@ -195,7 +256,8 @@ def train_step(model: TBSM, optimizer: TBSMOptimizer, batch: BatchLike | Deduped
     """One Adagrad step on the batch's binary cross-entropy.
 
     `batch` may come de-duplicated already (`dedup`, e.g. on a prefetch thread). `fused`: the
-    event tower's hand-written backward (`TBSM.forward_vectors`); False runs plain autograd.
+    event tower's hand-written backward on the batch's unique rows (`TBSM.forward_rows`, one leaf
+    for all tables); False runs plain autograd on per-table leaves.
 
     `log_q` (one value per item row): log-probability that the negative sampler draws the item.
     Subtracting it from every candidate's logit (the "logQ correction") makes the model learn the
@@ -207,14 +269,26 @@ def train_step(model: TBSM, optimizer: TBSMOptimizer, batch: BatchLike | Deduped
     _, item_rows, _, behaviors, timestamps = batch.inputs()
     tower = model.tower
     tables = [tower.user_emb, tower.item_emb, tower.cat_emb, tower.behavior_emb]
-    touched, vectors = [], []
-    for table, (unique, inverse) in zip(tables, batch.rows):
-        index = next(i for i, t in enumerate(optimizer.tables) if t is table.weight)
-        unique_t, leaf = optimizer.gather(index, unique)
-        touched.append((index, unique_t, leaf))
-        vectors.append(leaf[torch.from_numpy(inverse)])
+    table_index = [next(i for i, t in enumerate(optimizer.tables) if t is table.weight)
+                   for table in tables[:len(batch.rows)]]
     optimizer.zero_grad()
-    logits = model.forward_vectors(*vectors[:3], behaviors, timestamps, item_rows != PADDING_ROW,
+    real_event = item_rows != PADDING_ROW
+    if fused and batch.event_index is not None:
+        leaf, spans = optimizer.gather_rows([(i, unique) for i, (unique, _) in zip(table_index, batch.rows)])
+        logits = model.forward_rows(leaf, torch.from_numpy(batch.rows[0][1]), batch.event_index, timestamps,
+                                    real_event)
+        if log_q is not None:
+            logits = logits - log_q[item_rows[:, -1]]
+        loss = F.binary_cross_entropy_with_logits(logits, batch.labels)
+        loss.backward()
+        optimizer.step_rows(leaf, spans)
+        return loss.item()
+    touched, vectors = [], []
+    for index, (unique, inverse) in zip(table_index, batch.rows):
+        unique_t, table_leaf = optimizer.gather(index, unique)
+        touched.append((index, unique_t, table_leaf))
+        vectors.append(table_leaf[torch.from_numpy(inverse)])
+    logits = model.forward_vectors(*vectors[:3], behaviors, timestamps, real_event,
                                    behavior_vec=vectors[3] if len(vectors) > 3 else None, fused=fused)
     if log_q is not None:
         logits = logits - log_q[item_rows[:, -1]]

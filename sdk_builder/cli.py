@@ -425,15 +425,26 @@ def build_cmd(run, users, users_file, all_users, out, recipe, shard_size, catego
     """
     from tqdm import tqdm
 
-    if users and not skip_unknown:
-        _fail_on_cached_unknown_ids(Path(run), users)
-    from sdk_builder.bundle.many import BuildSpec, all_user_ids, build_many, read_user_file
     from sdk_builder.bundle.store import parse_user_id, read_sign_key, sign_bundle
     from sdk_builder.formats import BundleError
 
+    # Argument errors first: the builder's modules import torch and the exporter (seconds).
+    if shard_size < 1 or jobs < 1 or category_capacity < 1:
+        _fail("--shard-size, --jobs and --category-capacity must be at least 1")
+    if shard_slack is not None and not (delta_from or delta_from_dir):
+        _fail("--shard-slack needs the old bundles: pass --delta-from or --delta-from-dir")
+    if not (users or users_file or all_users or new_user):
+        _fail("no users: pass --user-shard ID, --users FILE, --all or --new-user")
     try:
         key = read_sign_key(Path(sign_key)) if sign_key else None
         requested = [parse_user_id(u) for u in users]
+    except BundleError as exc:
+        _fail(str(exc))
+    if users and not skip_unknown:
+        _fail_on_cached_unknown_ids(Path(run), users)
+    from sdk_builder.bundle.many import BuildSpec, all_user_ids, build_many, read_user_file
+
+    try:
         if users_file:
             requested += read_user_file(Path(users_file))
         if all_users:
@@ -449,10 +460,6 @@ def build_cmd(run, users, users_file, all_users, out, recipe, shard_size, catego
     if (delta_from and Path(delta_from).resolve() == bundle_path(Path(out), requested[0]).resolve()) or (
             delta_from_dir and Path(delta_from_dir).resolve() == Path(out).resolve()):
         _fail("the old bundles must live outside --out: the build replaces the bundles in --out")
-    if shard_slack is not None and not (delta_from or delta_from_dir):
-        _fail("--shard-slack needs the old bundles: pass --delta-from or --delta-from-dir")
-    if shard_size < 1 or jobs < 1 or category_capacity < 1:
-        _fail("--shard-size, --jobs and --category-capacity must be at least 1")
     spec = BuildSpec(run=str(run), out=str(out), recipe=recipe, shard_size=shard_size, seed=seed,
                      category_capacity=category_capacity, durable=fsync,
                      accuracy_budget=accuracy_budget, on_budget_exceeded=on_budget_exceeded,
@@ -558,6 +565,9 @@ def verify_cmd(bundles, index, key_file, as_json, patch_file=None, old_bundle=No
     from sdk_builder.bundle.store import read_sign_key
     from sdk_builder.bundle.verify import Expected, find_bundles, read_index, verify_many
     from sdk_builder.formats import BundleError
+    from sdk_builder.runtime import runtime_only_process
+
+    runtime_only_process()
 
     if not bundles and not index:
         _fail("nothing to verify: pass bundle directories, a bundles directory or --index bundles.jsonl")
@@ -650,6 +660,9 @@ def rank_cmd(bundle, events_file, candidates, request_time, top, as_json, state_
 
     from sdk_builder.client import Bundle, parse_history
     from sdk_builder.formats import BundleError
+    from sdk_builder.runtime import runtime_only_process
+
+    runtime_only_process()
 
     top = _int64(top, "--top")
     request_time = _int64(request_time, "--request-time") if request_time is not None else int(time.time())
@@ -701,7 +714,10 @@ def refresh_cmd(bundle, events_file, state_file, out):
 
     from sdk_builder.client import Bundle
     from sdk_builder.formats import BundleError, Event, NonNegativeInt, validation_message
+    from sdk_builder.runtime import runtime_only_process
     from sdk_builder.util import atomic_write_bytes
+
+    runtime_only_process()
 
     class RecentEvents(BaseModel):
         user_id: NonNegativeInt

@@ -12,9 +12,9 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from pydantic import ValidationError
 
 from sdk_builder.formats import (
@@ -23,6 +23,18 @@ from sdk_builder.formats import (
 )
 from sdk_builder.runtime import load_runtime_method
 from sdk_builder.util import sha256_file, sorted_lookup
+
+if TYPE_CHECKING:
+    import torch
+
+
+def tensors(arrays) -> list[torch.Tensor]:
+    """numpy arrays as the runtime takes them (it refuses numpy arrays), sharing their memory.
+    torch is imported here, not at the top: parsing a history or an argument needs no torch, and
+    by the time a program runs, loading it has imported torch (`sdk_builder.runtime`)."""
+    import torch
+
+    return [torch.from_numpy(a) for a in arrays]
 
 
 def parse_history(text: str | bytes, source: str = "history") -> EventHistory:
@@ -59,9 +71,8 @@ class EncodedRequest:
     user_state: np.ndarray  # float32 [S]
 
     def tensors(self) -> list[torch.Tensor]:
-        return [torch.from_numpy(a) for a in (self.hist_items, self.hist_categories, self.hist_behaviors,
-                                               self.hist_timestamps, self.request_time, self.candidates,
-                                               self.user_state)]
+        return tensors([self.hist_items, self.hist_categories, self.hist_behaviors, self.hist_timestamps,
+                        self.request_time, self.candidates, self.user_state])
 
 
 def state_array(state) -> np.ndarray:
@@ -143,7 +154,7 @@ def refresh_state(state, shipped, record: RefreshRecord, gradient) -> np.ndarray
 def refresh_inputs(manifest: Manifest, events: list[Event]) -> list[torch.Tensor]:
     """The event inputs of the refresh program: the last `manifest.refresh.events` events, encoded
     like the ranking history (local rows, left-padded with 0)."""
-    return [torch.from_numpy(a) for a in padded_events(manifest, events, manifest.refresh.events)]
+    return tensors(padded_events(manifest, events, manifest.refresh.events))
 
 
 def refresh_max_diff(manifest: Manifest, cases: list[RefreshCase], method) -> float:
@@ -152,7 +163,7 @@ def refresh_max_diff(manifest: Manifest, cases: list[RefreshCase], method) -> fl
     for case in cases:
         inputs = refresh_inputs(manifest, case.events)
         got = refresh_state(case.state_before, manifest.user_state, manifest.refresh,
-                            lambda s: method.execute([torch.from_numpy(s), *inputs])[1].numpy())
+                            lambda s: method.execute([*tensors([s]), *inputs])[1].numpy())
         worst = max(worst, float(np.max(np.abs(got.astype(np.float64) - np.asarray(case.state_after)))))
     return worst
 
@@ -246,7 +257,7 @@ class Bundle:
             raise BundleError(f"user state of shape {list(np.shape(state))}; this bundle's is [{len(shipped)}]")
         inputs = refresh_inputs(self.manifest, list(events))
         return refresh_state(state, shipped, self.manifest.refresh,
-                             lambda s: method.execute([torch.from_numpy(s), *inputs])[1].numpy())
+                             lambda s: method.execute([*tensors([s]), *inputs])[1].numpy())
 
     def read_state(self, path: Path) -> np.ndarray:
         """A persisted refreshed state (`RefreshedState`) of this bundle; one-line errors otherwise."""

@@ -51,32 +51,54 @@ class Shard:
     user_row: int
     item_rows: np.ndarray  # full-table rows, in local order
     category_rows: np.ndarray  # full-table rows, in local order
-    # Added to each item's logit: the run's blend weight times the shard policy's prior (see
-    # `sdk_builder.shard.policy_prior`); None: 0 for every item.
-    item_prior: np.ndarray | None = None
-
-    def prior_of_unknown(self) -> float:
-        """The prior of an id outside the shard (and of padding): that of the policy's last item."""
-        return float(self.item_prior.min()) if self.item_prior is not None and len(self.item_prior) else 0.0
+    # Each item's position in the shard policy's order at build time (local order); None: all last.
+    item_position: np.ndarray | None = None
+    # Each item's co-visited shard items (local rows, 0-padded) and their co-visit counts, [n, k]:
+    # the program re-ranks the policy's order from the phone's own history with them (`live_positions`).
+    neighbors: np.ndarray | None = None
+    neighbor_counts: np.ndarray | None = None
+    # b = w / (1 + w) for the run's prior weight w: the prior's share of the shipped score (0: the model alone).
+    prior_scale: float = 0.0
 
 
 @dataclass(frozen=True)
 class SliceLayout:
-    """Rows of the per-user tables, reserved rows included. Fixing them gives every user's program
-    the same tensor shapes, so one exported program can be stamped with any user's constants."""
+    """Rows of the per-user tables, reserved rows included, and the length of each item's co-visit
+    list. Fixing them gives every user's program the same tensor shapes, so one exported program
+    can be stamped with any user's constants."""
 
     item_rows: int
     category_rows: int
+    neighbors: int = 0
 
     @staticmethod
     def exact(shard: Shard) -> SliceLayout:
-        return SliceLayout(len(shard.item_rows) + RESERVED_ROWS, len(shard.category_rows) + RESERVED_ROWS)
+        k = shard.neighbors.shape[1] if shard.neighbors is not None else 0
+        return SliceLayout(len(shard.item_rows) + RESERVED_ROWS, len(shard.category_rows) + RESERVED_ROWS, k)
 
 
 # The per-user constants of a program: everything else is shared by all users of a checkpoint.
 # The user's own row is not one of them: it is the program's `user_state` input (`user_state`),
 # so that the phone can rank with a refreshed row (`sdk_builder.refresh`).
-USER_CONSTANTS = ("item_table", "category_table", "candidate_features", "candidate_category", "candidate_prior")
+USER_CONSTANTS = ("item_table", "category_table", "candidate_features", "candidate_category", "candidate_position",
+                  "item_neighbors", "neighbor_weights", "prior_scale")
+# Seed weights of the on-device co-visit score: WEIGHT // (1 + age), age 0 the latest distinct item.
+# Integers, so that the program and the eager reference break ties identically (lcm(1..12): exact
+# 1 / (1 + age) ratios for the 12 latest seeds).
+SEED_WEIGHT = 27720
+# Co-visit counts are stored as one byte, 8 codes per doubling (`encode_counts`): a count within
+# ~4.4% of the stored value, 1 byte instead of 2, and a code that stays put when a count moves a
+# little (a day's new events change few codes: smaller patches). Code q decodes to COUNT_DECODE[q],
+# integers in 16ths, so that the program and the eager reference sum exactly the same numbers.
+MAX_COUNT_CODE = 200  # counts up to ~3e7
+COUNT_DECODE = np.array([0] + [round(16 * 2 ** ((q - 1) / 8)) for q in range(1, MAX_COUNT_CODE + 1)], np.int32)
+
+
+def encode_counts(counts: np.ndarray) -> np.ndarray:
+    """uint8 codes of co-visit counts: 0 for none, else 1 + round(8 log2(count)), at most MAX_COUNT_CODE."""
+    counts = np.asarray(counts, np.float64)
+    codes = 1 + np.round(8 * np.log2(np.maximum(counts, 1)))
+    return np.where(counts > 0, np.minimum(codes, MAX_COUNT_CODE), 0).astype(np.uint8)
 
 
 def _candidate_x(model: TBSM) -> torch.Tensor:
@@ -110,7 +132,11 @@ def slice_constants(model: TBSM, shard: Shard, item_category: np.ndarray, layout
     - `candidate_category`: per local item row, its local category row (int16, widened in the
       graph: 2 bytes an item instead of int64's 8; OOV when the category is not in the shard, 0 for
       padding);
-    - `candidate_prior`: per local item row, what is added to its logit (`Shard.item_prior`).
+    - `candidate_position`: per local item row, its position in the build-time policy order
+      (int16; the shard's size for padding, OOV and a shard without positions);
+    - `item_neighbors`, `neighbor_weights`: per local item row, its co-visited shard items (int16
+      [item_rows, k]) and their co-visit counts (uint8 codes, `encode_counts`), for `live_positions`;
+    - `prior_scale`: b, the prior's weight in the score (float32 [1]).
     """
     layout = layout or SliceLayout.exact(shard)
     n_items, n_cats = len(shard.item_rows), len(shard.category_rows)
@@ -135,15 +161,35 @@ def slice_constants(model: TBSM, shard: Shard, item_category: np.ndarray, layout
     item_cat_vec = cats[torch.from_numpy(local_cat)]
     features = torch.stack([items @ x, item_cat_vec @ x, (items * item_cat_vec).sum(-1)], dim=-1)
     features[PADDING_ROW] = 0
-    prior = torch.full((layout.item_rows, 1), shard.prior_of_unknown())
-    if shard.item_prior is not None:
-        prior[RESERVED_ROWS : RESERVED_ROWS + n_items, 0] = torch.as_tensor(shard.item_prior, dtype=torch.float32)
     return {
         "item_table": items.contiguous(),
         "category_table": cats.contiguous(),
         "candidate_features": features.contiguous(),
         "candidate_category": torch.from_numpy(local_cat.astype(np.int16)).contiguous(),
-        "candidate_prior": prior.contiguous(),
+        **slice_constants_prior(shard, layout),
+    }
+
+
+def slice_constants_prior(shard: Shard, layout: SliceLayout) -> dict[str, torch.Tensor]:
+    """The prior's constants of `slice_constants` (see there)."""
+    n_items = len(shard.item_rows)
+    if layout.item_rows > np.iinfo(np.int16).max:
+        raise ValueError(f"{n_items} shard items do not fit the int16 position and neighbour tables (at most 32765)")
+    position = np.full(layout.item_rows, n_items, np.int64)
+    if shard.item_position is not None:
+        position[RESERVED_ROWS : RESERVED_ROWS + n_items] = shard.item_position
+    k = max(layout.neighbors, 1)  # a zero-width table could not be stamped: one empty column instead
+    neighbors = np.zeros((layout.item_rows, k), np.int64)
+    codes = np.zeros((layout.item_rows, k), np.uint8)
+    if shard.neighbors is not None and k:
+        kept = min(k, shard.neighbors.shape[1])
+        neighbors[RESERVED_ROWS : RESERVED_ROWS + n_items, :kept] = shard.neighbors[:, :kept]
+        codes[RESERVED_ROWS : RESERVED_ROWS + n_items, :kept] = encode_counts(shard.neighbor_counts[:, :kept])
+    return {
+        "candidate_position": torch.from_numpy(position.astype(np.int16)).contiguous(),
+        "item_neighbors": torch.from_numpy(neighbors.astype(np.int16)).contiguous(),
+        "neighbor_weights": torch.from_numpy(codes).contiguous(),
+        "prior_scale": torch.tensor([shard.prior_scale], dtype=torch.float32),
     }
 
 
@@ -186,6 +232,8 @@ class UserProgram(nn.Module):
         self.register_buffer("position_feature", model.position_feature[:-1].clone())
         self.register_buffer("ones_d", torch.ones(1, cfg.emb_dim))
         self.register_buffer("ones_z", torch.ones(1, cfg.z_dim))
+        self.register_buffer("first_row", torch.zeros(1, dtype=torch.long))
+        self.register_buffer("count_decode", torch.from_numpy(COUNT_DECODE))
 
     @classmethod
     def for_shard(cls, model: TBSM, shard: Shard, item_category: np.ndarray, layout: SliceLayout | None = None) -> UserProgram:
@@ -227,7 +275,18 @@ class UserProgram(nn.Module):
     def forward(self, hist_items, hist_categories, hist_behaviors, hist_timestamps, request_time, candidates, user_state):
         history = self.history_z(hist_items, hist_categories, hist_behaviors, hist_timestamps, request_time, user_state)
         logit = self.candidate_logits(history, self.candidate_w(candidates, user_state))
-        return torch.sigmoid(logit + self.candidate_prior[candidates].unsqueeze(0)).reshape(-1)
+        prior = self.prior(live_positions(hist_items, self.candidate_position, self.item_neighbors, self.neighbor_weights,
+                                          self.count_decode))
+        return torch.sigmoid(logit + prior[candidates].view(1, -1, 1)).reshape(-1)
+
+    def prior(self, positions: torch.Tensor) -> torch.Tensor:
+        """b * -log(1 + position) of every local item row; `prior_scale` is read through a gather so
+        that it stays a stampable constant (a delegate would pack it into its blob)."""
+        return -torch.log1p(positions.to(torch.float32)) * self.prior_scale[self.first_row]
+
+    def build_time_positions(self) -> torch.Tensor:
+        """The policy positions stamped at build time (what ranks before any on-device event)."""
+        return self.candidate_position.to(torch.int64)
 
     def candidate_w(self, candidates: torch.Tensor, user_state: torch.Tensor) -> torch.Tensor:
         """Candidate-side event-tower output (1, N, Z) of N local item rows."""
@@ -247,6 +306,59 @@ class UserProgram(nn.Module):
             for head, visible in zip(self.heads, self.head_visibility)
         ]
         return logits[0] if self.combine is None else self.combine(torch.sigmoid(torch.cat(logits, dim=-1)))
+
+
+def prior_tables(shard: Shard) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+    """(candidate_position, item_neighbors, neighbor_weights, prior_scale) of a shard's exact layout, as
+    `slice_constants` stores them, for eager scoring (`shard_prior`)."""
+    constants = slice_constants_prior(shard, SliceLayout.exact(shard))
+    return (constants["candidate_position"], constants["item_neighbors"], constants["neighbor_weights"],
+            float(constants["prior_scale"][0]))
+
+
+def shard_prior(tables: tuple[torch.Tensor, torch.Tensor, torch.Tensor, float], hist_items: torch.Tensor) -> torch.Tensor:
+    """What the program adds to every local item row's logit after the history `hist_items` (eager)."""
+    position, neighbors, counts, scale = tables
+    positions = live_positions(hist_items, position, neighbors, counts, torch.from_numpy(COUNT_DECODE))
+    return -torch.log1p(positions.to(torch.float32)) * torch.tensor([scale], dtype=torch.float32)
+
+
+def live_positions(hist_items: torch.Tensor, candidate_position: torch.Tensor, item_neighbors: torch.Tensor,
+                   neighbor_weights: torch.Tensor, count_decode: torch.Tensor) -> torch.Tensor:
+    """Every local item row's position in the shard policy's order recomputed from the phone's history
+    (int64 [item_rows]), in the policy's tiers (`sdk_builder.shard`):
+    1. the history's distinct items, latest first;
+    2. items co-visited after them: score = sum over distinct history items (seeds) of the co-visit
+       (decoded) count times SEED_WEIGHT // (1 + the seed's age), highest first, ties by row;
+    3. every other item in its build-time order (`candidate_position`).
+    So fresh events move their co-visited items to the top of the prior, between bundle builds.
+    Integer arithmetic only: the program and the eager reference give the same positions.
+    Vectorised over the T history events and their T x k neighbours (T x k <= 20 x 8 entries)."""
+    h = hist_items
+    h_row, h_col = h.view(1, -1), h.view(-1, 1)
+    index = torch.arange(h.shape[0])
+    later = index.view(1, -1) > index.view(-1, 1)  # [i, j]: j is more recent than i
+    seed = (h >= RESERVED_ROWS) & (((h_row == h_col) & later).sum(1) == 0)  # each distinct item's latest event
+    age = (seed.view(1, -1) & later).sum(1)  # distinct items more recent than this one
+    recent = seed.sum()
+    weight = (SEED_WEIGHT // (1 + age)) * seed
+    entry = item_neighbors[h].to(torch.int64).view(-1)
+    value = (count_decode[neighbor_weights[h].to(torch.int64)].to(torch.int64) * weight.view(-1, 1)).view(-1)
+    live = (entry >= RESERVED_ROWS) & (value > 0) & ((entry.view(-1, 1) == h_row).sum(1) == 0)
+    slots = torch.arange(entry.shape[0])
+    key = torch.where(live, entry, -1 - slots)  # entries that are not live match no other entry
+    key_row, key_col = key.view(1, -1), key.view(-1, 1)
+    same = key_row == key_col
+    score = (same * (value * live).view(1, -1)).sum(1)
+    first = live & ((same & (slots.view(1, -1) < slots.view(-1, 1))).sum(1) == 0)  # one entry per item
+    score_row, score_col = score.view(1, -1), score.view(-1, 1)
+    beats = (score_row > score_col) | ((score_row == score_col) & (key_row < key_col))  # [i, j]: j ranks before i
+    rank = (beats & first.view(1, -1)).sum(1)
+    positions = candidate_position.to(torch.int64) + (recent + first.sum())
+    # Entries and events that move nothing write the padding row's own position back to it.
+    pad = positions[PADDING_ROW]
+    positions = positions.scatter(0, entry * live, torch.where(live, recent + rank, pad))
+    return positions.scatter(0, h * seed, torch.where(seed, age, pad))
 
 
 def unit_rows(z: torch.Tensor, ones: torch.Tensor) -> torch.Tensor:

@@ -10,8 +10,9 @@ masked out): BCE of the event's item as a positive (history = the max_history ev
 request time = its timestamp), and of `negatives` shard items as negatives. The negatives are
 picked in the graph from the user's `negative_pool` (a stamped constant: shard rows spread evenly
 over the shard) at offsets that depend on the positive's row, so the program needs no client logic
-and a given history always gives the same examples. Logits are the ranking program's (model logit +
-shard prior), so the gradient is that of exactly the function the phone ranks with.
+and a given history always gives the same examples. Logits are the ranking program's model logit plus
+the shard prior of the build-time policy order (the ranking program re-ranks that order from the
+history, which does not depend on the state), so the gradient is that of the phone's ranking function.
 
 The program is a joint forward/backward graph (`torch.export.experimental._export_forward_backward`):
 the state enters as `user_state + delta` with `delta` a zero parameter, so d loss / d delta is
@@ -113,7 +114,10 @@ class RefreshProgram(nn.Module):
         negatives = self.negative_pool[(positives + self.negative_offsets) % NEGATIVE_POOL]
         candidates = torch.cat([positives, negatives], dim=1)
         w = ranker.candidate_w(candidates.reshape(-1), state).view(window, candidates.shape[1], -1)
-        logits = ranker.candidate_logits(history, w).squeeze(-1) + ranker.candidate_prior[candidates].squeeze(-1)
+        # The build-time order's prior, not the one re-ranked from each positive's own history: that
+        # would put the positive itself among its history's co-visits, and the prior does not
+        # depend on the state anyway (it only sets where on the sigmoid each logit sits).
+        logits = ranker.candidate_logits(history, w).squeeze(-1) + ranker.prior(ranker.build_time_positions())[candidates]
         real = (positives[:, 0] >= RESERVED_ROWS).to(logits.dtype)  # padding and unknown items are no positives
         distinct = (negatives != positives).to(logits.dtype)
         per_event = F.softplus(-logits[:, 0]) + (F.softplus(logits[:, 1:]) * distinct).sum(1) / self.config.negatives

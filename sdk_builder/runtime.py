@@ -7,7 +7,9 @@ The runtime is reached through its C++ extension module (`executorch.extension.p
 directly: the documented wrappers (`executorch.runtime`, `...pybindings.portable_lib`) import
 `executorch.exir` for one warning class, and that pulls in the whole export stack (several
 seconds of start-up for `rank`, `verify` and `inspect`). The extension links against libtorch's
-Python bindings, so torch itself must be imported first (the wrappers do the same).
+Python bindings and takes and returns `torch.Tensor`s only (numpy arrays are refused), so torch
+itself must be imported first (the wrappers do the same). That import is the floor of `rank` and
+`verify`; `runtime_only_process()` lowers it for a process that only runs programs.
 """
 
 from __future__ import annotations
@@ -15,15 +17,77 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
+import importlib
+import importlib.abc
+import importlib.machinery
 import io
 import os
 import sys
 from pathlib import Path
 
+# torch's Python meta kernels (shapes of ops on "meta"/fake tensors, for export and compile). torch
+# imports them last at start-up, together with the decompositions they use: about a third of
+# `import torch`. Running a program in the ExecuTorch runtime never dispatches a torch op.
+_META_KERNELS = "torch._meta_registrations"
+# Importing these means the process is about to export or compile: the meta kernels come first.
+_NEEDS_META_KERNELS = ("torch._dynamo", "torch._inductor", "executorch.exir")
+_runtime_only = False
+
+
+def runtime_only_process() -> None:
+    """Declare that this process only runs programs (the CLI's `rank`, `verify`, `refresh`): torch,
+    when the runtime imports it, skips its meta kernels (~0.5 s of the ~1.8 s `import torch`). They
+    are imported as soon as anything imports the exporter or the compiler (`_NEEDS_META_KERNELS`),
+    and a direct `import torch._meta_registrations` loads them as usual. No effect once torch is
+    imported."""
+    global _runtime_only
+    _runtime_only = True
+
+
+class _SkipMetaKernels(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """During `import torch` only: an empty module in place of the meta kernels."""
+
+    def find_spec(self, name, path, target=None):
+        return importlib.machinery.ModuleSpec(name, self) if name == _META_KERNELS else None
+
+    def create_module(self, spec):
+        return None
+
+    def exec_module(self, module) -> None:
+        pass
+
+
+class _MetaKernelsBeforeExport(importlib.abc.MetaPathFinder):
+    """Imports the real meta kernels the first time the exporter or the compiler is imported."""
+
+    def find_spec(self, name, path, target=None):
+        if name in _NEEDS_META_KERNELS:
+            sys.meta_path.remove(self)
+            importlib.import_module(_META_KERNELS)
+        return None
+
+
+def _import_torch() -> None:
+    if not _runtime_only or "torch" in sys.modules:
+        import torch  # noqa: F401
+
+        return
+    skip = _SkipMetaKernels()
+    sys.meta_path.insert(0, skip)
+    try:
+        import torch  # noqa: F401
+    finally:
+        sys.meta_path.remove(skip)
+        placeholder = sys.modules.pop(_META_KERNELS, None)
+        torch = sys.modules.get("torch")
+        if placeholder is not None and getattr(torch, "_meta_registrations", None) is placeholder:
+            del torch._meta_registrations
+    sys.meta_path.insert(0, _MetaKernelsBeforeExport())
+
 
 @functools.cache
 def _extension():
-    import torch  # noqa: F401  (loads libtorch_python.so, which the extension links against)
+    _import_torch()  # loads libtorch_python.so, which the extension links against
 
     import executorch.extension.pybindings._C as extension
 

@@ -42,6 +42,9 @@ class ShardPolicy:
     exclude_seen: bool | None = None
     repeat_threshold: float = 0.1
     history: int = 20
+    # Co-visit list length per shard item in a bundle: the program re-ranks the shard from the
+    # phone's own events with them (`sdk_builder.program.live_positions`); 4 bytes an entry.
+    neighbors: int = 8
     name: str = "recent+covisit+category+popular"
 
     def to_dict(self) -> dict:
@@ -263,8 +266,38 @@ def hysteresis_coverage(data: PreparedData, policy: ShardPolicy, before_previous
                     "new_items": churn[slack] / max(users, 1)} for slack in slacks}
 
 
+def policy_positions(ranked: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(sorted shard items, each one's position in the policy order, 0 for its first item)."""
+    order = np.argsort(ranked, kind="stable")
+    return ranked[order], order
+
+
 def policy_prior(ranked: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(sorted shard items, their prior): -log(1 + position in the policy order), the policy's
     own ranking as a score the model's logit can be blended with (0 for its first item)."""
-    order = np.argsort(ranked, kind="stable")
-    return ranked[order], -np.log1p(order.astype(np.float64)).astype(np.float32)
+    items, positions = policy_positions(ranked)
+    return items, -np.log1p(positions.astype(np.float64)).astype(np.float32)
+
+
+def shard_neighbors(index: ShardIndex, shard_items: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each shard item's `k` most co-visited items inside the shard, the phone's own co-visit lists:
+    (local rows int64 [n, k], co-visit counts int64 [n, k]), by count then row, 0-padded.
+    `shard_items` are the shard's sorted full rows (local row of shard_items[i] is i + RESERVED_ROWS)."""
+    n = len(shard_items)
+    neighbors = np.zeros((n, k), np.int64)
+    counts = np.zeros((n, k), np.int64)
+    if not n or not k:
+        return neighbors, counts
+    lo, hi = index.cov_offsets[shard_items], index.cov_offsets[shard_items + 1]
+    owner = np.repeat(np.arange(n), hi - lo)
+    entries = np.concatenate([np.arange(a, b) for a, b in zip(lo.tolist(), hi.tolist())]) if len(owner) else np.zeros(0, np.int64)
+    dst = index.cov_dst[entries]
+    pos = np.searchsorted(shard_items, dst)
+    inside = (pos < n) & (shard_items[np.minimum(pos, n - 1)] == dst)
+    # The global lists are ordered by count, then row, within each source: keep that order.
+    owner, local, count = owner[inside], pos[inside] + RESERVED_ROWS, index.cov_count[entries[inside]]
+    rank = np.arange(len(owner)) - np.searchsorted(owner, owner)
+    top = rank < k
+    neighbors[owner[top], rank[top]] = local[top]
+    counts[owner[top], rank[top]] = count[top]
+    return neighbors, counts

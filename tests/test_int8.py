@@ -111,7 +111,7 @@ def test_int8_bundle_builds_verifies_and_stays_within_budget(int8_bundle):
     q = manifest["quantization"]
     assert manifest["recipe"] == "int8" and q["requested_recipe"] == "int8" and not q["fallback"]
     assert 0 < q["max_score_drift"] <= q["accuracy_budget"] == 0.01 and q["drift_points"] > 1000
-    assert set(q["tables"]) == {"item_table", "category_table", "candidate_features", "candidate_prior"}
+    assert set(q["tables"]) == {"item_table", "category_table", "candidate_features"}
     report = verify_bundle(int8_bundle.path)  # golden vectors (the int8 program's eager scores) in the runtime
     assert report["ok"] and report["max_abs_diff"] <= manifest["golden_tolerance"]
 

@@ -9,9 +9,10 @@ no bundle or a whole one. Same checkpoint, data, user, policy and seed give iden
 
 from __future__ import annotations
 
+
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -63,7 +64,7 @@ def build_key(ckpt: LoadedCheckpoint, data: PreparedData, policy: ShardPolicy, r
               refresh: RefreshConfig | None = None) -> str:
     """Hash of everything a bundle is built from: equal keys mean an up-to-date bundle."""
     key_material = json.dumps({"checkpoint": ckpt.sha256, "data": data.fingerprint(), "policy": policy.to_dict(),
-                               "recipe": recipe, "seed": seed, "layout": [layout.item_rows, layout.category_rows],
+                               "recipe": recipe, "seed": seed, "layout": astuple(layout),
                                "sdk": sdk_version, "format": Manifest.model_fields["format_version"].default,
                                **({"budget": list(budget)} if budget is not None else {}),
                                **({"refresh": refresh.record().model_dump()} if refresh is not None else {})},
@@ -131,7 +132,7 @@ class BundleBuilder:
         # that the program, the stamping and the eager reference agree for *this* user.
         self.verify_each = verify_each
         self.layout = SliceLayout(self.policy.shard_size + RESERVED_ROWS,
-                                  min(ckpt.categories.rows, max(category_capacity, 1) + RESERVED_ROWS))
+                                  min(ckpt.categories.rows, max(category_capacity, 1) + RESERVED_ROWS), self.policy.neighbors)
         self.template: ProgramTemplate | None = None
         # On-device refresh (`--refresh`): its program is stamped from its own template.
         self.refresh = refresh

@@ -25,14 +25,14 @@ from torch import nn
 from model.tbsm import RESERVED_ROWS, TBSM
 from sdk_builder.bundle.build import BuildResult, BundleBuilder
 from sdk_builder.bundle.golden import GOLDEN_CANDIDATES, EagerReference, ShardView, score_golden
-from sdk_builder.bundle.select import select_categories
+from sdk_builder.bundle.select import select_categories, shard_of
 from sdk_builder.bundle.store import cold_start_path
 from sdk_builder.data.dataset import PreparedData
 from sdk_builder.data.events import EventLog
 from sdk_builder.formats import MAX_HISTORY, PROGRAM, Behavior, BundleError, Event, EventHistory, GoldenCase
 from sdk_builder.program import Shard, user_state
 from sdk_builder.runs import LoadedCheckpoint, unknown_user_row
-from sdk_builder.shard import ShardIndex, policy_prior
+from sdk_builder.shard import ShardIndex
 from sdk_builder.util import sha256_bytes
 
 # mean: the mean of the trained user rows; zero: the row an untrained user starts from; unknown:
@@ -102,13 +102,11 @@ def cold_start_ranked(index: ShardIndex, size: int, weights: dict[str, float] = 
 
 def cold_start_shard(builder: BundleBuilder, user_row: int) -> tuple[Shard, dict[str, int]]:
     ranked, sources = cold_start_ranked(builder.index, builder.policy.shard_size)
-    item_rows, prior = policy_prior(ranked)
     data = builder.data
-    category_rows, over = select_categories(np.zeros(0, np.int64), data.item_category[item_rows],
+    category_rows, over = select_categories(np.zeros(0, np.int64), data.item_category[np.sort(ranked)],
                                             builder.layout.category_rows - RESERVED_ROWS)
     sources["categories_over_capacity"] = over
-    scaled = prior * np.float32(builder.prior_scale) if builder.prior_scale else None
-    return Shard(user_row, item_rows, category_rows, scaled), sources
+    return shard_of(builder.index, builder.layout, user_row, ranked, category_rows, builder.prior_scale), sources
 
 
 def cold_start_requests(ckpt: LoadedCheckpoint, data: PreparedData, seed: int, shard: Shard,

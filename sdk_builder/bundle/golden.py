@@ -18,7 +18,7 @@ from sdk_builder.formats import (
     BEHAVIOR_CODES, BEHAVIOR_NAMES, Behavior, MAX_HISTORY, Event, EventHistory, GoldenCase, GoldenSet, IdShard, Manifest,
     RefreshCase,
 )
-from sdk_builder.program import Shard, program_spec, user_state
+from sdk_builder.program import Shard, prior_tables, program_spec, shard_prior, user_state
 from sdk_builder.runs import LoadedCheckpoint
 
 GOLDEN_TOLERANCE = 1e-5
@@ -118,12 +118,11 @@ class EagerReference:
         encoded = []
         for shard, req in requests:
             if id(shard) not in rows:
-                full_prior = np.full(len(shard.item_rows) + RESERVED_ROWS, shard.prior_of_unknown(), np.float32)
-                if shard.item_prior is not None:
-                    full_prior[RESERVED_ROWS:] = shard.item_prior
                 rows[id(shard)] = (np.concatenate([[PADDING_ROW, OOV_ROW], shard.item_rows]),
-                                   np.concatenate([[PADDING_ROW, OOV_ROW], shard.category_rows]), full_prior)
-            full_item, full_cat, full_prior = rows[id(shard)]
+                                   np.concatenate([[PADDING_ROW, OOV_ROW], shard.category_rows]), prior_tables(shard))
+            full_item, full_cat, tables = rows[id(shard)]
+            # The prior as the program computes it: re-ranked from this request's history.
+            full_prior = shard_prior(tables, torch.from_numpy(np.asarray(req.hist_items, dtype=np.int64))).numpy()
             cand = full_item[req.candidates]
             # A candidate's category as the program sees it: OOV when the bundle does not carry it
             # (over the category capacity), exactly like an unknown id on the phone.

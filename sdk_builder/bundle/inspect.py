@@ -1,20 +1,25 @@
 """`tbsm-sdk inspect`: what takes the bytes of a bundle.
 
-`model.pte` is parsed with ExecuTorch's own deserializer and split into its constant tensors (each
-with shape, dtype and bytes), the delegate blobs (XNNPACK graphs) with the weights they reference,
-and the rest (flatbuffer structure, headers, alignment padding). Constant tensors carry no names in
+`model.pte` is parsed with the flatbuffer classes ExecuTorch generates from its program schema and
+split into its constant tensors (each with shape, dtype and bytes), the delegate blobs (XNNPACK
+graphs) with the weights they reference, and the rest (flatbuffer structure, headers, alignment
+padding). Constant tensors carry no names in
 a `.pte`: they are named from the program itself, by the input that indexes them
 (`hist_items` -> `item_table`, `hist_categories` -> `category_table`, `candidates` ->
 `candidate_features`); others are numbered (the user state is an input, not a constant). The JSON files are
 split by top-level field (manifest), id lists and golden case. Every file's parts add up to the
-file's size exactly, and the files to the bundle's size.
+file's size exactly, and the files to the bundle's size. Nothing here imports torch: `inspect` only
+reads files.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import importlib
 import importlib.util
 import json
+import pkgutil
 import sys
 import types
 from pathlib import Path
@@ -23,7 +28,6 @@ from typing import Any
 import numpy as np
 
 from sdk_builder.formats import GOLDEN, MANIFEST, PROGRAM, SCHEMA, BundleError
-from sdk_builder.program import program_spec
 
 TABLE_OF_INPUT = {
     "hist_items": "item_table",
@@ -31,46 +35,85 @@ TABLE_OF_INPUT = {
     "hist_behaviors": "behavior_table",
     "candidates": "candidate_features",
 }
-INPUT_NAMES = tuple(t.name for t in program_spec().inputs)
 _DTYPES = {"FLOAT": "float32", "HALF": "float16", "DOUBLE": "float64", "CHAR": "int8", "BYTE": "uint8",
            "SHORT": "int16", "INT": "int32", "LONG": "int64", "BOOL": "bool"}
+_FLATBUFFER_PACKAGE = "executorch.exir._serialize.generated.executorch_flatbuffer"
+_EXTENDED_HEADER_MAGIC = b"eh00"
 
 
-_SERIALIZER_MODULES: dict[str, types.ModuleType] = {}
+@functools.cache
+def default_input_names() -> tuple[str, ...]:
+    """The ranking program's input names, for a program whose manifest does not list them. Imported
+    here, not at the top: `sdk_builder.program` imports torch (~2 s), and `inspect` reads the
+    bundle's files without running anything."""
+    from sdk_builder.program import program_spec
+
+    return tuple(t.name for t in program_spec().inputs)
+
+
+_GENERATED_MODULES: dict[str, types.ModuleType] = {}
 
 
 @contextlib.contextmanager
-def _serializer():
-    """ExecuTorch's `.pte` deserializer without the exporter. It lives in `executorch.exir`, whose
-    package `__init__` imports the whole export stack (torch._dynamo, torchao: ~10x the time of the
-    deserializer itself). When the exporter is not loaded, the serializer's modules (it imports
-    some lazily, while parsing) live under a bare stand-in for the package, in `sys.modules` only
-    while they are used: a later `import executorch.exir` in this process loads the real package."""
-    real = sys.modules.get("executorch.exir")
-    if real is not None:
-        yield _serializer_modules()
+def _flatbuffer():
+    """ExecuTorch's generated flatbuffer classes of the `.pte` schema, which need only the
+    `flatbuffers` package. They live inside `executorch.exir`, whose package `__init__` imports the
+    whole export stack, and `executorch.exir._serialize`, whose `__init__` (the deserializer)
+    imports torch: 2-7 s for a command that only reads a file. When the exporter is not loaded, the
+    generated modules (they import each other lazily, while parsing) live under bare stand-ins for
+    those two packages, in `sys.modules` only while they are used: a later `import executorch.exir`
+    in this process loads the real packages."""
+    if "executorch.exir" in sys.modules:  # the real package (the stand-ins never outlive this block)
+        yield _flatbuffer_classes()
         return
-    if not _SERIALIZER_MODULES:
-        spec = importlib.util.find_spec("executorch.exir")
-        stand_in = types.ModuleType("executorch.exir")
-        stand_in.__path__ = list(spec.submodule_search_locations)
-        stand_in.__spec__ = spec
-        _SERIALIZER_MODULES["executorch.exir"] = stand_in
-    sys.modules.update(_SERIALIZER_MODULES)
+    if not _GENERATED_MODULES:
+        for name in ("executorch.exir", "executorch.exir._serialize"):
+            spec = importlib.util.find_spec(name)
+            stand_in = types.ModuleType(name)
+            stand_in.__path__ = list(spec.submodule_search_locations)
+            stand_in.__spec__ = spec
+            _GENERATED_MODULES[name] = sys.modules[name] = stand_in
+    sys.modules.update(_GENERATED_MODULES)
     try:
-        yield _serializer_modules()
+        yield _flatbuffer_classes()
     finally:
         for name in [n for n in sys.modules if n == "executorch.exir" or n.startswith("executorch.exir.")]:
-            _SERIALIZER_MODULES[name] = sys.modules.pop(name)
+            _GENERATED_MODULES[name] = sys.modules.pop(name)
 
 
-def _serializer_modules() -> types.SimpleNamespace:
-    from executorch.exir import schema
-    from executorch.exir._serialize._program import _get_extended_header, deserialize_pte_binary
-    from executorch.exir.scalar_type import ScalarType
+def _flatbuffer_classes() -> types.SimpleNamespace:
+    package = importlib.import_module(_FLATBUFFER_PACKAGE)
+    modules = {info.name: importlib.import_module(f"{_FLATBUFFER_PACKAGE}.{info.name}")
+               for info in pkgutil.iter_modules(package.__path__)}
+    # The generated modules import each child table as a module (in Program, ExecutionPlan is the
+    # ExecutionPlan module) where their object API expects the class: rebound, as ExecuTorch's own
+    # deserializer does.
+    for module in modules.values():
+        for name, value in list(vars(module).items()):
+            if isinstance(value, types.ModuleType) and isinstance(getattr(value, name, None), type):
+                setattr(module, name, getattr(value, name))
+    scalar_type = modules["ScalarType"].ScalarType
+    return types.SimpleNamespace(
+        ProgramT=modules["Program"].ProgramT, TensorT=modules["Tensor"].TensorT,
+        KernelCallT=modules["KernelCall"].KernelCallT, INLINE=modules["DataLocation"].DataLocation.INLINE,
+        scalar_types={v: k for k, v in vars(scalar_type).items() if k.isupper() and isinstance(v, int)})
 
-    return types.SimpleNamespace(schema=schema, ScalarType=ScalarType, deserialize_pte_binary=deserialize_pte_binary,
-                                 get_extended_header=_get_extended_header)
+
+def _extended_header(data: bytes) -> tuple[int, int] | None:
+    """(program_size, segment_base_offset) of the extended header after the flatbuffer's root
+    offset and file identifier (schema/extended_header.h), or None when there is none."""
+    header = data[8:40]
+    if len(header) < 24 or header[:4] != _EXTENDED_HEADER_MAGIC or int.from_bytes(header[4:8], "little") < 24:
+        return None
+    return int.from_bytes(header[8:16], "little"), int.from_bytes(header[16:24], "little")
+
+
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _ints(values) -> list[int]:
+    return [] if values is None else [int(v) for v in values]
 
 
 def _part(name: str, kind: str, nbytes: int, shape=None, dtype=None, **extra) -> dict[str, Any]:
@@ -79,21 +122,33 @@ def _part(name: str, kind: str, nbytes: int, shape=None, dtype=None, **extra) ->
     return part
 
 
-def _is_integer(value) -> bool:
-    schema, ScalarType = _serializer_modules().schema, _serializer_modules().ScalarType
-    return isinstance(value, schema.Tensor) and ScalarType(value.scalar_type).name in ("SHORT", "INT", "LONG")
+def _scalar_type(fb, tensor) -> str:
+    return fb.scalar_types.get(tensor.scalarType, str(tensor.scalarType))
 
 
-def _constant_names(plan, input_names: list[str]) -> dict[int, str]:
+def _is_integer(fb, value) -> bool:
+    return isinstance(value, fb.TensorT) and _scalar_type(fb, value) in ("SHORT", "INT", "LONG")
+
+
+def _name_by_shape(fb, tensor, taken: set[str]) -> str | None:
+    """The two per-user constants that are not read through an input's gather: the int16 build-time
+    positions (one per item row) and the prior's float32 scale (one value)."""
+    kind, sizes = _scalar_type(fb, tensor), _ints(tensor.sizes)
+    if kind == "SHORT" and len(sizes) == 1 and "candidate_position" not in taken:
+        return "candidate_position"
+    if kind == "FLOAT" and sizes == [1] and "prior_scale" not in taken:
+        return "prior_scale"
+    return None
+
+
+def _constant_names(fb, plan, input_names: list[str]) -> dict[int, str]:
     """value index -> name for constants read through a gather, traced from the kernel calls."""
-    schema = _serializer_modules().schema  # inside inspect_program's `with _serializer()`
-
-    values = plan.values
-    origin = {v: input_names[k] for k, v in enumerate(plan.inputs) if k < len(input_names)}
+    values = plan.values or []
+    origin = {v: input_names[k] for k, v in enumerate(_ints(plan.inputs)) if k < len(input_names)}
 
     def is_constant(v: int) -> bool:
         val = values[v].val
-        return isinstance(val, schema.Tensor) and val.data_buffer_idx > 0
+        return isinstance(val, fb.TensorT) and val.dataBufferIdx > 0
 
     def table_name(index_value: int) -> str | None:
         if index_value in origin:
@@ -101,13 +156,13 @@ def _constant_names(plan, input_names: list[str]) -> dict[int, str]:
         return None
 
     names: dict[int, str] = {}
-    for chain in plan.chains:
-        for instruction in chain.instructions:
-            call = instruction.instr_args
-            if not isinstance(call, schema.KernelCall):
+    for chain in plan.chains or []:
+        for instruction in chain.instructions or []:
+            call = instruction.instrArgs
+            if not isinstance(call, fb.KernelCallT):
                 continue
-            op = plan.operators[call.op_index].name
-            args = call.args
+            op = _text(plan.operators[call.opIndex].name)
+            args = _ints(call.args)
             if op == "quantized_decomposed::embedding_byte":
                 name = table_name(args[5])
                 if name:
@@ -116,13 +171,17 @@ def _constant_names(plan, input_names: list[str]) -> dict[int, str]:
                     if is_constant(args[2]):
                         names.setdefault(args[2], f"{name}.zero_points")
             elif op == "aten::index":
-                items = getattr(values[args[1]].val, "items", [])
-                index = next((i for i in items if i is not None and i >= 0), None)
+                items = _ints(getattr(values[args[1]].val, "items", None))
+                index = next((i for i in items if i >= 0), None)
                 name = table_name(index) if index is not None else None
-                if name == "candidate_features":  # three tables are read by candidate row
-                    table = values[args[0]].val
-                    name = ("candidate_category" if _is_integer(table)
-                            else "candidate_prior" if list(getattr(table, "sizes", []))[-1:] == [1] else name)
+                table = values[args[0]].val
+                if name == "candidate_features" and _is_integer(fb, table):  # two tables are read by candidate row
+                    name = "candidate_category"
+                elif name == "item_table" and _is_integer(fb, table):  # the co-visit lists (int16)
+                    name = "item_neighbors"
+                elif (name == "item_table" and isinstance(table, fb.TensorT)
+                      and _scalar_type(fb, table) == "BYTE"):  # and their count codes (uint8)
+                    name = "neighbor_weights"
                 if name:
                     names.setdefault(args[0], name)
             elif op in ("aten::embedding", "aten::index_select"):
@@ -134,76 +193,92 @@ def _constant_names(plan, input_names: list[str]) -> dict[int, str]:
 
 
 def inspect_program(data: bytes, input_names: list[str] | None = None) -> list[dict[str, Any]]:
-    """Parts of a `.pte`, summing to len(data)."""
-    with _serializer():
-        return _inspect_program(data, input_names)
+    """Parts of a `.pte`, summing to len(data). Constants are named from `input_names` (the
+    program's inputs in order; None: the ranking program's, [] names none)."""
+    with _flatbuffer() as fb:
+        return _inspect_program(fb, bytes(data), input_names)
 
 
-def _inspect_program(data: bytes, input_names: list[str] | None) -> list[dict[str, Any]]:
-    serializer = _serializer_modules()
-    schema, ScalarType = serializer.schema, serializer.ScalarType
-    deserialize_pte_binary, _get_extended_header = serializer.deserialize_pte_binary, serializer.get_extended_header
-
+def _inspect_program(fb, data: bytes, input_names: list[str] | None) -> list[dict[str, Any]]:
+    header = _extended_header(data)
+    program_size, segment_base = header or (len(data), 0)
     try:
-        pte = deserialize_pte_binary(bytes(data))
-    except Exception as exc:  # the flatbuffer parser raises assorted errors on bad input
+        program = fb.ProgramT.InitFromPackedBuf(data[:program_size], 0)
+        segments = []
+        for segment in program.segments or []:
+            start = segment_base + segment.offset
+            if segment_base == 0 or start + segment.size > len(data):
+                raise ValueError("segment outside the file")
+            segments.append(data[start:start + segment.size])
+        plans = program.executionPlan or []
+        constant_segment = program.constantSegment
+        offsets = _ints(constant_segment.offsets) if constant_segment is not None else []
+        if offsets:
+            blob = segments[constant_segment.segmentIndex]
+            storages = [blob[start:end] for start, end in zip(offsets, offsets[1:] + [len(blob)])]
+        else:
+            storages = [b"" if b.storage is None else bytes(b.storage) for b in program.constantBuffer or []]
+    except Exception as exc:  # the flatbuffer reader raises assorted errors on bad input
         raise BundleError(f"{PROGRAM}: not an ExecuTorch program ({type(exc).__name__})") from None
-    program = pte.program
+
     parts: list[dict[str, Any]] = []
     names: dict[int, str] = {}
-    for plan in program.execution_plan:
-        names.update(_constant_names(plan, list(input_names or INPUT_NAMES)))
+    for plan in plans:
+        names.update(_constant_names(fb, plan, list(default_input_names() if input_names is None else input_names)))
         seen_buffers: set[int] = set()
         unnamed = 0
-        for v, value in enumerate(plan.values):
+        for v, value in enumerate(plan.values or []):
             tensor = value.val
-            if not isinstance(tensor, schema.Tensor) or tensor.data_buffer_idx <= 0:
+            if not isinstance(tensor, fb.TensorT) or tensor.dataBufferIdx <= 0:
                 continue
-            if tensor.data_buffer_idx in seen_buffers:
+            if tensor.dataBufferIdx in seen_buffers:
                 continue
-            seen_buffers.add(tensor.data_buffer_idx)
-            storage = program.constant_buffer[tensor.data_buffer_idx].storage
-            name = names.get(v)
+            seen_buffers.add(tensor.dataBufferIdx)
+            storage = storages[tensor.dataBufferIdx]
+            name = names.get(v) or _name_by_shape(fb, tensor, set(names.values()))
+            names.setdefault(v, name)
             if name is None:
                 name = f"constant #{unnamed}"
                 unnamed += 1
-            dtype = _DTYPES.get(ScalarType(tensor.scalar_type).name, ScalarType(tensor.scalar_type).name.lower())
+            scalar_type = _scalar_type(fb, tensor)
+            dtype = _DTYPES.get(scalar_type, scalar_type.lower())
+            sizes = _ints(tensor.sizes)
             try:
-                nbytes = int(np.prod(tensor.sizes, dtype=np.int64)) * np.dtype(dtype).itemsize
+                nbytes = int(np.prod(sizes, dtype=np.int64)) * np.dtype(dtype).itemsize
             except TypeError:  # a dtype numpy does not know: count the stored bytes
                 nbytes = len(storage)
             # storage may carry alignment padding: that goes to the overhead line
-            parts.append(_part(name, "constant", min(nbytes, len(storage)), list(tensor.sizes), dtype))
+            parts.append(_part(name, "constant", min(nbytes, len(storage)), sizes, dtype))
 
-    named = pte.named_data
+    # Named data (delegate weights): one buffer per distinct content, named by its first key.
     named_sizes: dict[str, int] = {}
-    if named is not None:
-        by_buffer: dict[int, str] = {}
-        for key, entry in named.pte_data.items():
-            by_buffer.setdefault(entry.buffer_index, key)
-        named_sizes = {key: len(named.buffers[i]) for i, key in by_buffer.items()}
+    first_key: dict[bytes, str] = {}
+    for entry in program.namedData or []:
+        content = segments[entry.segmentIndex]
+        if content not in first_key:
+            first_key[content] = _text(entry.key)
+            named_sizes[first_key[content]] = len(content)
     claimed: set[str] = set()
-    inline = program.backend_delegate_data
-    for plan in program.execution_plan:
-        for k, delegate in enumerate(plan.delegates):
+    inline = program.backendDelegateData or []
+    for plan in plans:
+        for k, delegate in enumerate(plan.delegates or []):
             processed = delegate.processed
-            blob = bytes(inline[processed.index].data) if processed.location == schema.DataLocation.INLINE else b""
-            if not blob and program.segments:
-                segment = program.segments[processed.index]
-                blob = b"\0" * segment.size
-            parts.append(_part(f"{delegate.id} #{k}: graph", "delegate", len(blob)))
+            if processed.location == fb.INLINE:
+                blob = b"" if inline[processed.index].data is None else bytes(inline[processed.index].data)
+            else:
+                blob = segments[processed.index]
+            parts.append(_part(f"{_text(delegate.id)} #{k}: graph", "delegate", len(blob)))
             keys = [key for key in named_sizes if key not in claimed and key.encode() in blob]
             claimed.update(keys)
             if keys:
-                parts.append(_part(f"{delegate.id} #{k}: weights ({len(keys)} tensors)", "delegate_weights",
+                parts.append(_part(f"{_text(delegate.id)} #{k}: weights ({len(keys)} tensors)", "delegate_weights",
                                    sum(named_sizes[key] for key in keys)))
     rest = [key for key in named_sizes if key not in claimed]
     if rest:
         parts.append(_part(f"named data ({len(rest)} entries)", "named_data", sum(named_sizes[key] for key in rest)))
-    header = _get_extended_header(bytes(data))
     overhead = len(data) - sum(p["bytes"] for p in parts)
     parts.append(_part("flatbuffer structure, headers, alignment padding", "overhead", overhead,
-                       program_flatbuffer_bytes=header.program_size if header else len(data)))
+                       program_flatbuffer_bytes=program_size))
     return parts
 
 
@@ -250,7 +325,7 @@ def inspect_bundle(path: Path) -> dict[str, Any]:
     if not (path / MANIFEST).is_file():
         raise BundleError(f"{path / MANIFEST}: missing (is {path} a bundle directory?)")
     manifest = _json((path / MANIFEST).read_bytes(), MANIFEST)
-    input_names = [i.get("name") for i in manifest.get("program", {}).get("inputs", [])] or list(INPUT_NAMES)
+    input_names = [i.get("name") for i in manifest.get("program", {}).get("inputs", [])] or list(default_input_names())
     files = []
     order = [PROGRAM, MANIFEST, GOLDEN, SCHEMA]
     others = sorted(p.name for p in path.iterdir() if p.is_file() and p.name not in order)

@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import resource
 import time
@@ -120,7 +122,7 @@ def template_key(builder: BundleBuilder) -> str:
     root = Path(__file__).resolve().parents[2]
     code = {name: sha256_bytes((root / name).read_bytes()) for name in _TEMPLATE_CODE if (root / name).exists()}
     material = {"checkpoint": builder.ckpt.sha256, "recipe": builder.recipe, "versions": builder.versions,
-                "layout": [builder.layout.item_rows, builder.layout.category_rows], "code": code}
+                "layout": list(dataclasses.astuple(builder.layout)), "code": code}
     return sha256_bytes(json.dumps(material, sort_keys=True).encode())
 
 
@@ -132,7 +134,7 @@ def save_template(run_dir: Path, key: str, template: ProgramTemplate) -> None:
     atomic_write_bytes(cache / f"template-{key}.pte", template.program)
     meta = {"key": key, "program_sha256": sha256_bytes(template.program), "offsets": template.offsets,
             "shapes": template.shapes, "dtypes": template.dtypes, "recipe": template.recipe,
-            "layout": [template.layout.item_rows, template.layout.category_rows]}
+            "layout": list(dataclasses.astuple(template.layout))}
     atomic_write_bytes(cache / f"template-{key}.json", json.dumps(meta, sort_keys=True).encode())
 
 

@@ -9,7 +9,7 @@ from model.tbsm import RESERVED_ROWS
 from sdk_builder.data.dataset import PreparedData
 from sdk_builder.formats import MAX_HISTORY
 from sdk_builder.program import Shard, SliceLayout
-from sdk_builder.shard import DEFAULT_SLACK, ShardIndex, policy_prior
+from sdk_builder.shard import DEFAULT_SLACK, ShardIndex, policy_positions, shard_neighbors
 
 
 def select_shard(data: PreparedData, index: ShardIndex, layout: SliceLayout, user_row: int,
@@ -21,11 +21,19 @@ def select_shard(data: PreparedData, index: ShardIndex, layout: SliceLayout, use
     sl = data.user_events(user_row)
     items, cats = data.item_rows[sl], data.cat_rows[sl]
     ranked, sources = index.select_ranked(items, cats, previous, slack)
-    item_rows, prior = policy_prior(ranked)
-    category_rows, over = select_categories(cats[-MAX_HISTORY:], data.item_category[item_rows],
+    category_rows, over = select_categories(cats[-MAX_HISTORY:], data.item_category[np.sort(ranked)],
                                             layout.category_rows - RESERVED_ROWS)
     sources["categories_over_capacity"] = over
-    return Shard(user_row, item_rows, category_rows, prior * np.float32(prior_scale) if prior_scale else None), sources
+    return shard_of(index, layout, user_row, ranked, category_rows, prior_scale), sources
+
+
+def shard_of(index: ShardIndex, layout: SliceLayout, user_row: int, ranked: np.ndarray, category_rows: np.ndarray,
+             prior_scale: float) -> Shard:
+    """The Shard of items in the policy's order `ranked`: their build-time positions and their
+    co-visit lists inside the shard (the program's on-device re-ranking)."""
+    item_rows, positions = policy_positions(ranked)
+    neighbors, counts = shard_neighbors(index, item_rows, layout.neighbors)
+    return Shard(user_row, item_rows, category_rows, positions, neighbors, counts, float(prior_scale))
 
 
 def select_categories(history_cats: np.ndarray, item_cats: np.ndarray, capacity: int) -> tuple[np.ndarray, int]:

@@ -6,8 +6,8 @@ What is stored lossy: the per-user tables that dominate a bundle's bytes.
   dequantizes only the rows it returns. The portable `quantized` kernel library runs it (the Python
   runtime registers it on `import executorch.kernels.quantized`; native apps link
   `kernels_quantized`). An all-zero row (the padding row) gets scale 1 and stays exactly zero.
-- `category_table`, `candidate_features` and `candidate_prior` (`FP16_TABLES`): fp16, gathered
-  and cast to fp32. Their values feed the first candidate layer (or the logit) directly and with
+- `category_table` and `candidate_features` (`FP16_TABLES`): fp16, gathered
+  and cast to fp32. Their values feed the first candidate layer directly and with
   large weights: per-row int8 drifted up to 4.5e-2 in score for a model without the prior blend
   (the 5 candidate features of a row differ in scale by orders of magnitude, so one row scale
   rounds the small ones away); fp16 keeps each value's own exponent for 2 bytes, about the bytes
@@ -33,7 +33,7 @@ from sdk_builder.recipes.base import Recipe, register
 from sdk_builder.recipes.fp32 import xnnpack_partitioners
 
 INT8_TABLES = ("item_table",)
-FP16_TABLES = ("category_table", "candidate_features", "candidate_prior")
+FP16_TABLES = ("category_table", "candidate_features")
 LOSSY_TABLES = INT8_TABLES + FP16_TABLES
 # The dtype's full range, as ExecuTorch's own int8 embedding recipes pass it; the stored values
 # are symmetric, in [-127, 127].

@@ -1,0 +1,119 @@
+"""The prior re-ranked on the phone: `live_positions` against a plain-Python reading of the policy's
+tiers, and the shipped program (stamped, in the ExecuTorch runtime) following the history."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from model.tbsm import RESERVED_ROWS
+from sdk_builder.formats import MAX_HISTORY
+from sdk_builder.program import COUNT_DECODE, SEED_WEIGHT, encode_counts, live_positions, prior_tables, shard_prior, slice_constants, user_state
+from sdk_builder.runtime import load_runtime_method
+from sdk_builder.shard import shard_neighbors
+
+
+def tiers_by_hand(hist, position, neighbors, counts):
+    """The policy's tiers written out item by item: distinct history items latest first, then items
+    co-visited after them by weighted count (ties by row), then the build-time order. `counts` as
+    stored: a count of c is 2 ** ((code - 1) / 8) in 16ths, rounded."""
+    seeds = []
+    for item in reversed(hist):
+        if item >= RESERVED_ROWS and item not in seeds:
+            seeds.append(item)
+    score: dict[int, int] = {}
+    for age, seed in enumerate(seeds):
+        for item, count in zip(neighbors[seed], counts[seed]):
+            if item >= RESERVED_ROWS and count > 0 and item not in seeds:
+                decoded = round(16 * 2 ** ((int(count) - 1) / 8))
+                score[item] = score.get(item, 0) + decoded * (SEED_WEIGHT // (1 + age))
+    live = sorted(score, key=lambda i: (-score[i], i))
+    out = [len(seeds) + len(live) + int(p) for p in position]
+    for k, item in enumerate(live):
+        out[item] = len(seeds) + k
+    for k, item in enumerate(seeds):
+        out[item] = k
+    return out
+
+
+def test_count_codes_are_monotonic_and_within_a_twentieth():
+    counts = np.arange(1, 100_000)
+    codes = encode_counts(counts)
+    decoded = COUNT_DECODE[codes] / 16
+    assert encode_counts(np.zeros(3)).tolist() == [0, 0, 0] and codes.min() == 1
+    assert np.all(np.diff(codes.astype(int)) >= 0) and np.all(np.diff(COUNT_DECODE[1:]) > 0)
+    assert np.max(np.abs(decoded / counts - 1)) < 0.05
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_live_positions_follow_the_policy_tiers(seed):
+    rng = np.random.default_rng(seed)
+    rows, k = 40, 4
+    position = np.concatenate([[rows - 2, rows - 2], rng.permutation(rows - RESERVED_ROWS)])
+    neighbors = rng.integers(0, rows, (rows, k))
+    neighbors[:RESERVED_ROWS] = 0
+    # Few distinct counts, so that equal scores (ties broken by row) really occur.
+    counts = encode_counts(rng.integers(0, 4, (rows, k)) * (neighbors >= RESERVED_ROWS))
+    length = int(rng.integers(0, MAX_HISTORY + 1))
+    hist = np.zeros(MAX_HISTORY, np.int64)
+    hist[MAX_HISTORY - length :] = rng.integers(1, 12, length)  # OOV (1) and repeats included
+    got = live_positions(torch.from_numpy(hist), torch.from_numpy(position.astype(np.int16)),
+                         torch.from_numpy(neighbors.astype(np.int16)), torch.from_numpy(counts), torch.from_numpy(COUNT_DECODE))
+    assert got.tolist() == tiers_by_hand(hist.tolist(), position, neighbors, counts)
+
+
+def test_shard_neighbors_are_the_global_lists_inside_the_shard(builder):
+    shard, _ = builder.shard_for(builder.user_row(int(builder.ckpt.users.ids[3])))
+    index, items = builder.index, shard.item_rows
+    neighbors, counts = shard_neighbors(index, items, 5)
+    checked = 0
+    for local, item in enumerate(items.tolist()):
+        lo, hi = index.cov_offsets[item], index.cov_offsets[item + 1]
+        inside = [(int(d), int(c)) for d, c in zip(index.cov_dst[lo:hi], index.cov_count[lo:hi]) if d in set(items.tolist())][:5]
+        expected = [(int(np.searchsorted(items, d)) + RESERVED_ROWS, c) for d, c in inside]
+        got = [(int(n), int(c)) for n, c in zip(neighbors[local], counts[local]) if n]
+        assert got == expected
+        checked += bool(expected)
+    assert checked > len(items) // 4
+
+
+def test_the_shipped_program_re_ranks_from_the_history_in_the_runtime(builder):
+    """Stamped programs in the runtime: the prior they add (the logit of the score with prior_scale b
+    minus that with b = 0, same history) is the eager re-ranked prior, and one event moves that
+    item's co-visited items ahead of what led the build-time order."""
+    user_row = builder.user_row(int(builder.ckpt.users.ids[5]))
+    shard, _ = builder.shard_for(user_row)
+    builder.prepare_stamping()
+
+    def stamped(scale):
+        constants = slice_constants(builder.model, dataclasses.replace(shard, prior_scale=scale), builder.ckpt.item_category,
+                                    builder.layout)
+        return load_runtime_method(builder.template.stamp(constants))
+
+    with_prior, without = stamped(0.9), stamped(0.0)
+    has_list = np.flatnonzero(shard.neighbor_counts[:, 0] > 0)
+    # The seed whose top co-visited item comes latest in the build-time order.
+    seed = int(has_list[np.argmax(shard.item_position[shard.neighbors[has_list, 0] - RESERVED_ROWS])])
+    target = int(shard.neighbors[seed, 0])
+    leader = int(np.argmin(shard.item_position)) + RESERVED_ROWS
+    candidates = torch.arange(RESERVED_ROWS, RESERVED_ROWS + len(shard.item_rows))
+    zeros = torch.zeros(MAX_HISTORY, dtype=torch.long)
+    state = user_state(builder.model, user_row)
+
+    def runtime_prior(hist_items):
+        inputs = [hist_items, zeros, zeros, zeros, torch.tensor([1_512_000_000]), candidates, state]
+        a, b = (torch.logit(m.execute(inputs)[0].to(torch.float64)) for m in (with_prior, without))
+        return (a - b).numpy()
+
+    history = zeros.clone()
+    history[-1] = seed + RESERVED_ROWS
+    tables = prior_tables(dataclasses.replace(shard, prior_scale=0.9))
+    for hist in (zeros, history):
+        expected = shard_prior(tables, hist)[candidates].numpy()
+        np.testing.assert_allclose(runtime_prior(hist), expected, atol=2e-4)
+    before, after = shard_prior(tables, zeros), shard_prior(tables, history)
+    assert before[leader] > before[target] and after[target] > after[leader]
+    assert after[target] == pytest.approx(-np.log1p(1) * 0.9, abs=1e-6)  # right after the one seed
