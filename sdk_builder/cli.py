@@ -398,11 +398,15 @@ def _open_run(run: str):
                    "(old + patch = new, byte for byte; docs/bundle-format.md, Patches).")
 @click.option("--delta-from-dir", "delta_from_dir", type=click.Path(exists=True, file_okay=False),
               help="An earlier build's --out: write a .patch beside each new bundle whose user has a bundle there.")
+@click.option("--shard-slack", type=click.FloatRange(min=0),
+              help="With --delta-from(-dir): the old shard's items compete as if ranked (1 + slack) times higher in "
+                   "the shard policy's order (fewer new rows, smaller patches; default sdk_builder.shard.DEFAULT_SLACK); "
+                   "0 selects the shard afresh.")
 @click.option("--json", "as_json", is_flag=True)
 def build_cmd(run, users, users_file, all_users, out, recipe, shard_size, category_capacity, seed, jobs, backend,
               ray_address, skip_unknown, fsync, as_json, accuracy_budget=DEFAULT_ACCURACY_BUDGET, on_budget_exceeded="fail",
               allow_weak_model=False, sign_key=None, refresh=False, newer_events=(), delta_from=None, delta_from_dir=None,
-              new_user=False, population="mean"):
+              new_user=False, population="mean", shard_slack=None):
     """Cut per-user slices of a trained run and compile them to ExecuTorch bundles.
 
     One program is exported per run and stamped with each user's constants (checked against a
@@ -427,6 +431,8 @@ def build_cmd(run, users, users_file, all_users, out, recipe, shard_size, catego
     # Argument errors first: the builder's modules import torch and the exporter (seconds).
     if shard_size < 1 or jobs < 1 or category_capacity < 1:
         _fail("--shard-size, --jobs and --category-capacity must be at least 1")
+    if shard_slack is not None and not (delta_from or delta_from_dir):
+        _fail("--shard-slack needs the old bundles: pass --delta-from or --delta-from-dir")
     if not (users or users_file or all_users or new_user):
         _fail("no users: pass --user-shard ID, --users FILE, --all or --new-user")
     try:
@@ -457,7 +463,9 @@ def build_cmd(run, users, users_file, all_users, out, recipe, shard_size, catego
     spec = BuildSpec(run=str(run), out=str(out), recipe=recipe, shard_size=shard_size, seed=seed,
                      category_capacity=category_capacity, durable=fsync,
                      accuracy_budget=accuracy_budget, on_budget_exceeded=on_budget_exceeded,
-                     allow_weak_model=allow_weak_model, refresh=refresh, events=tuple(newer_events))
+                     allow_weak_model=allow_weak_model, refresh=refresh, events=tuple(newer_events),
+                     delta_from=str(delta_from or ""), delta_from_dir=str(delta_from_dir or ""),
+                     **({"shard_slack": shard_slack} if shard_slack is not None else {}))
     bar = tqdm(total=len(requested) + new_user, unit="bundle", desc="build", disable=as_json, leave=False)
     try:
         summary = build_many(spec, requested, jobs=jobs, backend=backend, ray_address=ray_address,

@@ -7,6 +7,12 @@ A shard is what the phone can score or see in its history. It is filled, dedupli
 4. `popular`: globally popular items, to fill the rest.
 Each source gets a share of the shard (`weights`); space a source cannot use passes to the next.
 Deterministic: every ranking breaks ties by item row.
+
+Hysteresis: given the user's previous shard, its items compete for the shard as if they ranked
+(1 + slack) times higher in the policy's order, so a rebuilt bundle differs from the old one by
+fewer rows and its patch is smaller (an item new to the shard costs its rows as literal bytes),
+while a new item still gets in when it outranks an old one by that factor. The user's own recent
+items always get in. The kept items keep their places in the policy's order (and so their prior).
 """
 
 from __future__ import annotations
@@ -17,6 +23,10 @@ import numpy as np
 
 from model.tbsm import RESERVED_ROWS
 from sdk_builder.data.dataset import PreparedData
+
+# Previous shard items compete as if ranked (1 + slack) times higher (benchmarks/delta.py measures
+# patch bytes and next-day coverage for several values).
+DEFAULT_SLACK = 4.0
 
 
 @dataclass(frozen=True)
@@ -82,16 +92,46 @@ class ShardIndex:
         self.cov_src, self.cov_dst, self.cov_count = src[top], dst[top], counts[top]
         self.cov_offsets = np.searchsorted(self.cov_src, np.arange(n_items + 1))
 
-    def select(self, history_items: np.ndarray, history_cats: np.ndarray) -> tuple[np.ndarray, dict[str, int]]:
+    def select(self, history_items: np.ndarray, history_cats: np.ndarray, previous: np.ndarray | None = None,
+               slack: float = DEFAULT_SLACK) -> tuple[np.ndarray, dict[str, int]]:
         """Shard item rows (sorted) for a user whose events so far are given oldest first."""
-        chosen, sources = self.select_ranked(history_items, history_cats)
+        chosen, sources = self.select_ranked(history_items, history_cats, previous, slack)
         return np.sort(chosen), sources
 
-    def select_ranked(self, history_items: np.ndarray, history_cats: np.ndarray) -> tuple[np.ndarray, dict[str, int]]:
+    def select_ranked(self, history_items: np.ndarray, history_cats: np.ndarray, previous: np.ndarray | None = None,
+                      slack: float = DEFAULT_SLACK) -> tuple[np.ndarray, dict[str, int]]:
         """`select`'s items in the policy's own order (source by source, each ranked): a ranking
-        without a model, the baseline a bundle's model must beat."""
+        without a model, the baseline a bundle's model must beat. With `previous` (the item rows of
+        the user's previous shard): the hysteresis of the module docstring; `sources` then also
+        counts under "previous" the kept items the policy alone would have dropped."""
+        ranked, sources = self._policy_order(history_items, history_cats, self.policy.shard_size)
+        if previous is None or slack <= 0:
+            return ranked, sources
+        size = self.policy.shard_size
+        if not len(ranked):
+            return ranked, sources
+        longer, _ = self._policy_order(history_items, history_cats, int(round(size * (1.0 + slack))))
+        # The policy's order, continued past the shard by the longer shard's other items.
+        order = np.concatenate([ranked, longer[~np.isin(longer, ranked)]])[: len(longer)]
+        position = np.arange(len(order), dtype=np.float64)
+        incumbent = np.isin(order, previous)
+        # An item of the previous shard competes as if it ranked (1 + slack) times higher: it stays
+        # until newcomers outrank it by that factor, so the policy's top new items still get in.
+        key = np.where(incumbent, position / (1.0 + slack), position)
+        key[: sources.get("recent", 0)] = -2.0  # the on-device history needs their rows
+        chosen = np.sort(np.lexsort((position, key))[:size])  # indices into order, back in the policy's order
+        chosen = order[chosen]
+        displaced = ~np.isin(ranked, chosen)
+        if displaced.any():
+            source_of = np.repeat(np.arange(len(sources)), list(sources.values()))  # `ranked` is source by source
+            lost = np.bincount(source_of[displaced], minlength=len(sources))
+            sources = {name: count - int(n) for (name, count), n in zip(sources.items(), lost)}
+            sources["previous"] = int(displaced.sum())
+        return chosen, sources
+
+    def _policy_order(self, history_items: np.ndarray, history_cats: np.ndarray,
+                      size: int) -> tuple[np.ndarray, dict[str, int]]:
         p = self.policy
-        size = p.shard_size
         chosen = np.zeros(0, np.int64)
         excluded = np.zeros(0, np.int64)
         sources: dict[str, int] = {}
@@ -195,6 +235,35 @@ def coverage(data: PreparedData, policy: ShardPolicy, held_out: int = 10) -> dic
     ours, base = hits / max(total, 1), base_hits / max(total, 1)
     return {"users": int(len(users)), "held_out_events": int(total), "policy_coverage": ours,
             "popular_coverage": base, "ratio": ours / base if base else float("inf")}
+
+
+def hysteresis_coverage(data: PreparedData, policy: ShardPolicy, before_previous: np.ndarray, before: np.ndarray,
+                        target: np.ndarray, slacks: tuple[float, ...]) -> dict[float, dict[str, float]]:
+    """What hysteresis costs in coverage: for each user with `target` events, the previous shard is
+    cut from the events in `before_previous`, the new one from those in `before` (each mask a prefix
+    of every user's events) with each slack (0: no hysteresis); per slack, the fraction of target
+    events whose item the new shard holds and the mean number of items new to the shard."""
+    index_previous = ShardIndex(data, policy, event_mask=before_previous)
+    index = ShardIndex(data, policy, event_mask=before)
+    hits = {slack: 0 for slack in slacks}
+    churn = {slack: 0 for slack in slacks}
+    users = total = 0
+    for u in np.unique(data.user_of_event()[target]).tolist():
+        sl = data.user_events(u)
+        items, cats = data.item_rows[sl], data.cat_rows[sl]
+        old_mask, new_mask = before_previous[sl], before[sl]
+        if not new_mask.any():
+            continue
+        previous, _ = index_previous.select(items[old_mask], cats[old_mask])
+        future = items[target[sl]]
+        for slack in slacks:
+            shard, _ = index.select(items[new_mask], cats[new_mask], previous, slack)
+            hits[slack] += int(np.isin(future, shard).sum())
+            churn[slack] += int((~np.isin(shard, previous)).sum())
+        users += 1
+        total += len(future)
+    return {slack: {"users": users, "target_events": total, "coverage": hits[slack] / max(total, 1),
+                    "new_items": churn[slack] / max(users, 1)} for slack in slacks}
 
 
 def policy_positions(ranked: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

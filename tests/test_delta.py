@@ -4,17 +4,21 @@ patch fails with one line, leaving the old bundle as it was."""
 from __future__ import annotations
 
 import hashlib
+import json
 import random
 import shutil
 import struct
 from pathlib import Path
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from sdk_builder.bundle.delta import apply_patch, bundle_files, diff_ops, make_patch, patch_bundle, patch_path
+from sdk_builder.bundle.delta import (
+    PreviousBundles, apply_patch, bundle_files, diff_ops, make_patch, patch_bundle, patch_path,
+)
 from sdk_builder.cli import main
-from sdk_builder.formats import BundleError
+from sdk_builder.formats import MANIFEST, BundleError
 
 
 def cli(*args: str):
@@ -110,3 +114,94 @@ def test_verify_rejects_a_patch_that_builds_another_bundle(two_bundles, tmp_path
     result = cli("verify", str(new), "--patch", str(identity), "--old", str(old))
     assert result.exit_code == 1
     assert f"FAILED {identity}: {old} + patch differs from {new}/" in result.output
+
+
+def test_hysteresis_keeps_the_previous_shard_but_lets_the_top_new_items_in():
+    from sdk_builder.data.dataset import prepare
+    from sdk_builder.data.synthetic import generate_taobao_events
+    from sdk_builder.shard import ShardIndex, ShardPolicy
+
+    data = prepare(generate_taobao_events(80, n_items=2000, n_categories=30, seed=4), seed=4)
+    index = ShardIndex(data, ShardPolicy(shard_size=200))
+    larger = ShardIndex(data, ShardPolicy(shard_size=800))
+    slack, fewer_new = 3.0, 0
+    for user in range(20):
+        sl = data.user_events(user)
+        items, cats = data.item_rows[sl], data.cat_rows[sl]
+        cut = max(1, len(items) - 10)  # the previous shard: before the user's last 10 events
+        previous, _ = index.select(items[:cut], cats[:cut])
+        fresh, fresh_sources = index.select_ranked(items, cats)
+        assert np.array_equal(index.select_ranked(items, cats, None)[0], fresh)
+        assert np.array_equal(index.select_ranked(items, cats, previous, slack=0)[0], fresh)
+        kept, sources = index.select_ranked(items, cats, previous, slack)
+        assert len(kept) == len(np.unique(kept)) == 200 and sum(sources.values()) == 200
+        assert np.isin(fresh[: fresh_sources["recent"]], kept).all()  # the history's rows are always there
+        # The policy's order past the shard: the fresh shard, then the rest of a (1 + slack) times larger one.
+        longer, _ = larger.select_ranked(items, cats)
+        position = {item: k for k, item in enumerate([*fresh.tolist(), *(i for i in longer.tolist() if i not in set(fresh.tolist()))])}
+        order = [position.get(i) for i in kept.tolist()]
+        assert None not in order and order == sorted(order)  # kept in the policy's order
+        # Items new to the shard enter by rank; an old item leaves only for one ranked (1 + slack) times higher.
+        old, recent = set(previous.tolist()), set(fresh[: fresh_sources["recent"]].tolist())
+        new_in = [position[i] for i in kept.tolist() if i not in old and i not in recent]
+        new_out = [position[i] for i in fresh.tolist() if i not in set(kept.tolist()) and i not in old]
+        old_out = [position[i] / (1 + slack) for i in position if i in old and i not in set(kept.tolist())]
+        assert not new_in or max(new_in) < min(new_out + old_out + [len(position)])
+        assert sources.get("previous", 0) == len(set(fresh.tolist()) - set(kept.tolist()))
+        fewer_new += len(set(kept.tolist()) - set(previous.tolist())) < len(set(fresh.tolist()) - set(previous.tolist()))
+    assert fewer_new >= 10
+
+
+@pytest.fixture(scope="module")
+def newer_day(builder):
+    """The session's data plus a day in which user 7 browses user 20's items: the shard moves."""
+    from sdk_builder.data.dataset import extend_events
+    from sdk_builder.data.events import EventLog
+
+    ckpt, data = builder.ckpt, builder.data
+    other = data.user_events(20)
+    items, cats = data.item_rows[other][-15:], data.cat_rows[other][-15:]
+    start = int(data.timestamps[data.user_events(7)][-1]) + 86_400
+    log = EventLog(np.full(len(items), int(ckpt.users.ids[7])), ckpt.items.global_id(items),
+                   ckpt.categories.global_id(cats), np.ones(len(items), np.int8), start + 60 * np.arange(len(items)))
+    extended, counts = extend_events(data, log)
+    assert counts["added"] == len(items)
+    return extended
+
+
+def test_a_rebuild_that_knows_the_old_bundle_ships_a_smaller_patch_and_is_deterministic(builder, built_bundle,
+                                                                                       newer_day, tmp_path):
+    from sdk_builder.bundle.build import BundleBuilder
+
+    user, old = int(builder.ckpt.users.ids[7]), Path(built_bundle)
+    bundles = {}
+    for name, slack in (("fresh", 0.0), ("kept", 3.0), ("kept-again", 3.0)):
+        rebuild = BundleBuilder(builder.ckpt, newer_day, builder.policy, recipe=builder.recipe,
+                                previous=PreviousBundles(bundle=old), shard_slack=slack)
+        rebuild.template = builder.template  # same checkpoint, recipe and layout
+        bundles[name] = rebuild.build(user, tmp_path / name).path
+    fresh, kept = bundle_files(bundles["fresh"]), bundle_files(bundles["kept"])
+    assert bundle_files(bundles["kept-again"]) == kept  # same inputs and old bundle: same bytes
+    patch = make_patch(old, bundles["kept"])
+    assert apply_patch(bundle_files(old), patch, "p") == kept
+    assert len(patch) < 0.8 * len(make_patch(old, bundles["fresh"]))
+    ids = {name: set(json.loads(files[MANIFEST])["items"]["ids"]) for name, files in (("fresh", fresh), ("kept", kept))}
+    old_ids = set(json.loads(bundle_files(old)[MANIFEST])["items"]["ids"])
+    assert len(ids["kept"] - old_ids) < len(ids["fresh"] - old_ids)
+    manifests = {name: json.loads(files[MANIFEST]) for name, files in (("fresh", fresh), ("kept", kept))}
+    assert manifests["kept"]["shard_policy"]["sources"]["previous"] > 0
+    assert manifests["kept"]["build_key"] != manifests["fresh"]["build_key"]  # it depends on the old bundle
+    assert rebuild.is_current(bundles["fresh"]) and not rebuild.is_current(bundles["kept"])
+
+
+def test_the_old_bundle_of_another_user_is_refused_in_one_line(builder, built_bundle, tmp_path):
+    from sdk_builder.bundle.build import BundleBuilder
+
+    rebuild = BundleBuilder(builder.ckpt, builder.data, builder.policy, recipe=builder.recipe,
+                            previous=PreviousBundles(bundle=Path(built_bundle)))
+    rebuild.template = builder.template
+    other = int(builder.ckpt.users.ids[8])
+    with pytest.raises(BundleError) as err:
+        rebuild.build(other, tmp_path)
+    assert "\n" not in str(err.value) and f"not the user {other} being built" in str(err.value)
+    assert not any(tmp_path.iterdir())

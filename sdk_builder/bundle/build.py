@@ -20,6 +20,7 @@ import torch
 
 from model.tbsm import RESERVED_ROWS
 from sdk_builder.bundle.budget import BudgetOutcome, apply_accuracy_budget
+from sdk_builder.bundle.delta import PreviousBundles
 from sdk_builder.bundle.golden import (
     GOLDEN_TOLERANCE, REFRESH_TOLERANCE, EagerReference, Request, ShardView, golden_requests, last_events, refresh_cases,
     replay_encoded, score_golden,
@@ -39,7 +40,7 @@ from sdk_builder.refresh import (
 )
 from sdk_builder.runs import LoadedCheckpoint, versions
 from sdk_builder.runtime import load_runtime_method
-from sdk_builder.shard import ShardIndex, ShardPolicy
+from sdk_builder.shard import DEFAULT_SLACK, ShardIndex, ShardPolicy
 from sdk_builder.stamp import ProgramTemplate, build_template, check_against_export
 from sdk_builder.util import sha256_bytes
 
@@ -104,7 +105,8 @@ class BundleBuilder:
                  recipe: str = DEFAULT_RECIPE, seed: int = 0, *, stamping: bool = True, category_capacity: int = 256,
                  verify_each: bool = True, durable: bool = False,
                  accuracy_budget: float = DEFAULT_ACCURACY_BUDGET, on_budget_exceeded: str = "fail",
-                 allow_weak_model: bool = False, refresh: RefreshConfig | None = None) -> None:
+                 allow_weak_model: bool = False, refresh: RefreshConfig | None = None,
+                 previous: PreviousBundles | None = None, shard_slack: float = DEFAULT_SLACK) -> None:
         trained_on = ckpt.payload["data_fingerprint"]
         # The run's own data, or that data extended with newer events (`extend_events`: same id maps).
         if data.fingerprint() != trained_on and data.info.get("extends") != trained_on:
@@ -140,6 +142,8 @@ class BundleBuilder:
         self.schema_bytes = compact_json(events_json_schema()).encode()
         self.build_key = build_key(ckpt, data, self.policy, recipe, seed, self.layout, self.versions["tbsm_sdk"],
                                    (accuracy_budget, on_budget_exceeded) if self.steps.lossy else None, refresh)
+        # Each user's previous bundle (`build --delta-from`): its shard's items are favoured (shard hysteresis).
+        self.previous, self.shard_slack = previous, shard_slack
 
     def prepare_refresh(self) -> float:
         """Export the refresh template once; the stamped and a fully exported program of the first
@@ -182,8 +186,20 @@ class BundleBuilder:
             raise BundleError(f"unknown user id {user_id}: not in the checkpoint's training data")
         return row
 
-    def shard_for(self, user_row: int) -> tuple[Shard, dict[str, int]]:
-        return select_shard(self.data, self.index, self.layout, user_row, self.prior_scale)
+    def shard_for(self, user_row: int, previous: np.ndarray | None = None) -> tuple[Shard, dict[str, int]]:
+        return select_shard(self.data, self.index, self.layout, user_row, self.prior_scale, previous, self.shard_slack)
+
+    def previous_shard(self, user_id: int) -> tuple[np.ndarray | None, str]:
+        """(item rows of the user's previous shard or None, the user's build key): a bundle kept
+        from a previous one depends on it, so its key names the previous manifest too."""
+        found = self.previous.shard_of(user_id) if self.previous is not None and self.shard_slack > 0 else None
+        if found is None:
+            return None, self.build_key
+        ids, manifest_sha256 = found
+        rows = self.ckpt.items.lookup(np.asarray(ids, np.int64), unknown=-1)
+        key = sha256_bytes(json.dumps({"build": self.build_key, "previous_manifest": manifest_sha256,
+                                       "slack": self.shard_slack}, sort_keys=True).encode())
+        return rows[rows >= RESERVED_ROWS], key
 
     def constants_for(self, shard: Shard):
         return slice_constants(self.model, shard, self.ckpt.item_category, self.layout)
@@ -286,14 +302,16 @@ class BundleBuilder:
         todo = []
         for user_id in user_ids:
             path = bundle_path(out_root, user_id)
-            if skip_current and self.is_current(path):
+            previous, key = self.previous_shard(user_id)
+            if skip_current and is_current(path, key):
                 results[user_id] = BuildResult(user_id, path, (path / PROGRAM).stat().st_size,
                                                sum(f.stat().st_size for f in path.iterdir()), 0.0, 0.0, skipped=True)
             else:
-                todo.append((user_id, *self.shard_for(self.user_row(user_id))))
-        goldens = self.scored_golden([(user_id, shard) for user_id, shard, _ in todo]) if todo else []
-        for k, ((user_id, shard, sources), golden) in enumerate(zip(todo, goldens)):
-            results[user_id] = self._build_one(user_id, shard, sources, *golden, out_root, check_formats=k == 0)
+                todo.append((user_id, *self.shard_for(self.user_row(user_id), previous), key))
+        goldens = self.scored_golden([(user_id, shard) for user_id, shard, _, _ in todo]) if todo else []
+        for k, ((user_id, shard, sources, key), golden) in enumerate(zip(todo, goldens)):
+            results[user_id] = self._build_one(user_id, shard, sources, *golden, out_root, check_formats=k == 0,
+                                               build_key=key)
         seconds = (time.perf_counter() - started) / max(len(todo), 1)
         for r in results.values():
             if not r.skipped:
@@ -301,7 +319,8 @@ class BundleBuilder:
         return [results[u] for u in user_ids]
 
     def _build_one(self, user_id: int, shard: Shard, sources: dict[str, int], view: ShardView, cases: list[GoldenCase],
-                   requests: list, out_root: Path, *, check_formats: bool = True) -> BuildResult:
+                   requests: list, out_root: Path, *, check_formats: bool = True,
+                   build_key: str | None = None) -> BuildResult:
         program = self.program_for(shard)
         budget = self.check_budget(user_id, shard, program, cases) if self.steps.lossy else None
         if budget is not None:
@@ -313,6 +332,8 @@ class BundleBuilder:
             golden.refresh_cases = self.refresh_cases(user_id, shard, view, load_runtime_method(files[REFRESH_FILE]))
         files[GOLDEN] = golden.to_json().encode()
         manifest = self.manifest_for(user_id, shard, sources, {k: sha256_bytes(v) for k, v in sorted(files.items())}, view)
+        if build_key is not None and build_key != manifest.build_key:
+            manifest = manifest.model_copy(update={"build_key": build_key})
         if budget is not None:
             manifest = manifest.model_copy(update={"recipe": budget.recipe, "quantization": budget.quantization})
         if self.refresh is not None:

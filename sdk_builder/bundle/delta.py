@@ -6,6 +6,9 @@ that copy runs of the old file (found through an index of its 8-byte windows, wh
 and insert the rest literally handle shifts; DEFLATE then squeezes the literals and op headers.
 The format (docs/bundle-format.md, Patches): the `formats.BundlePatch` header as one JSON line,
 then the raw DEFLATE of every new file's ops, in the header's order.
+
+A build that knows the user's previous bundle (`PreviousBundles`) also keeps most of its shard
+(hysteresis, `sdk_builder.shard`): each item new to the shard costs its rows as literal bytes.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import json
 import struct
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 
 from pydantic import ValidationError
@@ -21,6 +25,7 @@ from sdk_builder.formats import (
     MANIFEST, PATCH_COPY, PATCH_FORMAT_VERSION, PATCH_INSERT, PATCH_SUFFIX, SIGNATURE, BundleError, BundlePatch,
     PatchFile, validation_message,
 )
+from sdk_builder.bundle.store import bundle_path
 from sdk_builder.util import atomic_write_bytes, atomic_write_dir, sha256_bytes
 
 WINDOW = 8  # bytes hashed per index entry: one float32 pair, one int8 half-row
@@ -57,6 +62,34 @@ def bundle_files(path: Path) -> dict[str, bytes]:
         except OSError as exc:
             raise BundleError(f"{path / name}: {exc.strerror or exc}") from None
     return files
+
+
+@dataclass(frozen=True)
+class PreviousBundles:
+    """Where a build finds each user's previous bundle: one user's bundle directory
+    (`build --delta-from`) or an earlier build's --out (`--delta-from-dir`)."""
+
+    bundle: Path | None = None
+    root: Path | None = None
+
+    def shard_of(self, user_id: int) -> tuple[list[int], str] | None:
+        """(item ids, manifest sha256) of the user's previous bundle; None when the user has none.
+        A bundle of another user is refused: its shard comes from that user's history."""
+        path = self.bundle if self.bundle is not None else bundle_path(self.root, user_id) if self.root else None
+        if path is None or (self.bundle is None and not (path / MANIFEST).is_file()):
+            return None
+        try:
+            data = (path / MANIFEST).read_bytes()
+        except OSError as exc:
+            raise BundleError(f"{path / MANIFEST}: {exc.strerror or exc}") from None
+        try:
+            manifest = json.loads(data)
+            owner, ids = manifest["user_id"], [int(i) for i in manifest["items"]["ids"]]
+        except (ValueError, KeyError, TypeError):
+            raise BundleError(f"{path / MANIFEST}: not a bundle manifest (no user_id or items.ids)") from None
+        if owner != user_id:
+            raise BundleError(f"{path / MANIFEST}: user_id {owner}, not the user {user_id} being built")
+        return ids, sha256_bytes(data)
 
 
 def _common_prefix(a: bytes, i: int, b: bytes, j: int) -> int:

@@ -29,7 +29,7 @@ from sdk_builder.data.dataset import PreparedData
 from sdk_builder.formats import BUILD_CACHE, BundleError
 from sdk_builder.recipes import DEFAULT_ACCURACY_BUDGET, DEFAULT_RECIPE
 from sdk_builder.runs import DATA, load_checkpoint
-from sdk_builder.shard import ShardPolicy
+from sdk_builder.shard import DEFAULT_SLACK, ShardPolicy
 from sdk_builder.program import SliceLayout
 from sdk_builder.stamp import ProgramTemplate, StampingError, check_sentinels
 from sdk_builder.util import atomic_write_bytes, sha256_bytes
@@ -59,6 +59,11 @@ class BuildSpec:
     allow_weak_model: bool = False  # build even when the model does not beat popularity on validation
     events: tuple[str, ...] = ()  # newer event logs: shards and golden histories include them (`extend_events`)
     refresh: bool = False  # add the on-device refresh program (sdk_builder/refresh.py, default RefreshConfig)
+    # The users' previous bundles (`--delta-from` one bundle, `--delta-from-dir` an earlier --out):
+    # their items compete for the new shard as if ranked (1 + shard_slack) times higher (sdk_builder/shard.py).
+    delta_from: str = ""
+    delta_from_dir: str = ""
+    shard_slack: float = DEFAULT_SLACK
 
 
 @dataclass
@@ -82,6 +87,7 @@ class BatchSummary:
 
 def make_builder(spec: BuildSpec, template: ProgramTemplate | None = None,
                  refresh_template: ProgramTemplate | None = None) -> BundleBuilder:
+    from sdk_builder.bundle.delta import PreviousBundles
     from sdk_builder.refresh import RefreshConfig
 
     ckpt = load_checkpoint(Path(spec.run), mmap=True)
@@ -91,7 +97,10 @@ def make_builder(spec: BuildSpec, template: ProgramTemplate | None = None,
     builder = BundleBuilder(ckpt, data, ShardPolicy(shard_size=spec.shard_size), recipe=spec.recipe, seed=spec.seed,
                             category_capacity=spec.category_capacity, durable=spec.durable,
                             accuracy_budget=spec.accuracy_budget, on_budget_exceeded=spec.on_budget_exceeded,
-                            allow_weak_model=spec.allow_weak_model, refresh=RefreshConfig() if spec.refresh else None)
+                            allow_weak_model=spec.allow_weak_model, refresh=RefreshConfig() if spec.refresh else None,
+                            previous=PreviousBundles(Path(spec.delta_from) if spec.delta_from else None,
+                                                     Path(spec.delta_from_dir) if spec.delta_from_dir else None)
+                            if spec.delta_from or spec.delta_from_dir else None, shard_slack=spec.shard_slack)
     builder.template, builder.refresh_template = template, refresh_template
     return builder
 

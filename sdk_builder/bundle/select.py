@@ -9,16 +9,18 @@ from model.tbsm import RESERVED_ROWS
 from sdk_builder.data.dataset import PreparedData
 from sdk_builder.formats import MAX_HISTORY
 from sdk_builder.program import Shard, SliceLayout
-from sdk_builder.shard import ShardIndex, policy_positions, shard_neighbors
+from sdk_builder.shard import DEFAULT_SLACK, ShardIndex, policy_positions, shard_neighbors
 
 
 def select_shard(data: PreparedData, index: ShardIndex, layout: SliceLayout, user_row: int,
-                 prior_scale: float = 0.0) -> tuple[Shard, dict[str, int]]:
+                 prior_scale: float = 0.0, previous: np.ndarray | None = None,
+                 slack: float = DEFAULT_SLACK) -> tuple[Shard, dict[str, int]]:
     """The user's shard and how many items each source contributed (+ categories over capacity).
-    `prior_scale` > 0 adds that times the policy's prior to each item's (scaled) logit on the phone."""
+    `prior_scale` > 0 adds that times the policy's prior to each item's (scaled) logit on the phone.
+    `previous`, `slack`: the user's previous shard (item rows) and the hysteresis (sdk_builder.shard)."""
     sl = data.user_events(user_row)
     items, cats = data.item_rows[sl], data.cat_rows[sl]
-    ranked, sources = index.select_ranked(items, cats)
+    ranked, sources = index.select_ranked(items, cats, previous, slack)
     category_rows, over = select_categories(cats[-MAX_HISTORY:], data.item_category[np.sort(ranked)],
                                             layout.category_rows - RESERVED_ROWS)
     sources["categories_over_capacity"] = over
