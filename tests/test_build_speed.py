@@ -105,3 +105,40 @@ def test_loading_a_checkpoint_does_not_import_the_compiler_stack(trained_run):
     proc = subprocess.run([sys.executable, "-c", code, str(trained_run)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip() == "False"
+
+
+def test_golden_requests_encode_the_same_with_array_ids_as_with_the_manifest_lists(builder):
+    """Golden requests are encoded against the shard's ids as arrays (speed); the apps encode
+    against the manifest's lists: both must give the program the same inputs."""
+    from sdk_builder.bundle.golden import ShardView
+    from sdk_builder.client import encode
+
+    compared = 0
+    for user in [int(u) for u in builder.ckpt.users.ids[60:64]]:
+        shard, _ = builder.shard_for(builder.user_row(user))
+        view = ShardView(builder.ckpt, shard)
+        assert isinstance(view.items.ids, list) and isinstance(view.categories.ids, list)  # what the manifest holds
+        for case in builder.golden_requests(user, shard):
+            fast = encode(view.encoding, case.history, case.request_time, case.candidates)
+            slow = encode(view, case.history, case.request_time, case.candidates)
+            for got, want in zip(fast.tensors(), slow.tensors()):
+                assert got.dtype == want.dtype and got.equal(want)
+            compared += 1
+    assert compared == 16
+
+
+def test_atomic_write_dir_creates_replaces_and_clears_a_killed_writers_leftovers(tmp_path):
+    from sdk_builder.util import atomic_write_dir
+
+    final = tmp_path / "ab" / "cd" / "42"
+    atomic_write_dir(final, {"a": b"one", "b": b""})  # parents created
+    assert {p.name: p.read_bytes() for p in final.iterdir()} == {"a": b"one", "b": b""}
+    leftover = final.parent / ".42.tmp-99999"  # a writer killed mid-write
+    leftover.mkdir()
+    (leftover / "a").write_bytes(b"half")
+    other = final.parent / ".43.tmp-99999"  # another bundle's writer: not ours to clear
+    other.mkdir()
+    big = bytes(range(256)) * 4096
+    atomic_write_dir(final, {"a": big})  # replaces the whole directory
+    assert {p.name: p.read_bytes() for p in final.iterdir()} == {"a": big}
+    assert sorted(p.name for p in final.parent.iterdir()) == [".43.tmp-99999", "42"]

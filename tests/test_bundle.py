@@ -60,7 +60,7 @@ def test_sliced_program_matches_full_model_in_eager(builder):
 
 def test_bundle_verifies_in_the_runtime(built_bundle):
     report = verify_bundle(built_bundle)
-    assert report["ok"] and report["cases"] == 4 and report["max_abs_diff"] <= 1e-5
+    assert report["ok"] and report["cases"] == 5 and report["max_abs_diff"] <= 1e-5
     names = {c.name for c in Bundle(built_bundle).golden().cases}
     assert names == {"full_history", "short_history", "empty_history", "all_oov_history", "new_events_history"}
 

@@ -30,6 +30,7 @@ REFRESH_SHORT = 5  # events of the short refresh case (the rest of the program's
 _PROGRAM_SPEC = program_spec()  # read-only: shared by every view
 
 Request = tuple[EventHistory, int, list[int]]  # history, request time, global candidate ids
+_BEHAVIOR_OF_CODE = {code: Behavior(name) for code, name in BEHAVIOR_NAMES.items()}
 
 
 class ShardView:
@@ -38,12 +39,24 @@ class ShardView:
     `user_state`: the shipped state, by default the shard's user row of the checkpoint's model."""
 
     def __init__(self, ckpt: LoadedCheckpoint, shard: Shard, state: np.ndarray | None = None) -> None:
-        self.items = IdShard.model_construct(ids=ckpt.items.global_id(shard.item_rows).tolist())
-        self.categories = IdShard.model_construct(ids=ckpt.categories.global_id(shard.category_rows).tolist())
+        item_ids, category_ids = ckpt.items.global_id(shard.item_rows), ckpt.categories.global_id(shard.category_rows)
+        self.items = IdShard.model_construct(ids=item_ids.tolist())
+        self.categories = IdShard.model_construct(ids=category_ids.tolist())
         self.behaviors = dict(BEHAVIOR_CODES)
         self.program = _PROGRAM_SPEC
         self.user_state = (user_state(ckpt.model, shard.user_row).numpy() if state is None
                            else np.asarray(state, dtype=np.float32))
+        self.encoding = _EncodingView(self, item_ids, category_ids)
+
+
+class _EncodingView:
+    """A ShardView whose id lists are arrays, for `encode`: looking ids up in the manifest's lists
+    converts each list to an array on every request, which was most of a golden request's cost."""
+
+    def __init__(self, view: ShardView, item_ids: np.ndarray, category_ids: np.ndarray) -> None:
+        self.items = IdShard.model_construct(ids=np.asarray(item_ids, np.int64))
+        self.categories = IdShard.model_construct(ids=np.asarray(category_ids, np.int64))
+        self.behaviors, self.program, self.user_state = view.behaviors, view.program, view.user_state
 
 
 def last_events(ckpt: LoadedCheckpoint, data: PreparedData, user_row: int, n: int) -> list[Event]:
@@ -52,8 +65,7 @@ def last_events(ckpt: LoadedCheckpoint, data: PreparedData, user_row: int, n: in
     checked (~40 us a case otherwise)."""
     sl = data.user_events(user_row)
     return [
-        Event.model_construct(item_id=int(i), category_id=int(c), behavior=Behavior(BEHAVIOR_NAMES[int(b)]),
-                              timestamp=int(t))
+        Event.model_construct(item_id=i, category_id=c, behavior=_BEHAVIOR_OF_CODE[b], timestamp=t)
         for i, c, b, t in zip(ckpt.items.global_id(data.item_rows[sl][-n:]).tolist(),
                               ckpt.categories.global_id(data.cat_rows[sl][-n:]).tolist(),
                               data.behaviors[sl][-n:].tolist(), data.timestamps[sl][-n:].tolist())
@@ -111,7 +123,7 @@ class EagerReference:
         for shard, history, request_time, candidate_ids in requests:
             if id(shard) not in views:
                 views[id(shard)] = ShardView(self.ckpt, shard)
-            encoded.append((shard, encode(views[id(shard)], history, request_time, candidate_ids)))
+            encoded.append((shard, encode(views[id(shard)].encoding, history, request_time, candidate_ids)))
         return self.scores_encoded(encoded)
 
     def scores_many(self, shard: Shard, requests: list[Request]) -> list[np.ndarray]:
@@ -122,23 +134,26 @@ class EagerReference:
         whose candidates are padded to at least `width`. Float sums depend on the batch's shape
         and a row's place in it: see `score_golden` for the same bytes whatever the batching."""
         item_category = self.ckpt.item_category
-        rows: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        rows: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = {}
         encoded = []
         for shard, req in requests:
             if id(shard) not in rows:
-                rows[id(shard)] = (np.concatenate([[PADDING_ROW, OOV_ROW], shard.item_rows]),
-                                   np.concatenate([[PADDING_ROW, OOV_ROW], shard.category_rows]), prior_tables(shard))
-            full_item, full_cat, tables = rows[id(shard)]
+                full_item = np.concatenate([[PADDING_ROW, OOV_ROW], shard.item_rows])
+                # A candidate's category as the program sees it: OOV when the bundle does not carry
+                # it (over the category capacity), exactly like an unknown id on the phone.
+                cand_cat = np.where(full_item >= RESERVED_ROWS, item_category[full_item], OOV_ROW)
+                carried = np.sort(shard.category_rows)
+                pos = np.minimum(np.searchsorted(carried, cand_cat), max(len(carried) - 1, 0))
+                found = carried[pos] == cand_cat if len(carried) else np.zeros(len(cand_cat), bool)
+                rows[id(shard)] = (full_item, np.concatenate([[PADDING_ROW, OOV_ROW], shard.category_rows]),
+                                   np.where(found, cand_cat, OOV_ROW), prior_tables(shard))
+            full_item, full_cat, cat_of_local, tables = rows[id(shard)]
             # The prior as the program computes it: re-ranked from this request's history.
             full_prior = shard_prior(tables, torch.from_numpy(np.asarray(req.hist_items, dtype=np.int64)),
                                      torch.from_numpy(np.asarray(req.hist_timestamps, dtype=np.int64))).numpy()
-            cand = full_item[req.candidates]
-            # A candidate's category as the program sees it: OOV when the bundle does not carry it
-            # (over the category capacity), exactly like an unknown id on the phone.
-            cand_cat = np.where(cand >= RESERVED_ROWS, item_category[cand], OOV_ROW)
-            cand_cat = np.where(np.isin(cand_cat, shard.category_rows), cand_cat, OOV_ROW)
             encoded.append((shard.user_row, full_item[req.hist_items], full_cat[req.hist_categories], req.hist_behaviors,
-                            req.hist_timestamps, int(req.request_time[0]), cand, cand_cat, full_prior[req.candidates]))
+                            req.hist_timestamps, int(req.request_time[0]), full_item[req.candidates],
+                            cat_of_local[req.candidates], full_prior[req.candidates]))
         width = max(width, *(len(e[6]) for e in encoded))
         cand_items = np.full((len(encoded), width), OOV_ROW, np.int64)
         cand_cats = np.full((len(encoded), width), OOV_ROW, np.int64)
@@ -170,7 +185,7 @@ def score_golden(reference: EagerReference, users: list[tuple[ShardView, Shard, 
     The batch-invariance test builds users alone, in batches and in reversed batches."""
     if any(len(cases) != GOLDEN_CASES for _, _, cases in users):
         raise ValueError(f"every user needs {GOLDEN_CASES} golden cases: batches are cut at user boundaries")
-    encoded = [[encode(view, c.history, c.request_time, c.candidates) for c in cases] for view, _, cases in users]
+    encoded = [[encode(view.encoding, c.history, c.request_time, c.candidates) for c in cases] for view, _, cases in users]
     flat = [(shard, req) for (_, shard, _), reqs in zip(users, encoded) for req in reqs]
     cases = [c for _, _, user_cases in users for c in user_cases]
     per_batch = GOLDEN_BATCH_USERS * GOLDEN_CASES
