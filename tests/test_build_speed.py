@@ -110,7 +110,7 @@ def test_loading_a_checkpoint_does_not_import_the_compiler_stack(trained_run):
 def test_golden_requests_encode_the_same_with_array_ids_as_with_the_manifest_lists(builder):
     """Golden requests are encoded against the shard's ids as arrays (speed); the apps encode
     against the manifest's lists: both must give the program the same inputs."""
-    from sdk_builder.bundle.golden import ShardView
+    from sdk_builder.bundle.golden import GOLDEN_CASES, ShardView
     from sdk_builder.client import encode
 
     compared = 0
@@ -124,7 +124,7 @@ def test_golden_requests_encode_the_same_with_array_ids_as_with_the_manifest_lis
             for got, want in zip(fast.tensors(), slow.tensors()):
                 assert got.dtype == want.dtype and got.equal(want)
             compared += 1
-    assert compared == 16
+    assert compared == 4 * GOLDEN_CASES
 
 
 def test_atomic_write_dir_creates_replaces_and_clears_a_killed_writers_leftovers(tmp_path):

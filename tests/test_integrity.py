@@ -89,7 +89,12 @@ def test_any_manifest_edit_fails_verify_with_the_index(built_bundle, tmp_path):
     bundle = copy_of(built_bundle, root, "ab")
     index = index_for(root, [bundle])
     assert cli("verify", "--index", str(index))[0] == 0
-    edit_manifest(bundle, lambda m: m["items"]["ids"].__setitem__(-1, m["items"]["ids"][-1] + 1))
+    golden = json.loads((bundle / "golden.json").read_text())
+    used = {c for case in golden["cases"] for c in case["candidates"]}
+    used |= {e["item_id"] for case in golden["cases"] for e in case["history"]["events"]}
+    ids = json.loads((bundle / "manifest.json").read_text())["items"]["ids"]
+    unused = max(k for k in range(len(ids) - 1) if ids[k] not in used and ids[k] + 1 < ids[k + 1])
+    edit_manifest(bundle, lambda m: m["items"]["ids"].__setitem__(unused, m["items"]["ids"][unused] + 1))
     assert cli("verify", str(bundle))[0] == 0  # the id is in no golden case: the replay cannot see it
     code, out, err = cli("verify", "--index", str(index))
     assert code == 1 and "sha256 differs from the one" in err and "FAILED" in err
