@@ -93,7 +93,9 @@ def test_the_shipped_program_re_ranks_from_the_history_in_the_runtime(builder):
     item's co-visited items ahead of what led the build-time order."""
     user_row = builder.user_row(int(builder.ckpt.users.ids[5]))
     shard, _ = builder.shard_for(user_row)
-    builder.prepare_stamping()
+    # The session's template (exporting again here would swap another export into the shared
+    # builder, and a second export in one process need not be byte-identical to the first).
+    assert builder.template is not None
 
     def stamped(scale):
         constants = slice_constants(builder.model, dataclasses.replace(shard, prior_scale=scale), builder.ckpt.item_category,
