@@ -185,7 +185,7 @@ def slice_constants_prior(shard: Shard, layout: SliceLayout) -> dict[str, torch.
     k = max(layout.neighbors, 1)  # a zero-width table could not be stamped: one empty column instead
     neighbors = np.zeros((layout.item_rows, k), np.int64)
     codes = np.zeros((layout.item_rows, k), np.uint8)
-    if shard.neighbors is not None and k:
+    if shard.neighbors is not None:
         kept = min(k, shard.neighbors.shape[1])
         neighbors[RESERVED_ROWS : RESERVED_ROWS + n_items, :kept] = shard.neighbors[:, :kept]
         codes[RESERVED_ROWS : RESERVED_ROWS + n_items, :kept] = encode_counts(shard.neighbor_counts[:, :kept])
@@ -289,12 +289,10 @@ class UserProgram(nn.Module):
         return self.prior_params[self.param_rows]
 
     def built_after(self) -> torch.Tensor:
-        params = self.prior_parameters().to(torch.int64)
-        return params[1] * 65536 + params[2]
+        return built_after_of(self.prior_parameters())
 
     def prior(self, positions: torch.Tensor) -> torch.Tensor:
-        """b * -log(1 + position) of every local item row."""
-        return -torch.log1p(positions.to(torch.float32)) * self.prior_parameters()[:1]
+        return prior_of(positions, self.prior_parameters())
 
     def build_time_positions(self) -> torch.Tensor:
         """The policy positions stamped at build time (what ranks before any on-device event)."""
@@ -329,10 +327,20 @@ def prior_tables(shard: Shard) -> dict[str, torch.Tensor]:
 def shard_prior(tables: dict[str, torch.Tensor], hist_items: torch.Tensor, hist_timestamps: torch.Tensor) -> torch.Tensor:
     """What the program adds to every local item row's logit after a history (eager)."""
     params = tables["prior_params"]
-    built_after = params[1].to(torch.int64) * 65536 + params[2].to(torch.int64)
-    positions = live_positions(hist_items, hist_timestamps, built_after, tables["candidate_position"],
+    positions = live_positions(hist_items, hist_timestamps, built_after_of(params), tables["candidate_position"],
                                tables["item_neighbors"], tables["neighbor_weights"], torch.from_numpy(COUNT_DECODE))
-    return -torch.log1p(positions.to(torch.float32)) * params[:1]
+    return prior_of(positions, params)
+
+
+def built_after_of(prior_params: torch.Tensor) -> torch.Tensor:
+    """`Shard.built_after` from `prior_params` (stored as two float32-exact halves)."""
+    halves = prior_params.to(torch.int64)
+    return halves[1] * 65536 + halves[2]
+
+
+def prior_of(positions: torch.Tensor, prior_params: torch.Tensor) -> torch.Tensor:
+    """b * -log(1 + position) of every local item row (b = `prior_params[0]`)."""
+    return -torch.log1p(positions.to(torch.float32)) * prior_params[:1]
 
 
 def live_positions(hist_items: torch.Tensor, hist_timestamps: torch.Tensor, built_after: torch.Tensor,

@@ -103,7 +103,7 @@ def cold_start_ranked(index: ShardIndex, size: int, weights: dict[str, float] = 
 def cold_start_shard(builder: BundleBuilder, user_row: int) -> tuple[Shard, dict[str, int]]:
     ranked, sources = cold_start_ranked(builder.index, builder.policy.shard_size)
     data = builder.data
-    category_rows, over = select_categories(np.zeros(0, np.int64), data.item_category[np.sort(ranked)],
+    category_rows, over = select_categories(np.zeros(0, np.int64), data.item_category[ranked],
                                             builder.layout.category_rows - RESERVED_ROWS)
     sources["categories_over_capacity"] = over
     return shard_of(builder.index, builder.layout, user_row, ranked, category_rows, builder.prior_scale), sources

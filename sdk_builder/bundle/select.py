@@ -21,7 +21,7 @@ def select_shard(data: PreparedData, index: ShardIndex, layout: SliceLayout, use
     sl = data.user_events(user_row)
     items, cats = data.item_rows[sl], data.cat_rows[sl]
     ranked, sources = index.select_ranked(items, cats, previous, slack)
-    category_rows, over = select_categories(cats[-MAX_HISTORY:], data.item_category[np.sort(ranked)],
+    category_rows, over = select_categories(cats[-MAX_HISTORY:], data.item_category[ranked],
                                             layout.category_rows - RESERVED_ROWS)
     sources["categories_over_capacity"] = over
     built_after = int(data.timestamps[sl][-1]) if len(items) else 0
