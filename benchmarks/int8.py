@@ -77,12 +77,12 @@ def dynamic_linear_variant(builder, shard, requests) -> bytes:
     )
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
-    from sdk_builder.program import PROGRAM_DYNAMIC_SHAPES, example_inputs, slice_constants, state_size
+    from sdk_builder.program import example_inputs, program_dynamic_shapes, slice_constants, state_size
     from sdk_builder.recipes import get_recipe
     from sdk_builder.recipes.int8 import int8_program
 
     program = int8_program(builder.model, slice_constants(builder.model, shard, builder.ckpt.item_category, builder.layout))
-    shapes = PROGRAM_DYNAMIC_SHAPES
+    shapes = program_dynamic_shapes()
     module = torch.export.export(program, example_inputs(state_size(builder.model.cfg)), dynamic_shapes=shapes, strict=False).module()
     # nn.Linear only: the F.linear calls on computed or 0/1 constant matrices stay fp32.
     quantizer = XNNPACKQuantizer().set_module_type(torch.nn.Linear, get_symmetric_quantization_config(

@@ -6,7 +6,8 @@ the default model on the rest, then for a seeded sample of users rank the next e
 with real bundles in the ExecuTorch runtime, from the same on-device history (the streamed
 events): (a) the frozen bundle built before the stream, (b) that bundle with its user state
 refreshed on the phone as the stream arrives, (c) the bundle rebuilt on the server with the
-stream and the same checkpoint. Prints the table with 95% bootstrap intervals, the share of the
+stream and the same checkpoint, and (c') that rebuild made from (a) as `build --delta-from` makes it
+(hysteresis: the ranking cost of small patches). Prints the table with 95% bootstrap intervals, the share of the
 (a) -> (c) HR@10 gap (b) recovers and the share no state of (a) can reach (targets outside (a)'s
 shard), and appends them to docs/benchmarks.md.
 
@@ -72,6 +73,9 @@ def run_one(name: str, events, args) -> str:
                      "has no positive gap).")
     else:
         lines.append("(b) not measured: the bundles have no refresh program.")
+    if "delta_cost" in gap:
+        lines.append(f"(c') - (c): {points('delta_cost')}: what rebuilding from (a) as `build --delta-from` does (shard "
+                     "and co-visit lists kept within the slack, for small patches) costs vs rebuilding afresh.")
     if "phone_order_gain" in gap:
         lines.append(f"No model: (a)'s shard in the policy order recomputed from the phone's events minus its build-time "
                      f"order: {points('phone_order_gain')} (what a prior computed on the phone instead of stamped could add).")

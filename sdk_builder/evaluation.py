@@ -429,6 +429,7 @@ STREAM_ROWS = {
     "refreshed": "(b) frozen bundle, user state refreshed on the phone as the stream arrives",
     "rebuilt": "(c) bundle rebuilt on the server with the stream, same checkpoint",
     "rebuilt_in_frozen_shard": "(c) counting only targets inside (a)'s shard",
+    "patched": "(c') rebuilt from (a) as `build --delta-from` does: shard and co-visit lists kept within the slack",
     "frozen_policy_order": "(a)'s shard in its build-time policy order (no model)",
     "frozen_phone_order": "(a)'s shard in the policy order recomputed from the phone's events (no model)",
 }
@@ -519,6 +520,8 @@ def stream_quality(split: StreamSplit, users: list[StreamUser], shards: dict[str
         parts = {"a_to_c": c - a, "outside_frozen_shard": c - inside}
         if "refreshed" in per_user:
             parts["refresh_gain"] = per_user["refreshed"][PRIMARY_METRIC] - a
+        if "patched" in per_user:
+            parts["delta_cost"] = per_user["patched"][PRIMARY_METRIC] - c
         if "frozen_phone_order" in per_user:
             parts["phone_order_gain"] = (per_user["frozen_phone_order"][PRIMARY_METRIC]
                                          - per_user["frozen_policy_order"][PRIMARY_METRIC])

@@ -2,7 +2,8 @@
 open it as the phone does and rank its whole shard in the ExecuTorch runtime, in one process.
 
 Bundles are built in chunks into a temporary directory and deleted once ranked, so thousands of
-users need neither thousands of processes nor gigabytes of disk.
+users need neither thousands of processes nor gigabytes of disk (the refresh evaluation keeps the
+frozen bundles until their rebuilds from them are ranked).
 """
 
 from __future__ import annotations
@@ -15,12 +16,13 @@ from typing import Callable
 import numpy as np
 
 from sdk_builder.bundle import BundleBuilder
+from sdk_builder.bundle.delta import PreviousBundles
 from sdk_builder.client import Bundle
 from sdk_builder.data.dataset import PreparedData, extend_events
 from sdk_builder.evaluation import StreamReport, StreamSplit, StreamUser, UserRequest, policy_orders, stream_quality
 from sdk_builder.formats import BEHAVIOR_NAMES, MAX_HISTORY, Event, EventHistory
 from sdk_builder.refresh import RefreshConfig
-from sdk_builder.shard import ShardPolicy
+from sdk_builder.shard import DEFAULT_SLACK, ShardPolicy
 from sdk_builder.runs import LoadedCheckpoint
 
 CHUNK = 64
@@ -107,13 +109,14 @@ def state_after_stream(bundle: Bundle, split: StreamSplit, user: StreamUser) -> 
     return state
 
 
-def rank_after_stream(builder: BundleBuilder, split: StreamSplit, users: list[StreamUser], *,
+def rank_after_stream(builder: BundleBuilder, split: StreamSplit, users: list[StreamUser], *, keep_in: Path | None = None,
                       progress: Callable[[int], None] = lambda n: None) -> tuple[list[np.ndarray], dict[str, list[np.ndarray]]]:
     """Each user's real bundle from `builder` (its data decides what the bundle knows), opened as the
     phone opens it, ranking its whole shard in the ExecuTorch runtime after the whole stream arrived
     (history: the last MAX_HISTORY events on the phone, i.e. the streamed ones).
     Returns each user's shard (item rows, sorted) and its scores with the shipped state
-    ("shipped") and, for bundles with a refresh program, the state refreshed on the way ("refreshed")."""
+    ("shipped") and, for bundles with a refresh program, the state refreshed on the way ("refreshed").
+    The bundles are deleted once ranked, unless `keep_in` (a build --out) is given."""
     ckpt = builder.ckpt
     shards: list[np.ndarray] = []
     scores: dict[str, list[np.ndarray]] = {"shipped": []}
@@ -121,7 +124,7 @@ def rank_after_stream(builder: BundleBuilder, split: StreamSplit, users: list[St
         for lo in range(0, len(users), CHUNK):
             chunk = users[lo : lo + CHUNK]
             user_ids = [int(ckpt.users.ids[u.user_row]) for u in chunk]
-            for user, user_id, result in zip(chunk, user_ids, builder.build_many(user_ids, Path(tmp))):
+            for user, user_id, result in zip(chunk, user_ids, builder.build_many(user_ids, keep_in or Path(tmp))):
                 bundle = Bundle(result.path)
                 ids = bundle.manifest.items.ids
                 events = phone_events(split, user, user.stream.stop - user.stream.start)
@@ -131,20 +134,23 @@ def rank_after_stream(builder: BundleBuilder, split: StreamSplit, users: list[St
                 if bundle.manifest.refresh is not None:
                     state = state_after_stream(bundle, split, user)
                     scores.setdefault("refreshed", []).append(bundle.score(history, user.request_time, ids, state=state))
-                shutil.rmtree(result.path)
+                if keep_in is None:
+                    shutil.rmtree(result.path)
             progress(len(chunk))
     return shards, scores
 
 
 def evaluate_stream(ckpt: LoadedCheckpoint, split: StreamSplit, *, policy: ShardPolicy | None = None,
                     max_users: int | None = None, seed: int = 0, recipe: str = "xnnpack",
-                    refresh: RefreshConfig | None = RefreshConfig(),
+                    refresh: RefreshConfig | None = RefreshConfig(), delta_slack: float | None = DEFAULT_SLACK,
                     progress: Callable[[int], None] = lambda n: None) -> StreamReport:
     """Issue 13's refresh measurement (`stream_split`, `stream_quality`) with real bundles: (a) each
     user's bundle built from the kept events, (b) that bundle with the user state refreshed on the
     phone by its refresh program (`refresh`; None leaves (b) out) as the stream arrives, (c) rebuilt
     from kept + streamed events (every user's: the server's popularity and co-visits see them too)
-    with the same checkpoint; all rank after the whole stream arrived, from the same on-device history."""
+    with the same checkpoint, and (c') rebuilt so from (a) as `build --delta-from` does (shard and
+    co-visit list hysteresis at `delta_slack`; None leaves it out); all rank after the whole stream
+    arrived, from the same on-device history."""
     users = split.users
     if max_users is not None and len(users) > max_users:
         users = [users[i] for i in np.sort(np.random.default_rng(seed).choice(len(users), max_users, replace=False))]
@@ -152,20 +158,27 @@ def evaluate_stream(ckpt: LoadedCheckpoint, split: StreamSplit, *, policy: Shard
     rebuilt, counts = extend_events(split.data, split.stream, only_after_last=False)
     shards, scores = {}, {}
     template = None
-    for name, data, refresh_config in (("frozen", split.data, refresh), ("rebuilt", rebuilt, None)):
-        # The evaluation measures whatever the run is, so the build-time quality gate is off.
-        builder = BundleBuilder(ckpt, data, policy, recipe=recipe, seed=seed, on_budget_exceeded="fp32",
-                                allow_weak_model=True, refresh=refresh_config)
-        if template is None:
-            builder.prepare_stamping()
-            template = builder.template
-        builder.template = template  # same checkpoint, recipe and layout: one export serves both
-        shards[name], ranked = rank_after_stream(builder, split, users, progress=progress)
-        if name == "frozen":
-            scores.update(policy_orders(split, users, shards[name], builder.policy))
-        scores[name] = ranked["shipped"]
-        if "refreshed" in ranked:
-            scores["refreshed"] = ranked["refreshed"]
+    builds = [("frozen", split.data, refresh, None), ("rebuilt", rebuilt, None, None)]
+    if delta_slack is not None:
+        builds.append(("patched", rebuilt, None, delta_slack))
+    with tempfile.TemporaryDirectory(prefix="tbsm-frozen-") as frozen_out:
+        for name, data, refresh_config, slack in builds:
+            # The evaluation measures whatever the run is, so the build-time quality gate is off.
+            previous = PreviousBundles(root=Path(frozen_out)) if slack is not None else None
+            builder = BundleBuilder(ckpt, data, policy, recipe=recipe, seed=seed, on_budget_exceeded="fp32",
+                                    allow_weak_model=True, refresh=refresh_config, previous=previous,
+                                    shard_slack=slack if slack is not None else DEFAULT_SLACK)
+            if template is None:
+                builder.prepare_stamping()
+                template = builder.template
+            builder.template = template  # same checkpoint, recipe and layout: one export serves all
+            keep_in = Path(frozen_out) if name == "frozen" and delta_slack is not None else None
+            shards[name], ranked = rank_after_stream(builder, split, users, keep_in=keep_in, progress=progress)
+            if name == "frozen":
+                scores.update(policy_orders(split, users, shards[name], builder.policy))
+            scores[name] = ranked["shipped"]
+            if "refreshed" in ranked:
+                scores["refreshed"] = ranked["refreshed"]
     report = stream_quality(split, users, shards, scores, seed=seed)
     report.stream_events = counts
     return report

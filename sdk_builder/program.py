@@ -21,6 +21,7 @@ from torch import nn
 
 from model.tbsm import OOV_ROW, PADDING_ROW, RESERVED_ROWS, SECONDS_PER_MINUTE, TBSM, TIME_FEATURE_SCALE, TSLHead
 from sdk_builder.formats import MAX_CANDIDATES, MAX_HISTORY, ProgramSpec, TensorSpec
+from sdk_builder.shard import COUNT_DECODE
 from sdk_builder.util import sorted_lookup
 
 
@@ -53,15 +54,20 @@ class Shard:
     category_rows: np.ndarray  # full-table rows, in local order
     # Each item's position in the shard policy's order at build time (local order); None: all last.
     item_position: np.ndarray | None = None
-    # Each item's co-visited shard items (local rows, 0-padded) and their co-visit counts, [n, k]:
-    # the program re-ranks the policy's order from the phone's own history with them (`live_positions`).
+    # Each item's co-visited shard items (local rows, 0-padded) and their co-visit count codes
+    # (`sdk_builder.shard.encode_counts`), [n, k]: the program re-ranks the policy's order from the
+    # phone's own history with them (`live_positions`).
     neighbors: np.ndarray | None = None
-    neighbor_counts: np.ndarray | None = None
+    neighbor_codes: np.ndarray | None = None
     # b = w / (1 + w) for the run's prior weight w: the prior's share of the shipped score (0: the model alone).
     prior_scale: float = 0.0
     # Unix seconds of the last event the build saw (0: none): only later events re-rank the policy's
     # order on the phone, the earlier ones are already in it (with more seeds and longer co-visit lists).
     built_after: int = 0
+    # Each item's slot (local order): the row of its entries in the per-item tables. None: its local
+    # row. A rebuild keeps the slots of the items it keeps (`stable_slots`), so that an item entering
+    # the sorted shard moves no other item's table rows: a patch carries only what changed.
+    item_slot: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -83,27 +89,12 @@ class SliceLayout:
 # The per-user constants of a program: everything else is shared by all users of a checkpoint.
 # The user's own row is not one of them: it is the program's `user_state` input (`user_state`),
 # so that the phone can rank with a refreshed row (`sdk_builder.refresh`).
-USER_CONSTANTS = ("item_table", "category_table", "candidate_features", "candidate_category", "candidate_position",
-                  "item_neighbors", "neighbor_weights", "prior_params")
+USER_CONSTANTS = ("item_slot", "item_table", "category_table", "candidate_features", "candidate_category",
+                  "candidate_position", "item_neighbors", "neighbor_weights", "prior_params")
 # Seed weights of the on-device co-visit score: WEIGHT // (1 + age), age 0 the latest distinct item.
 # Integers, so that the program and the eager reference break ties identically (lcm(1..12): exact
 # 1 / (1 + age) ratios for the 12 latest seeds).
 SEED_WEIGHT = 27720
-# Co-visit counts are stored as one byte, 8 codes per doubling (`encode_counts`): a count within
-# ~4.4% of the stored value, 1 byte instead of 2, and a code that stays put when a count moves a
-# little (a day's new events change few codes: smaller patches). Code q decodes to COUNT_DECODE[q],
-# integers in 16ths, so that the program and the eager reference sum exactly the same numbers.
-MAX_COUNT_CODE = 128  # counts up to ~55,000 (keeps `live_positions`' sort keys inside int64)
-COUNT_DECODE = np.array([0] + [round(16 * 2 ** ((q - 1) / 8)) for q in range(1, MAX_COUNT_CODE + 1)], np.int32)
-
-
-def encode_counts(counts: np.ndarray) -> np.ndarray:
-    """uint8 codes of co-visit counts: 0 for none, else 1 + round(8 log2(count)), at most MAX_COUNT_CODE."""
-    counts = np.asarray(counts, np.float64)
-    codes = 1 + np.round(8 * np.log2(np.maximum(counts, 1)))
-    return np.where(counts > 0, np.minimum(codes, MAX_COUNT_CODE), 0).astype(np.uint8)
-
-
 def _candidate_x(model: TBSM) -> torch.Tensor:
     """Bottom-MLP output of a candidate: its dense feature is a constant (age 0 or position 20/21)."""
     dense = model.position_feature[-1:] if model.cfg.dense_feature == "position" else torch.zeros(1)
@@ -127,6 +118,9 @@ def state_bias_share(model: TBSM, u: torch.Tensor) -> torch.Tensor:
 def slice_constants(model: TBSM, shard: Shard, item_category: np.ndarray, layout: SliceLayout | None = None) -> dict[str, torch.Tensor]:
     """One user's constants: `item_category[full item row]` is the item's full category row.
 
+    - `item_slot`: per local item row, its slot (int16; `Shard.item_slot`): the per-item tables below
+      (`item_table`, `candidate_*`, `item_neighbors`, `neighbor_weights`) are stored by slot, and
+      the program reads them at `item_slot[row]`;
     - `item_table`, `category_table`: the shard's rows (row 0 padding, row 1 OOV, zero-padded to
       the layout);
     - `candidate_features`: per shard item, the 3 interactions of the item as a candidate that do
@@ -138,7 +132,7 @@ def slice_constants(model: TBSM, shard: Shard, item_category: np.ndarray, layout
     - `candidate_position`: per local item row, its position in the build-time policy order
       (int16; the shard's size for padding, OOV and a shard without positions);
     - `item_neighbors`, `neighbor_weights`: per local item row, its co-visited shard items (int16
-      [item_rows, k]) and their co-visit counts (uint8 codes, `encode_counts`), for `live_positions`;
+      [item_rows, k]) and their co-visit count codes (uint8, `sdk_builder.shard.encode_counts`), for `live_positions`;
     - `prior_params`: float32 [3], b (the prior's weight in the score) and `Shard.built_after` as two
       float32-exact halves (seconds // 65536, seconds % 65536).
     """
@@ -165,17 +159,36 @@ def slice_constants(model: TBSM, shard: Shard, item_category: np.ndarray, layout
     item_cat_vec = cats[torch.from_numpy(local_cat)]
     features = torch.stack([items @ x, item_cat_vec @ x, (items * item_cat_vec).sum(-1)], dim=-1)
     features[PADDING_ROW] = 0
+    slot = slot_of_row(shard, layout)
     return {
-        "item_table": items.contiguous(),
+        "item_table": by_slot(items, slot),
         "category_table": cats.contiguous(),
-        "candidate_features": features.contiguous(),
-        "candidate_category": torch.from_numpy(local_cat.astype(np.int16)).contiguous(),
+        "candidate_features": by_slot(features, slot),
+        "candidate_category": by_slot(torch.from_numpy(local_cat.astype(np.int16)), slot),
         **slice_constants_prior(shard, layout),
     }
 
 
+def slot_of_row(shard: Shard, layout: SliceLayout) -> np.ndarray:
+    """`item_slot` (int64 [item_rows]): each local row's slot; reserved and layout padding rows keep their own."""
+    slot = np.arange(layout.item_rows, dtype=np.int64)
+    if shard.item_slot is not None:
+        n = len(shard.item_rows)
+        slot[RESERVED_ROWS : RESERVED_ROWS + n] = shard.item_slot
+        if not np.array_equal(np.sort(shard.item_slot), np.arange(RESERVED_ROWS, RESERVED_ROWS + n)):
+            raise ValueError("item_slot is not a permutation of the shard's local rows")
+    return slot
+
+
+def by_slot(table: torch.Tensor, slot: np.ndarray) -> torch.Tensor:
+    """A per-row table stored by slot: row r moves to slot[r]."""
+    out = torch.empty_like(table)
+    out[torch.from_numpy(slot)] = table
+    return out.contiguous()
+
+
 def slice_constants_prior(shard: Shard, layout: SliceLayout) -> dict[str, torch.Tensor]:
-    """The prior's constants of `slice_constants` (see there)."""
+    """The prior's constants of `slice_constants` (see there), and `item_slot`."""
     n_items = len(shard.item_rows)
     if layout.item_rows > np.iinfo(np.int16).max:
         raise ValueError(f"{n_items} shard items do not fit the int16 position and neighbour tables (at most 32765)")
@@ -185,14 +198,20 @@ def slice_constants_prior(shard: Shard, layout: SliceLayout) -> dict[str, torch.
     k = max(layout.neighbors, 1)  # a zero-width table could not be stamped: one empty column instead
     neighbors = np.zeros((layout.item_rows, k), np.int64)
     codes = np.zeros((layout.item_rows, k), np.uint8)
+    slot = slot_of_row(shard, layout)
     if shard.neighbors is not None:
         kept = min(k, shard.neighbors.shape[1])
-        neighbors[RESERVED_ROWS : RESERVED_ROWS + n_items, :kept] = shard.neighbors[:, :kept]
-        codes[RESERVED_ROWS : RESERVED_ROWS + n_items, :kept] = encode_counts(shard.neighbor_counts[:, :kept])
+        neighbors[RESERVED_ROWS : RESERVED_ROWS + n_items, :kept] = slot[shard.neighbors[:, :kept]]
+        codes[RESERVED_ROWS : RESERVED_ROWS + n_items, :kept] = shard.neighbor_codes[:, :kept]
+    # Each list by slot, padding last: the program sums a list whatever its order, and a list whose
+    # counts only reorder its items stores the same bytes (smaller patches).
+    order = np.argsort(np.where(neighbors > 0, neighbors, np.iinfo(np.int64).max), axis=1, kind="stable")
+    neighbors, codes = np.take_along_axis(neighbors, order, 1), np.take_along_axis(codes, order, 1)
     return {
-        "candidate_position": torch.from_numpy(position.astype(np.int16)).contiguous(),
-        "item_neighbors": torch.from_numpy(neighbors.astype(np.int16)).contiguous(),
-        "neighbor_weights": torch.from_numpy(codes).contiguous(),
+        "item_slot": torch.from_numpy(slot.astype(np.int16)).contiguous(),
+        "candidate_position": by_slot(torch.from_numpy(position.astype(np.int16)), slot),
+        "item_neighbors": by_slot(torch.from_numpy(neighbors.astype(np.int16)), slot),
+        "neighbor_weights": by_slot(torch.from_numpy(codes), slot),
         "prior_params": torch.tensor([shard.prior_scale, *divmod(int(shard.built_after), 65536)], dtype=torch.float32),
     }
 
@@ -255,13 +274,17 @@ class UserProgram(nn.Module):
         seconds = (request_time - hist_timestamps).clamp(min=0).to(torch.float32)
         return torch.log1p(seconds / SECONDS_PER_MINUTE) / TIME_FEATURE_SCALE
 
-    def history_z(self, hist_items, hist_categories, hist_behaviors, hist_timestamps, request_time,
+    def slots(self, item_rows: torch.Tensor) -> torch.Tensor:
+        """The slots (`item_slot`) of local item rows: where their entries are in the per-item tables."""
+        return self.item_slot[item_rows].to(torch.int64)
+
+    def history_z(self, hist_slots, hist_categories, hist_behaviors, hist_timestamps, request_time,
                   user_state, dense: torch.Tensor | None = None) -> torch.Tensor:
-        """Event-tower output of each history event (rows of any length: `dense`, one per event,
-        lets a caller stack several histories; default `event_dense`)."""
+        """Event-tower output of each history event, by the slots of its items (`slots`; events of
+        any length: `dense`, one per event, lets a caller stack several histories; default `event_dense`)."""
         if dense is None:
             dense = self.event_dense(hist_timestamps, request_time)
-        item_vec = self.item_table[hist_items]
+        item_vec = self.item_table[hist_slots]
         if self.behavior_table is not None:
             item_vec = item_vec + self.behavior_table[hist_behaviors]
         x = self.bottom(dense.unsqueeze(-1))
@@ -273,15 +296,16 @@ class UserProgram(nn.Module):
         products = torch.cat([x * u, x * item_vec, u * item_vec, x * cat_vec, u * cat_vec, item_vec * cat_vec], dim=-1)
         interactions = F.linear(products.view(-1, 6, self.cfg.emb_dim), self.ones_d).view(-1, 6)
         z = unit_rows(self.top(torch.cat([x, interactions], dim=-1)), self.ones_z)
-        real = (hist_items != PADDING_ROW).to(z.dtype).unsqueeze(-1)
+        real = (hist_slots != PADDING_ROW).to(z.dtype).unsqueeze(-1)  # padding's slot is its row
         return z * real
 
     def forward(self, hist_items, hist_categories, hist_behaviors, hist_timestamps, request_time, candidates, user_state):
-        history = self.history_z(hist_items, hist_categories, hist_behaviors, hist_timestamps, request_time, user_state)
-        logit = self.candidate_logits(history, self.candidate_w(candidates, user_state))
-        prior = self.prior(live_positions(hist_items, hist_timestamps, self.built_after(), self.candidate_position,
+        hist_slots, candidate_slots = self.slots(hist_items), self.slots(candidates)
+        history = self.history_z(hist_slots, hist_categories, hist_behaviors, hist_timestamps, request_time, user_state)
+        logit = self.candidate_logits(history, self.candidate_w(candidate_slots, user_state))
+        prior = self.prior(live_positions(hist_slots, hist_timestamps, self.built_after(), self.candidate_position,
                                           self.item_neighbors, self.neighbor_weights, self.count_decode))
-        return torch.sigmoid(logit + prior[candidates].view(1, -1, 1)).reshape(-1)
+        return torch.sigmoid(logit + prior[candidate_slots].view(1, -1, 1)).reshape(-1)
 
     def prior_parameters(self) -> torch.Tensor:
         """`prior_params`, read through a gather so that it stays a stampable constant (a delegate
@@ -295,17 +319,17 @@ class UserProgram(nn.Module):
         return prior_of(positions, self.prior_parameters())
 
     def build_time_positions(self) -> torch.Tensor:
-        """The policy positions stamped at build time (what ranks before any on-device event)."""
+        """The policy positions stamped at build time (what ranks before any on-device event), by slot."""
         return self.candidate_position.to(torch.int64)
 
-    def candidate_w(self, candidates: torch.Tensor, user_state: torch.Tensor) -> torch.Tensor:
-        """Candidate-side event-tower output (1, N, Z) of N local item rows."""
+    def candidate_w(self, candidate_slots: torch.Tensor, user_state: torch.Tensor) -> torch.Tensor:
+        """Candidate-side event-tower output (1, N, Z) of N items, by slot (`slots`)."""
         u, bias_share = self.user_parts(user_state)
         # Candidates live in a (1, N, .) batch of one from here on: bmm needs it, and staying 3-D
         # avoids a squeeze/unsqueeze copy of every (N, .) intermediate between delegates.
-        items = self.item_table[candidates].unsqueeze(0)
-        cats = self.category_table[self.candidate_category[candidates].to(torch.int64)].unsqueeze(0)
-        features = torch.cat([self.candidate_features[candidates].unsqueeze(0),
+        items = self.item_table[candidate_slots].unsqueeze(0)
+        cats = self.category_table[self.candidate_category[candidate_slots].to(torch.int64)].unsqueeze(0)
+        features = torch.cat([self.candidate_features[candidate_slots].unsqueeze(0),
                               (items * u).sum(-1, keepdim=True), (cats * u).sum(-1, keepdim=True)], dim=-1)
         return unit_rows(self.candidate_rest(self.candidate_first(features) + bias_share), self.ones_z)
 
@@ -325,11 +349,11 @@ def prior_tables(shard: Shard) -> dict[str, torch.Tensor]:
 
 
 def shard_prior(tables: dict[str, torch.Tensor], hist_items: torch.Tensor, hist_timestamps: torch.Tensor) -> torch.Tensor:
-    """What the program adds to every local item row's logit after a history (eager)."""
-    params = tables["prior_params"]
-    positions = live_positions(hist_items, hist_timestamps, built_after_of(params), tables["candidate_position"],
+    """What the program adds to every local item row's logit after a history of local rows (eager)."""
+    params, slots = tables["prior_params"], tables["item_slot"].to(torch.int64)
+    positions = live_positions(slots[hist_items], hist_timestamps, built_after_of(params), tables["candidate_position"],
                                tables["item_neighbors"], tables["neighbor_weights"], torch.from_numpy(COUNT_DECODE))
-    return prior_of(positions, params)
+    return prior_of(positions, params)[slots]
 
 
 def built_after_of(prior_params: torch.Tensor) -> torch.Tensor:
@@ -343,21 +367,22 @@ def prior_of(positions: torch.Tensor, prior_params: torch.Tensor) -> torch.Tenso
     return -torch.log1p(positions.to(torch.float32)) * prior_params[:1]
 
 
-def live_positions(hist_items: torch.Tensor, hist_timestamps: torch.Tensor, built_after: torch.Tensor,
+def live_positions(hist_slots: torch.Tensor, hist_timestamps: torch.Tensor, built_after: torch.Tensor,
                    candidate_position: torch.Tensor, item_neighbors: torch.Tensor, neighbor_weights: torch.Tensor,
                    count_decode: torch.Tensor) -> torch.Tensor:
-    """Every local item row's position in the shard policy's order recomputed from the history's
-    events after `built_after` (the build's last event; earlier ones are already in the build-time
-    order), int64 [item_rows], in the policy's tiers (`sdk_builder.shard`):
+    """Every item's position in the shard policy's order recomputed from the history's events after
+    `built_after` (the build's last event; earlier ones are already in the build-time order), int64
+    [item_rows] by slot (the history's items by slot too), in the policy's tiers (`sdk_builder.shard`):
     1. the distinct items of those events, latest first;
     2. items co-visited after them: score = sum over distinct history items (seeds) of the co-visit
-       (decoded) count times SEED_WEIGHT // (1 + the seed's age), highest first, ties by row;
+       (decoded) count times SEED_WEIGHT // (1 + the seed's age), highest first, ties by build-time
+       position (so the slots, which depend on earlier builds, never change a position);
     3. every other item in its build-time order (`candidate_position`).
     So fresh events move their co-visited items to the top of the prior, between bundle builds.
     Integer arithmetic only: the program and the eager reference give the same positions.
     Vectorised over the T history events and their T x k neighbours (T x k <= 20 x 8 entries); ties
     in the sort are only between entries of one item, so its order does not matter."""
-    h = hist_items
+    h = hist_slots
     h_row, h_col = h.view(1, -1), h.view(-1, 1)
     index = torch.arange(h.shape[0])
     later = index.view(1, -1) > index.view(-1, 1)  # [i, j]: j is more recent than i
@@ -371,9 +396,10 @@ def live_positions(hist_items: torch.Tensor, hist_timestamps: torch.Tensor, buil
     live = (entry >= RESERVED_ROWS) & (value > 0) & ((entry.view(-1, 1) == h_row).sum(1) == 0)
     target = entry * live  # entries that are not live add 0 to, and later write back, the padding row
     score = torch.zeros_like(candidate_position, dtype=torch.int64).index_put((target,), value * live, accumulate=True)[target]
-    # One key per item (entries of the same item share it): score first, then the lower row. Sorting
-    # the T x k entries keeps the work linear in them (comparing every pair took ~2 ms a ranking call in the native client).
-    key = torch.where(live, score * 65536 + (65535 - entry), -1)
+    # One key per item (entries of the same item share it): score first, then the earlier build-time
+    # position (distinct for shard items). Sorting the T x k entries keeps the work linear in them
+    # (comparing every pair took ~2 ms a ranking call in the native client).
+    key = torch.where(live, score * 65536 + (65535 - candidate_position[target].to(torch.int64)), -1)
     ordered, order = torch.topk(key, key.shape[0])
     starts = (ordered >= 0) & (ordered != torch.cat([ordered[:1] + 1, ordered[:-1]]))  # each item's first entry
     rank = torch.zeros_like(order).scatter(0, order, torch.cumsum(starts, 0) - 1)
@@ -441,11 +467,14 @@ def example_inputs(state: int, n_candidates: int = 8) -> tuple[torch.Tensor, ...
     )
 
 
-PROGRAM_DYNAMIC_SHAPES = (None, None, None, None, None, {0: torch.export.Dim("n_candidates", min=1, max=MAX_CANDIDATES)},
-                          None)
+def program_dynamic_shapes() -> tuple:
+    """The inputs' dynamic shapes for `torch.export`: only the candidates' count varies. A function,
+    not a module constant: `torch.export.Dim` imports sympy (~0.5 s), which a build stamping a
+    cached template never needs."""
+    return (None, None, None, None, None, {0: torch.export.Dim("n_candidates", min=1, max=MAX_CANDIDATES)}, None)
 
 
 def export_program(program: UserProgram) -> torch.export.ExportedProgram:
     with torch.no_grad():
         return torch.export.export(program.eval(), example_inputs(state_size(program.cfg)),
-                                   dynamic_shapes=PROGRAM_DYNAMIC_SHAPES, strict=False)
+                                   dynamic_shapes=program_dynamic_shapes(), strict=False)

@@ -8,8 +8,8 @@ docs/bundle-format.md). Only the state moves: every other weight is the ranking 
 The loss, for each of the last `window` events that is a shard item (padding and unknown items are
 masked out): BCE of the event's item as a positive (history = the max_history events before it,
 request time = its timestamp), and of `negatives` shard items as negatives. The negatives are
-picked in the graph from the user's `negative_pool` (a stamped constant: shard rows spread evenly
-over the shard) at offsets that depend on the positive's row, so the program needs no client logic
+picked in the graph from the user's `negative_pool` (a stamped constant: slots spread evenly
+over the shard, `sdk_builder.program.slice_constants`) at offsets that depend on the positive's slot, so the program needs no client logic
 and a given history always gives the same examples. Logits are the ranking program's model logit plus
 the shard prior of the build-time policy order (the ranking program re-ranks that order from the
 history, which does not depend on the state), so the gradient is that of the phone's ranking function.
@@ -71,7 +71,7 @@ class RefreshConfig:
 
 
 def negative_pool(shard: Shard) -> torch.Tensor:
-    """NEGATIVE_POOL local rows spread evenly over the user's shard (int64)."""
+    """NEGATIVE_POOL slots spread evenly over the user's shard (int64; slots are a permutation of its local rows)."""
     n = len(shard.item_rows)
     if n == 0:
         return torch.full((NEGATIVE_POOL,), OOV_ROW, dtype=torch.long)
@@ -107,10 +107,11 @@ class RefreshProgram(nn.Module):
         idx = self.history_index
         request_time = events_timestamps[h:].unsqueeze(1)
         dense = ranker.event_dense(events_timestamps[idx], request_time).expand(window, h)
-        history = ranker.history_z(events_items[idx].reshape(-1), events_categories[idx].reshape(-1),
+        events_slots = ranker.slots(events_items)
+        history = ranker.history_z(events_slots[idx].reshape(-1), events_categories[idx].reshape(-1),
                                    events_behaviors[idx].reshape(-1), events_timestamps[idx].reshape(-1),
                                    request_time, state, dense=dense.reshape(-1)).view(window, h, -1)
-        positives = events_items[h:].unsqueeze(1)
+        positives = events_slots[h:].unsqueeze(1)
         negatives = self.negative_pool[(positives + self.negative_offsets) % NEGATIVE_POOL]
         candidates = torch.cat([positives, negatives], dim=1)
         w = ranker.candidate_w(candidates.reshape(-1), state).view(window, candidates.shape[1], -1)

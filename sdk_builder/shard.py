@@ -13,6 +13,9 @@ Hysteresis: given the user's previous shard, its items compete for the shard as 
 fewer rows and its patch is smaller (an item new to the shard costs its rows as literal bytes),
 while a new item still gets in when it outranks an old one by that factor. The user's own recent
 items always get in. The kept items keep their places in the policy's order (and so their prior).
+The shard items' co-visit lists are kept the same way (`shard_neighbors`): an old neighbour stays
+unless a new one has more than (1 + NEIGHBOR_SLACK) times its count, and a count keeps its old
+one-byte code while it stays within one code of it.
 """
 
 from __future__ import annotations
@@ -23,10 +26,15 @@ import numpy as np
 
 from model.tbsm import RESERVED_ROWS
 from sdk_builder.data.dataset import PreparedData
+from sdk_builder.util import sorted_lookup
 
 # Previous shard items compete as if ranked (1 + slack) times higher (benchmarks/delta.py measures
 # patch bytes and next-day coverage for several values).
 DEFAULT_SLACK = 4.0
+# Co-visit counts are small integers, and a day of events reorders many equal ones: without this,
+# most lists of a rebuilt shard change (ml-latest-small: 600 of 950) though few counts moved much.
+NEIGHBOR_SLACK = 1.0
+CODE_SLACK = 1  # codes are 8 per doubling: a kept code is within ~9% of the count's own
 
 
 @dataclass(frozen=True)
@@ -279,15 +287,54 @@ def policy_prior(ranked: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return items, -np.log1p(positions.astype(np.float64)).astype(np.float32)
 
 
-def shard_neighbors(index: ShardIndex, shard_items: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+# Co-visit counts are stored as one byte, 8 codes per doubling (`encode_counts`): a count within
+# ~4.4% of the stored value, 1 byte instead of 2, and a code that stays put when a count moves a
+# little (a day's new events change few codes: smaller patches). Code q decodes to COUNT_DECODE[q],
+# integers in 16ths, so that the program (`sdk_builder.program.live_positions`) and the eager reference sum exactly the same numbers.
+MAX_COUNT_CODE = 128  # counts up to ~55,000 (keeps `live_positions`' sort keys inside int64)
+COUNT_DECODE = np.array([0] + [round(16 * 2 ** ((q - 1) / 8)) for q in range(1, MAX_COUNT_CODE + 1)], np.int32)
+
+
+def encode_counts(counts: np.ndarray) -> np.ndarray:
+    """uint8 codes of co-visit counts: 0 for none, else 1 + round(8 log2(count)), at most MAX_COUNT_CODE."""
+    counts = np.asarray(counts, np.float64)
+    codes = 1 + np.round(8 * np.log2(np.maximum(counts, 1)))
+    return np.where(counts > 0, np.minimum(codes, MAX_COUNT_CODE), 0).astype(np.uint8)
+
+
+@dataclass(frozen=True)
+class PreviousLists:
+    """The co-visit lists of a user's previous bundle: each item's neighbours (full rows, 0-padded)
+    and their count codes, [n_old, k], for the items `item_rows` (full rows)."""
+
+    item_rows: np.ndarray
+    neighbors: np.ndarray
+    codes: np.ndarray
+
+    def entries(self) -> tuple[np.ndarray, np.ndarray]:
+        """(sorted (item, neighbour) pair keys, their codes) of every listed pair."""
+        owner = np.repeat(np.asarray(self.item_rows, np.int64), self.neighbors.shape[1]).reshape(self.neighbors.shape)
+        listed = self.neighbors >= RESERVED_ROWS
+        keys = _pair_keys(owner[listed], self.neighbors[listed])
+        order = np.argsort(keys, kind="stable")
+        return keys[order], self.codes[listed][order]
+
+
+def _pair_keys(items: np.ndarray, neighbors: np.ndarray) -> np.ndarray:
+    return np.asarray(items, np.int64) << 32 | np.asarray(neighbors, np.int64)
+
+
+def shard_neighbors(index: ShardIndex, shard_items: np.ndarray, k: int,
+                    previous: PreviousLists | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Each shard item's `k` most co-visited items inside the shard, the phone's own co-visit lists:
-    (local rows int64 [n, k], co-visit counts int64 [n, k]), by count then row, 0-padded.
-    `shard_items` are the shard's sorted full rows (local row of shard_items[i] is i + RESERVED_ROWS)."""
+    (local rows int64 [n, k], count codes uint8 [n, k] (`encode_counts`)), by count then row, 0-padded.
+    `shard_items` are the shard's sorted full rows (local row of shard_items[i] is i + RESERVED_ROWS).
+    With `previous` (the previous bundle's lists), the hysteresis of the module docstring."""
     n = len(shard_items)
     neighbors = np.zeros((n, k), np.int64)
-    counts = np.zeros((n, k), np.int64)
+    codes = np.zeros((n, k), np.uint8)
     if not n or not k:
-        return neighbors, counts
+        return neighbors, codes
     lo, hi = index.cov_offsets[shard_items], index.cov_offsets[shard_items + 1]
     owner = np.repeat(np.arange(n), hi - lo)
     entries = np.concatenate([np.arange(a, b) for a, b in zip(lo.tolist(), hi.tolist())]) if len(owner) else np.zeros(0, np.int64)
@@ -296,8 +343,19 @@ def shard_neighbors(index: ShardIndex, shard_items: np.ndarray, k: int) -> tuple
     inside = (pos < n) & (shard_items[np.minimum(pos, n - 1)] == dst)
     # The global lists are ordered by count, then row, within each source: keep that order.
     owner, local, count = owner[inside], pos[inside] + RESERVED_ROWS, index.cov_count[entries[inside]]
+    code = encode_counts(count)
+    if previous is not None and len(owner):
+        old_keys, old_codes = previous.entries()
+        at, listed = sorted_lookup(old_keys, _pair_keys(shard_items[owner], dst[inside]))
+        old_code = np.where(listed, old_codes[np.minimum(at, len(old_keys) - 1)], 0) if len(old_keys) else np.zeros_like(code)
+        keep_code = listed & (np.abs(code.astype(np.int64) - old_code) <= CODE_SLACK)
+        code = np.where(keep_code, old_code, code).astype(np.uint8)
+        strength = count * np.where(listed, 1.0 + NEIGHBOR_SLACK, 1.0)
+        # Within each owner: strength, then old neighbours first (they win ties), then the global order.
+        order = np.lexsort((np.arange(len(owner)), ~listed, -strength, owner))
+        owner, local, code = owner[order], local[order], code[order]
     rank = np.arange(len(owner)) - np.searchsorted(owner, owner)
     top = rank < k
     neighbors[owner[top], rank[top]] = local[top]
-    counts[owner[top], rank[top]] = count[top]
-    return neighbors, counts
+    codes[owner[top], rank[top]] = code[top]
+    return neighbors, codes

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from model.tbsm import RESERVED_ROWS
 from sdk_builder.bundle.delta import (
     PreviousBundles, apply_patch, bundle_files, diff_ops, make_patch, patch_bundle, patch_path,
 )
@@ -190,8 +191,59 @@ def test_a_rebuild_that_knows_the_old_bundle_ships_a_smaller_patch_and_is_determ
     assert len(ids["kept"] - old_ids) < len(ids["fresh"] - old_ids)
     manifests = {name: json.loads(files[MANIFEST]) for name, files in (("fresh", fresh), ("kept", kept))}
     assert manifests["kept"]["shard_policy"]["sources"]["previous"] > 0
-    assert manifests["kept"]["build_key"] != manifests["fresh"]["build_key"]  # it depends on the old bundle
-    assert rebuild.is_current(bundles["fresh"]) and not rebuild.is_current(bundles["kept"])
+    assert manifests["kept"]["build_key"] != manifests["fresh"]["build_key"]  # it depends on the slack
+    # Both depend on the old bundle (the kept one on its items, both on its slots): neither is a plain build.
+    assert not rebuild.is_current(bundles["fresh"]) and not rebuild.is_current(bundles["kept"])
+
+
+def test_a_rebuild_keeps_the_slots_of_the_items_it_keeps_and_ranks_as_without_them(builder, built_bundle, newer_day,
+                                                                                   tmp_path):
+    """Items in both the old and the rebuilt shard keep their table rows (slots), the new items fill
+    the freed ones, and the slots change no score: the stamped program of the rebuilt shard ranks,
+    in the runtime, exactly like that of the same shard stored in row order."""
+    import dataclasses
+
+    import torch
+
+    from sdk_builder.bundle.build import BundleBuilder
+    from sdk_builder.bundle.golden import ShardView
+    from sdk_builder.client import encode
+    from sdk_builder.formats import PROGRAM
+    from sdk_builder.program import user_state
+    from sdk_builder.runtime import load_runtime_method
+
+    user, old = int(builder.ckpt.users.ids[7]), Path(built_bundle)
+    rebuild = BundleBuilder(builder.ckpt, newer_day, builder.policy, recipe=builder.recipe,
+                            previous=PreviousBundles(bundle=old), shard_slack=3.0)
+    rebuild.template = builder.template
+    new = rebuild.build(user, tmp_path / "new").path
+    offset, rows = builder.template.offsets["item_slot"], builder.layout.item_rows
+
+    def slots_by_id(bundle):
+        ids = json.loads((bundle / MANIFEST).read_bytes())["items"]["ids"]
+        slot = np.frombuffer((bundle / PROGRAM).read_bytes(), np.int16, count=rows, offset=offset)
+        return dict(zip(ids, slot[RESERVED_ROWS : RESERVED_ROWS + len(ids)].tolist()))
+
+    before, after = slots_by_id(old), slots_by_id(new)
+    common = set(before) & set(after)
+    assert len(common) < len(after) and all(before[i] == after[i] for i in common)
+    assert sorted(after.values()) == list(range(RESERVED_ROWS, RESERVED_ROWS + len(after)))
+    ids = sorted(after)
+    assert [after[i] for i in ids] != list(range(RESERVED_ROWS, RESERVED_ROWS + len(ids)))  # really permuted
+
+    previous, _ = rebuild.previous_shard(user)
+    shard, _ = rebuild.shard_for(rebuild.user_row(user), previous)
+    row_order = dataclasses.replace(shard, item_slot=None)
+    programs = [load_runtime_method(rebuild.template.stamp(rebuild.constants_for(s))) for s in (shard, row_order)]
+    assert (new / PROGRAM).read_bytes() == rebuild.template.stamp(rebuild.constants_for(shard))
+    state = user_state(rebuild.model, shard.user_row)
+    view = ShardView(rebuild.ckpt, shard)
+    cases = rebuild.golden_requests(user, shard)
+    assert len(cases) >= 3
+    for case in cases:
+        request = encode(view, case.history, case.request_time, case.candidates).tensors()
+        a, b = (p.execute([*request[:6], state])[0] for p in programs)
+        assert torch.equal(a, b)
 
 
 def test_the_old_bundle_of_another_user_is_refused_in_one_line(builder, built_bundle, tmp_path):
@@ -205,3 +257,24 @@ def test_the_old_bundle_of_another_user_is_refused_in_one_line(builder, built_bu
         rebuild.build(other, tmp_path)
     assert "\n" not in str(err.value) and f"not the user {other} being built" in str(err.value)
     assert not any(tmp_path.iterdir())
+
+
+def test_an_old_program_with_a_broken_slot_table_is_refused_in_one_line(builder, built_bundle, tmp_path):
+    """The old bundle's program is stamped from the same template, but its item_slot table repeats a
+    slot: the rebuild refuses it (naming the file) instead of keeping slots that are no permutation."""
+    from sdk_builder.bundle.build import BundleBuilder
+    from sdk_builder.formats import PROGRAM
+
+    old = tmp_path / "old"
+    shutil.copytree(built_bundle, old)
+    program = bytearray((old / PROGRAM).read_bytes())
+    at = builder.template.offsets["item_slot"] + 2 * RESERVED_ROWS
+    program[at + 2 : at + 4] = program[at : at + 2]  # the second item gets the first item's slot
+    (old / PROGRAM).write_bytes(bytes(program))
+    rebuild = BundleBuilder(builder.ckpt, builder.data, builder.policy, recipe=builder.recipe,
+                            previous=PreviousBundles(bundle=old))
+    rebuild.template = builder.template
+    with pytest.raises(BundleError) as err:
+        rebuild.build(int(builder.ckpt.users.ids[7]), tmp_path / "out")
+    assert "\n" not in str(err.value) and f"{old / PROGRAM}" in str(err.value) and "item_slot" in str(err.value)
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())

@@ -11,14 +11,14 @@ import torch
 
 from model.tbsm import RESERVED_ROWS
 from sdk_builder.formats import MAX_HISTORY
-from sdk_builder.program import COUNT_DECODE, SEED_WEIGHT, encode_counts, live_positions, prior_tables, shard_prior, slice_constants, user_state
+from sdk_builder.program import SEED_WEIGHT, live_positions, prior_tables, shard_prior, slice_constants, user_state
 from sdk_builder.runtime import load_runtime_method
-from sdk_builder.shard import shard_neighbors
+from sdk_builder.shard import CODE_SLACK, COUNT_DECODE, NEIGHBOR_SLACK, PreviousLists, encode_counts, shard_neighbors
 
 
 def tiers_by_hand(hist, times, built_after, position, neighbors, counts):
     """The policy's tiers written out item by item: distinct history items latest first, then items
-    co-visited after them by weighted count (ties by row), then the build-time order. `counts` as
+    co-visited after them by weighted count (ties by build-time position), then the build-time order. `counts` as
     stored: a count of c is 2 ** ((code - 1) / 8) in 16ths, rounded."""
     seeds, latest_seen = [], set()
     for item, time in zip(reversed(hist), reversed(times)):
@@ -31,7 +31,7 @@ def tiers_by_hand(hist, times, built_after, position, neighbors, counts):
             if item >= RESERVED_ROWS and count > 0 and item not in hist:
                 decoded = round(16 * 2 ** ((int(count) - 1) / 8))
                 score[item] = score.get(item, 0) + decoded * (SEED_WEIGHT // (1 + age))
-    live = sorted(score, key=lambda i: (-score[i], i))
+    live = sorted(score, key=lambda i: (-score[i], position[i]))
     out = [len(seeds) + len(live) + int(p) for p in position]
     for k, item in enumerate(live):
         out[item] = len(seeds) + k
@@ -58,7 +58,7 @@ def test_live_positions_follow_the_policy_tiers(seed):
     position = np.concatenate([[rows - 2, rows - 2], rng.permutation(rows - RESERVED_ROWS)])
     neighbors = rng.integers(0, rows, (rows, k))
     neighbors[:RESERVED_ROWS] = 0
-    # Few distinct counts, so that equal scores (ties broken by row) really occur.
+    # Few distinct counts, so that equal scores (ties broken by build-time position) really occur.
     counts = encode_counts(rng.integers(0, 4, (rows, k)) * (neighbors >= RESERVED_ROWS))
     length = int(rng.integers(0, MAX_HISTORY + 1))
     hist = np.zeros(MAX_HISTORY, np.int64)
@@ -75,16 +75,53 @@ def test_live_positions_follow_the_policy_tiers(seed):
 def test_shard_neighbors_are_the_global_lists_inside_the_shard(builder):
     shard, _ = builder.shard_for(builder.user_row(int(builder.ckpt.users.ids[3])))
     index, items = builder.index, shard.item_rows
-    neighbors, counts = shard_neighbors(index, items, 5)
+    neighbors, codes = shard_neighbors(index, items, 5)
     checked = 0
     for local, item in enumerate(items.tolist()):
         lo, hi = index.cov_offsets[item], index.cov_offsets[item + 1]
         inside = [(int(d), int(c)) for d, c in zip(index.cov_dst[lo:hi], index.cov_count[lo:hi]) if d in set(items.tolist())][:5]
-        expected = [(int(np.searchsorted(items, d)) + RESERVED_ROWS, c) for d, c in inside]
-        got = [(int(n), int(c)) for n, c in zip(neighbors[local], counts[local]) if n]
+        expected = [(int(np.searchsorted(items, d)) + RESERVED_ROWS, int(encode_counts(c))) for d, c in inside]
+        got = [(int(n), int(c)) for n, c in zip(neighbors[local], codes[local]) if n]
         assert got == expected
         checked += bool(expected)
     assert checked > len(items) // 4
+
+
+def test_a_rebuild_keeps_old_neighbours_and_codes_within_the_slack(builder):
+    """Co-visit list hysteresis, against a by-hand reading: an old neighbour stays unless a new one
+    has more than (1 + NEIGHBOR_SLACK) times its count (it wins ties), and a count within CODE_SLACK
+    codes of its old code keeps that code."""
+    shard, _ = builder.shard_for(builder.user_row(int(builder.ckpt.users.ids[3])))
+    index, items, k = builder.index, shard.item_rows, 5
+    in_shard = set(items.tolist())
+    rng = np.random.default_rng(0)
+    lists = {}
+    for item in items.tolist():
+        lo, hi = index.cov_offsets[item], index.cov_offsets[item + 1]
+        lists[item] = [(int(d), int(c)) for d, c in zip(index.cov_dst[lo:hi], index.cov_count[lo:hi]) if d in in_shard]
+    # The old lists: weaker entries (ranks 3..7 of today's) with codes off by -2..2.
+    old_neighbors = np.zeros((len(items), k), np.int64)
+    old_codes = np.zeros((len(items), k), np.uint8)
+    for i, item in enumerate(items.tolist()):
+        for j, (d, c) in enumerate(lists[item][3 : 3 + k]):
+            old_neighbors[i, j] = d
+            old_codes[i, j] = np.clip(int(encode_counts(c)) + int(rng.integers(-2, 3)), 1, 128)
+    previous = PreviousLists(items, old_neighbors, old_codes)
+    got, got_codes = shard_neighbors(index, items, k, previous)
+    moved = recoded = 0
+    for i, item in enumerate(items.tolist()):
+        old = {int(d): int(c) for d, c in zip(old_neighbors[i], old_codes[i]) if d}
+        ranked = sorted(enumerate(lists[item]), key=lambda e: (-e[1][1] * (1 + NEIGHBOR_SLACK if e[1][0] in old else 1),
+                                                               e[1][0] not in old, e[0]))[:k]
+        expected = []
+        for _, (d, c) in ranked:
+            code = int(encode_counts(c))
+            expected.append((int(np.searchsorted(items, d)) + RESERVED_ROWS,
+                             old[d] if d in old and abs(code - old[d]) <= CODE_SLACK else code))
+            recoded += d in old and old[d] != code and abs(code - old[d]) <= CODE_SLACK
+        assert [(int(n), int(c)) for n, c in zip(got[i], got_codes[i]) if n] == expected
+        moved += [d for _, (d, _) in ranked] != [d for d, _ in lists[item][:k]]
+    assert moved > len(items) // 10 and recoded > 0
 
 
 def test_the_shipped_program_re_ranks_from_the_history_in_the_runtime(builder):
@@ -103,7 +140,7 @@ def test_the_shipped_program_re_ranks_from_the_history_in_the_runtime(builder):
         return load_runtime_method(builder.template.stamp(constants))
 
     with_prior, without = stamped(0.9), stamped(0.0)
-    has_list = np.flatnonzero(shard.neighbor_counts[:, 0] > 0)
+    has_list = np.flatnonzero(shard.neighbor_codes[:, 0] > 0)
     # The seed whose top co-visited item comes latest in the build-time order.
     seed = int(has_list[np.argmax(shard.item_position[shard.neighbors[has_list, 0] - RESERVED_ROWS])])
     target = int(shard.neighbors[seed, 0])

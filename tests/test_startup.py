@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from sdk_builder.program import USER_CONSTANTS
+
 REPO = Path(__file__).resolve().parents[1]
 PROBE = """
 import sys
@@ -34,7 +36,8 @@ def test_inspect_reads_a_bundle_without_torch(built_bundle):
     assert not imported_torch
     report = json.loads(result.stdout.rsplit("TORCH:", 1)[0])
     program = next(f for f in report["files"] if f["name"] == "model.pte")
-    assert {"item_table", "category_table"} <= {p["name"] for p in program["parts"]}
+    # Every per-user table is named, those read through item_slot too.
+    assert set(USER_CONSTANTS) <= {p["name"] for p in program["parts"]}
     for file in report["files"]:
         assert sum(p["bytes"] for p in file["parts"]) == file["bytes"] == (Path(built_bundle) / file["name"]).stat().st_size
 

@@ -20,12 +20,12 @@ import torch
 
 from model.tbsm import RESERVED_ROWS
 from sdk_builder.bundle.budget import BudgetOutcome, apply_accuracy_budget
-from sdk_builder.bundle.delta import PreviousBundles
+from sdk_builder.bundle.delta import PreviousBundles, PreviousManifest
 from sdk_builder.bundle.golden import (
     GOLDEN_TOLERANCE, REFRESH_TOLERANCE, EagerReference, Request, ShardView, golden_requests, last_events, refresh_cases,
     replay_encoded, score_golden,
 )
-from sdk_builder.bundle.select import select_shard
+from sdk_builder.bundle.select import PreviousShard, select_shard
 from sdk_builder.bundle.store import bundle_path, cold_start_path, is_current, write_bundle_atomically
 from sdk_builder.client import encode, padded_events
 from sdk_builder.data.dataset import PreparedData
@@ -40,7 +40,7 @@ from sdk_builder.refresh import (
 )
 from sdk_builder.runs import LoadedCheckpoint, versions
 from sdk_builder.runtime import load_runtime_method
-from sdk_builder.shard import DEFAULT_SLACK, ShardIndex, ShardPolicy
+from sdk_builder.shard import DEFAULT_SLACK, PreviousLists, ShardIndex, ShardPolicy
 from sdk_builder.stamp import ProgramTemplate, build_template, check_against_export
 from sdk_builder.util import sha256_bytes
 
@@ -186,20 +186,64 @@ class BundleBuilder:
             raise BundleError(f"unknown user id {user_id}: not in the checkpoint's training data")
         return row
 
-    def shard_for(self, user_row: int, previous: np.ndarray | None = None) -> tuple[Shard, dict[str, int]]:
+    def shard_for(self, user_row: int, previous: PreviousShard | None = None) -> tuple[Shard, dict[str, int]]:
         return select_shard(self.data, self.index, self.layout, user_row, self.prior_scale, previous, self.shard_slack)
 
-    def previous_shard(self, user_id: int) -> tuple[np.ndarray | None, str]:
-        """(item rows of the user's previous shard or None, the user's build key): a bundle kept
-        from a previous one depends on it, so its key names the previous manifest too."""
-        found = self.previous.shard_of(user_id) if self.previous is not None and self.shard_slack > 0 else None
+    def previous_shard(self, user_id: int) -> tuple[PreviousShard | None, str]:
+        """(the user's previous shard or None, the user's build key): a bundle kept from a previous
+        one depends on it, so its key names the previous manifest too."""
+        found = self.previous.shard_of(user_id) if self.previous is not None else None
         if found is None:
             return None, self.build_key
-        ids, manifest_sha256 = found
-        rows = self.ckpt.items.lookup(np.asarray(ids, np.int64), unknown=-1)
-        key = sha256_bytes(json.dumps({"build": self.build_key, "previous_manifest": manifest_sha256,
+        rows = self.ckpt.items.lookup(np.asarray(found.item_ids, np.int64), unknown=-1)
+        key = sha256_bytes(json.dumps({"build": self.build_key, "previous_manifest": found.manifest_sha256,
                                        "slack": self.shard_slack}, sort_keys=True).encode())
-        return rows[rows >= RESERVED_ROWS], key
+        tables = self.previous_tables(found, len(rows))
+        if tables is None or not len(rows):
+            return PreviousShard(rows[rows >= RESERVED_ROWS]), key
+        slots, neighbors, codes = tables
+        # Full rows of the listed neighbours; an id the checkpoint does not know lists nothing.
+        neighbor_rows = np.where(neighbors >= RESERVED_ROWS, rows[np.maximum(neighbors - RESERVED_ROWS, 0)], 0)
+        known = rows >= RESERVED_ROWS
+        lists = PreviousLists(rows[known], np.maximum(neighbor_rows[known], 0), codes[known])
+        return PreviousShard(rows[known], slots[known], lists), key
+
+    def previous_tables(self, previous: PreviousManifest, n_items: int) -> tuple[np.ndarray, ...] | None:
+        """(slot [n], co-visit lists as local rows [n, k], their codes [n, k]) of the previous bundle's
+        items (its local order), read from its program when that was stamped from this builder's
+        template (same checkpoint, recipe, layout and SDK: every byte outside the per-user constants
+        equal); else None (the rebuild's slots are its rows and its lists are chosen afresh)."""
+        if not self.stamping or previous.checkpoint_sha256 != self.ckpt.sha256 or previous.recipe != self.recipe:
+            return None
+        if self.template is None:
+            self.prepare_stamping()
+        template, program = self.template, previous.program_bytes()
+        if len(program) != len(template.program) or n_items + RESERVED_ROWS > self.layout.item_rows:
+            return None
+        shared = np.frombuffer(template.program, np.uint8) == np.frombuffer(program, np.uint8)
+        for name, offset in template.offsets.items():
+            shared[offset : offset + int(np.prod(template.shapes[name])) * np.dtype(template.dtypes[name]).itemsize] = True
+        if not shared.all():
+            return None
+
+        def table(name: str) -> np.ndarray:
+            dtype, shape = np.dtype(template.dtypes[name]), template.shapes[name]
+            return np.frombuffer(program, dtype, count=int(np.prod(shape)), offset=template.offsets[name]).reshape(shape)
+
+        rows = self.layout.item_rows
+        slot = table("item_slot").astype(np.int64)
+        items = slice(RESERVED_ROWS, RESERVED_ROWS + n_items)
+        rest = np.r_[0:RESERVED_ROWS, RESERVED_ROWS + n_items : rows]
+        neighbors = table("item_neighbors").astype(np.int64)  # by slot, listing slots
+        if not (np.array_equal(np.sort(slot[items]), np.arange(RESERVED_ROWS, RESERVED_ROWS + n_items))
+                and np.array_equal(slot[rest], rest) and neighbors.min() >= 0
+                and neighbors.max() < RESERVED_ROWS + n_items):
+            raise BundleError(f"{previous.path / PROGRAM}: its item_slot or item_neighbors table does not fit its "
+                              f"{n_items} items; rebuild without --delta-from")
+        row_of_slot = np.empty(rows, np.int64)
+        row_of_slot[slot] = np.arange(rows)
+        lists = row_of_slot[neighbors[slot[items]]] * (neighbors[slot[items]] > 0)
+        return slot[items], lists, table("neighbor_weights")[slot[items]]
 
     def constants_for(self, shard: Shard):
         return slice_constants(self.model, shard, self.ckpt.item_category, self.layout)

@@ -8,7 +8,8 @@ The format (docs/bundle-format.md, Patches): the `formats.BundlePatch` header as
 then the raw DEFLATE of every new file's ops, in the header's order.
 
 A build that knows the user's previous bundle (`PreviousBundles`) also keeps most of its shard
-(hysteresis, `sdk_builder.shard`): each item new to the shard costs its rows as literal bytes.
+(hysteresis, `sdk_builder.shard`) and the slots of the items it keeps (`Shard.item_slot`): each
+item new to the shard costs its table rows as literal bytes, and no other item's rows move.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from sdk_builder.formats import (
-    MANIFEST, PATCH_COPY, PATCH_FORMAT_VERSION, PATCH_INSERT, PATCH_SUFFIX, SIGNATURE, BundleError, BundlePatch,
+    MANIFEST, PATCH_COPY, PROGRAM, PATCH_FORMAT_VERSION, PATCH_INSERT, PATCH_SUFFIX, SIGNATURE, BundleError, BundlePatch,
     PatchFile, validation_message,
 )
 from sdk_builder.bundle.store import bundle_path
@@ -65,6 +66,23 @@ def bundle_files(path: Path) -> dict[str, bytes]:
 
 
 @dataclass(frozen=True)
+class PreviousManifest:
+    """What a rebuild reads of a user's previous bundle."""
+
+    path: Path
+    item_ids: list[int]
+    manifest_sha256: str
+    checkpoint_sha256: str
+    recipe: str
+
+    def program_bytes(self) -> bytes:
+        try:
+            return (self.path / PROGRAM).read_bytes()
+        except OSError as exc:
+            raise BundleError(f"{self.path / PROGRAM}: {exc.strerror or exc}") from None
+
+
+@dataclass(frozen=True)
 class PreviousBundles:
     """Where a build finds each user's previous bundle: one user's bundle directory
     (`build --delta-from`) or an earlier build's --out (`--delta-from-dir`)."""
@@ -72,9 +90,9 @@ class PreviousBundles:
     bundle: Path | None = None
     root: Path | None = None
 
-    def shard_of(self, user_id: int) -> tuple[list[int], str] | None:
-        """(item ids, manifest sha256) of the user's previous bundle; None when the user has none.
-        A bundle of another user is refused: its shard comes from that user's history."""
+    def shard_of(self, user_id: int) -> PreviousManifest | None:
+        """The user's previous bundle; None when the user has none. A bundle of another user is
+        refused: its shard comes from that user's history."""
         path = self.bundle if self.bundle is not None else bundle_path(self.root, user_id) if self.root else None
         if path is None or (self.bundle is None and not (path / MANIFEST).is_file()):
             return None
@@ -85,11 +103,13 @@ class PreviousBundles:
         try:
             manifest = json.loads(data)
             owner, ids = manifest["user_id"], [int(i) for i in manifest["items"]["ids"]]
+            checkpoint, recipe = str(manifest["checkpoint_sha256"]), str(manifest["recipe"])
         except (ValueError, KeyError, TypeError):
-            raise BundleError(f"{path / MANIFEST}: not a bundle manifest (no user_id or items.ids)") from None
+            raise BundleError(f"{path / MANIFEST}: not a bundle manifest (no user_id, items.ids, "
+                              "checkpoint_sha256 or recipe)") from None
         if owner != user_id:
             raise BundleError(f"{path / MANIFEST}: user_id {owner}, not the user {user_id} being built")
-        return ids, sha256_bytes(data)
+        return PreviousManifest(path, ids, sha256_bytes(data), checkpoint, recipe)
 
 
 def _common_prefix(a: bytes, i: int, b: bytes, j: int) -> int:

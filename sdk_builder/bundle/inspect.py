@@ -5,8 +5,8 @@ split into its constant tensors (each with shape, dtype and bytes), the delegate
 graphs) with the weights they reference, and the rest (flatbuffer structure, headers, alignment
 padding). Constant tensors carry no names in
 a `.pte`: they are named from the program itself, by the input that indexes them
-(`hist_items` -> `item_table`, `hist_categories` -> `category_table`, `candidates` ->
-`candidate_features`); others are numbered (the user state is an input, not a constant). The JSON files are
+(`hist_items` and `candidates` -> `item_slot`, their slots -> `item_table` and `candidate_features`,
+`hist_categories` -> `category_table`); others are numbered (the user state is an input, not a constant). The JSON files are
 split by top-level field (manifest), id lists and golden case. Every file's parts add up to the
 file's size exactly, and the files to the bundle's size. Nothing here imports torch: `inspect` only
 reads files.
@@ -29,6 +29,7 @@ import numpy as np
 
 from sdk_builder.formats import GOLDEN, MANIFEST, PROGRAM, SCHEMA, BundleError
 
+SLOT_INPUTS = ("hist_items", "candidates")  # local item rows, read through `item_slot`
 TABLE_OF_INPUT = {
     "hist_items": "item_table",
     "hist_categories": "category_table",
@@ -145,13 +146,16 @@ def _constant_names(fb, plan, input_names: list[str]) -> dict[int, str]:
     """value index -> name for constants read through a gather, traced from the kernel calls."""
     values = plan.values or []
     origin = {v: input_names[k] for k, v in enumerate(_ints(plan.inputs)) if k < len(input_names)}
+    slots_of: dict[int, str] = {}  # value -> the item-row input whose slots it holds
 
     def is_constant(v: int) -> bool:
         val = values[v].val
         return isinstance(val, fb.TensorT) and val.dataBufferIdx > 0
 
     def table_name(index_value: int) -> str | None:
-        if index_value in origin:
+        if index_value in slots_of:
+            return TABLE_OF_INPUT.get(slots_of[index_value])
+        if index_value in origin and origin[index_value] not in SLOT_INPUTS:
             return TABLE_OF_INPUT.get(origin[index_value])
         return None
 
@@ -163,7 +167,9 @@ def _constant_names(fb, plan, input_names: list[str]) -> dict[int, str]:
                 continue
             op = _text(plan.operators[call.opIndex].name)
             args = _ints(call.args)
-            if op == "quantized_decomposed::embedding_byte":
+            if op in ("dim_order_ops::_to_dim_order_copy", "aten::_to_copy") and args[0] in slots_of:
+                slots_of[args[-1]] = slots_of[args[0]]
+            elif op == "quantized_decomposed::embedding_byte":
                 name = table_name(args[5])
                 if name:
                     names.setdefault(args[0], name)
@@ -173,8 +179,12 @@ def _constant_names(fb, plan, input_names: list[str]) -> dict[int, str]:
             elif op == "aten::index":
                 items = _ints(getattr(values[args[1]].val, "items", None))
                 index = next((i for i in items if i >= 0), None)
-                name = table_name(index) if index is not None else None
                 table = values[args[0]].val
+                if origin.get(index) in SLOT_INPUTS and _is_integer(fb, table):
+                    slots_of[args[-1]] = origin[index]
+                    names.setdefault(args[0], "item_slot")
+                    continue
+                name = table_name(index) if index is not None else None
                 if name == "candidate_features" and _is_integer(fb, table):  # two tables are read by candidate row
                     name = "candidate_category"
                 elif name == "item_table" and _is_integer(fb, table):  # the co-visit lists (int16)

@@ -3,38 +3,81 @@ categories that fit the layout's category capacity."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from model.tbsm import RESERVED_ROWS
 from sdk_builder.data.dataset import PreparedData
 from sdk_builder.formats import MAX_HISTORY
 from sdk_builder.program import Shard, SliceLayout
-from sdk_builder.shard import DEFAULT_SLACK, ShardIndex, policy_positions, shard_neighbors
+from sdk_builder.shard import DEFAULT_SLACK, PreviousLists, ShardIndex, policy_positions, shard_neighbors
+from sdk_builder.util import sorted_lookup
+
+
+@dataclass(frozen=True)
+class PreviousShard:
+    """The user's previous bundle as a rebuild sees it: its items (full rows, in its local order) and,
+    when its program could be read (`BundleBuilder.previous_shard`), each one's slot (`Shard.item_slot`)
+    and its co-visit lists."""
+
+    item_rows: np.ndarray
+    item_slots: np.ndarray | None = None
+    lists: PreviousLists | None = None
 
 
 def select_shard(data: PreparedData, index: ShardIndex, layout: SliceLayout, user_row: int,
-                 prior_scale: float = 0.0, previous: np.ndarray | None = None,
+                 prior_scale: float = 0.0, previous: PreviousShard | None = None,
                  slack: float = DEFAULT_SLACK) -> tuple[Shard, dict[str, int]]:
     """The user's shard and how many items each source contributed (+ categories over capacity).
-    `prior_scale` > 0 adds that times the policy's prior to each item's (scaled) logit on the phone.
-    `previous`, `slack`: the user's previous shard (item rows) and the hysteresis (sdk_builder.shard)."""
+    `prior_scale` > 0 adds that times the policy's prior to
+    each item's (scaled) logit on the phone. `previous`, `slack`: the user's previous shard and the
+    hysteresis (sdk_builder.shard; slack 0: none)."""
     sl = data.user_events(user_row)
     items, cats = data.item_rows[sl], data.cat_rows[sl]
-    ranked, sources = index.select_ranked(items, cats, previous, slack)
+    ranked, sources = index.select_ranked(items, cats, previous.item_rows if previous is not None else None, slack)
     category_rows, over = select_categories(cats[-MAX_HISTORY:], data.item_category[ranked],
                                             layout.category_rows - RESERVED_ROWS)
     sources["categories_over_capacity"] = over
     built_after = int(data.timestamps[sl][-1]) if len(items) else 0
-    return shard_of(index, layout, user_row, ranked, category_rows, prior_scale, built_after), sources
+    lists = previous.lists if previous is not None and slack > 0 else None  # slack 0: the lists afresh too
+    return shard_of(index, layout, user_row, ranked, category_rows, prior_scale, built_after, previous, lists), sources
 
 
 def shard_of(index: ShardIndex, layout: SliceLayout, user_row: int, ranked: np.ndarray, category_rows: np.ndarray,
-             prior_scale: float, built_after: int = 0) -> Shard:
-    """The Shard of items in the policy's order `ranked`: their build-time positions and their
-    co-visit lists inside the shard, with which the program re-ranks from events after `built_after`."""
+             prior_scale: float, built_after: int = 0, previous: PreviousShard | None = None,
+             previous_lists: PreviousLists | None = None) -> Shard:
+    """The Shard of items in the policy's order `ranked`: their build-time positions, their co-visit
+    lists inside the shard (kept close to `previous_lists`), with which the program re-ranks from
+    events after `built_after`, and their slots (the previous shard's, where it had them)."""
     item_rows, positions = policy_positions(ranked)
-    neighbors, counts = shard_neighbors(index, item_rows, layout.neighbors)
-    return Shard(user_row, item_rows, category_rows, positions, neighbors, counts, float(prior_scale), built_after)
+    neighbors, codes = shard_neighbors(index, item_rows, layout.neighbors, previous_lists)
+    return Shard(user_row, item_rows, category_rows, positions, neighbors, codes, float(prior_scale), built_after,
+                 stable_slots(item_rows, previous))
+
+
+def stable_slots(item_rows: np.ndarray, previous: PreviousShard | None) -> np.ndarray:
+    """Each item's slot (int64, local order): an item of the previous shard keeps its slot where that
+    fits this shard, the others take the free slots in ascending order (in local order). Without a
+    previous shard, an item's slot is its local row."""
+    n = len(item_rows)
+    rows = np.arange(RESERVED_ROWS, RESERVED_ROWS + n, dtype=np.int64)
+    if previous is None or previous.item_slots is None:
+        return rows
+    slots = previous_slots(item_rows, previous)
+    fits = (slots >= RESERVED_ROWS) & (slots < RESERVED_ROWS + n)
+    slots[~fits] = np.setdiff1d(rows, slots[fits])
+    return slots
+
+
+def previous_slots(item_rows: np.ndarray, previous: PreviousShard) -> np.ndarray:
+    """Each item's slot in the previous shard, -1 where it was not in it."""
+    old_rows, old_slots = np.asarray(previous.item_rows, np.int64), np.asarray(previous.item_slots, np.int64)
+    if not len(old_rows):
+        return np.full(len(item_rows), -1, np.int64)
+    order = np.argsort(old_rows, kind="stable")
+    pos, found = sorted_lookup(old_rows[order], item_rows)
+    return np.where(found, old_slots[order[np.minimum(pos, len(order) - 1)]], -1)
 
 
 def select_categories(history_cats: np.ndarray, item_cats: np.ndarray, capacity: int) -> tuple[np.ndarray, int]:
