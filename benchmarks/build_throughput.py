@@ -35,6 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+from benchmarks._common import export_revision  # noqa: E402
 from benchmarks.report import append_report  # noqa: E402
 
 TAOBAO = {"num_users": 987_994, "num_items": 4_162_024, "num_categories": 9_439}
@@ -124,14 +125,6 @@ split["other"] = total - sum(split.values())
 shutil.rmtree(out)
 print(json.dumps({"users": len(users), "cpu_seconds": total, "split": split}))
 """
-
-
-def export_revision(rev: str, dest: Path) -> Path:
-    """The repository's files at `rev` (tracked files only), for timing the code as it was."""
-    dest.mkdir(parents=True)
-    archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev], check=True, capture_output=True).stdout
-    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
-    return dest
 
 
 def build_in_tree(tree: Path, run: Path, out: Path, users_file: Path) -> dict:

@@ -101,8 +101,9 @@ def measure(name: str, older, newer, n_users: int, slacks: list[float], recipes:
     # Coverage: the shard cut before the user's last older day (previous), then after it with each
     # slack (0: no hysteresis); targets are the newer events. Every user with newer events.
     old_count = np.diff(data.user_start)
-    position = np.arange(extended.num_events) - extended.user_start[extended.user_of_event()]
-    target = position >= old_count[extended.user_of_event()]
+    user_of_event = extended.user_of_event()
+    position = np.arange(extended.num_events) - extended.user_start[user_of_event]
+    target = position >= old_count[user_of_event]
     coverage = hysteresis_coverage(extended, ShardPolicy(), previous_day_mask(extended, target), ~target, target,
                                    (0.0, *slacks))
     coverage_rows = [[name, "none" if slack == 0 else f"{slack:g}", f"{c['users']:,}", f"{c['target_events']:,}",

@@ -21,7 +21,6 @@ import resource
 import statistics
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -29,7 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks._common import markdown_table  # noqa: E402
+from benchmarks._common import export_revision, markdown_table  # noqa: E402
 from benchmarks.report import append_report  # noqa: E402
 
 BEFORE_REF = "0ae52de"  # main before the start-up work (issue 12)
@@ -39,17 +38,6 @@ PROBE = ("import runpy, sys\n"
          "finally:\n"
          "    sys.stderr.write('EXIR_LOADED=%d\\n' % any(m.startswith('executorch.exir') for m in sys.modules))\n"
          "    sys.stderr.write('TORCH_LOADED=%d\\n' % ('torch' in sys.modules))\n")
-
-
-def extract(ref: str, dest: Path) -> Path:
-    archive = subprocess.run(["git", "archive", "--format=tar", ref], cwd=ROOT, capture_output=True, check=True).stdout
-    dest.mkdir(parents=True)
-    tar = dest / "src.tar"
-    tar.write_bytes(archive)
-    with tarfile.open(tar) as t:
-        t.extractall(dest, filter="data")
-    tar.unlink()
-    return dest
 
 
 def tiny_bundle(work: Path) -> Path:
@@ -109,7 +97,7 @@ def main() -> None:
         commands["build (cached template)"] = ["build", str(args.run), "--user-shard", user, "--out", str(work / "out-{n}")]
         commands["build (unknown user id)"] = ["build", str(args.run), "--user-shard", "999999999999", "--out", str(work / "out-{n}")]
         commands["python -c 'import torch' (floor)"] = None
-    checkouts = {"before": extract(args.before_ref, work / "before"), "after": ROOT}
+    checkouts = {"before": export_revision(args.before_ref, work / "before"), "after": ROOT}
     times: dict[tuple[str, str], list[float]] = {}
     cpu: dict[tuple[str, str], list[float]] = {}
     exir: dict[tuple[str, str], bool] = {}

@@ -34,7 +34,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import REPO, append_to_doc, context_line, markdown_table  # noqa: E402
+from _common import REPO, append_to_doc, context_line, load1, markdown_table  # noqa: E402
 
 SECTION = "## Training throughput"
 USERS = 20_000
@@ -284,7 +284,7 @@ def main() -> None:
         args.steps, args.baseline_steps, args.repeats = 60, 15, 1
 
     ctx = context_line("benchmarks/train_throughput.py " + " ".join(sys.argv[1:]))
-    load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    load_before = load1()
     results = {}
     for threads in (1, 2):
         for kind in ("ours-position", "ours-time", "baseline"):
@@ -313,7 +313,7 @@ def main() -> None:
     vs_baseline = rate("ours-position", 1) / rate("baseline", 1)
     vs_baseline_cpu = rate("ours-position", 1, "cpu_rates") / rate("baseline", 1, "cpu_rates")
     two_threads = rate("ours-position", 2) / rate("ours-position", 1)
-    busy = max(load_before, os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0) > 0.5
+    busy = max(load_before, load1()) > 0.5
     # On a busy machine a 1-thread process gets a fraction of a core and a 2-thread one more of the
     # machine: their ratio says how the CPU was shared, not what the second thread buys.
     two_thread_verdict = ("not judged (busy machine)" if busy else

@@ -84,16 +84,20 @@ def unique_inverse(rows: np.ndarray, table_rows: int) -> tuple[np.ndarray, np.nd
     return unique, scratch[flat].reshape(rows.shape)
 
 
+def id_tables(model: TBSM) -> list[torch.nn.Embedding]:
+    """The tower's id tables in the order of a batch's lookups: user, item, category (and behaviour)."""
+    tower = model.tower
+    return [tower.user_emb, tower.item_emb, tower.cat_emb] + ([tower.behavior_emb] if tower.behavior_emb is not None else [])
+
+
 def dedup(model: TBSM, batch: BatchLike) -> DedupedBatch:
     """The unique user, item, category (and behaviour) rows and inverse indices: pure numpy, so it
     can run on a prefetch thread while the previous batch trains."""
     user_rows, item_rows, cat_rows, behaviors, _ = batch.inputs()
-    tower = model.tower
-    tables = [tower.user_emb, tower.item_emb, tower.cat_emb] + ([tower.behavior_emb] if tower.behavior_emb is not None else [])
     lookups = [user_rows, item_rows, cat_rows, behaviors]
-    rows = [unique_inverse(r.numpy(), t.num_embeddings) for t, r in zip(tables, lookups)]
+    rows = [unique_inverse(r.numpy(), t.num_embeddings) for t, r in zip(id_tables(model), lookups)]
     event_index = None
-    if tower.behavior_emb is None:
+    if model.tower.behavior_emb is None:
         n_users, n_items = len(rows[0][0]), len(rows[1][0])
         event_index = torch.from_numpy(np.stack([rows[1][1] + n_users, rows[2][1] + (n_users + n_items)]))
     return DedupedBatch(batch, rows, event_index)
@@ -211,20 +215,19 @@ class TBSMOptimizer:
 
     @torch.no_grad()
     def step(self, touched: list[tuple[int, torch.Tensor, torch.Tensor]]) -> None:
+        """The step after per-table leaves (`gather`): (table index, unique rows, leaf) each."""
         self._dense_step()
         for table_index, unique, leaf in touched:
-            if leaf.grad is None:
-                continue
-            grad = leaf.grad
-            state = self.table_sum[table_index].index_select(0, unique).addcmul_(grad, grad)
-            self.table_sum[table_index].index_copy_(0, unique, state)
-            rows = leaf.detach().addcdiv_(grad, state.sqrt_().add_(self.eps), value=-self.lr)
-            self.tables[table_index].index_copy_(0, unique, rows)
+            self._row_step(leaf, [(table_index, unique, slice(None))])
 
     @torch.no_grad()
     def step_rows(self, leaf: torch.Tensor, spans: list) -> None:
         """`step` for a `gather_rows` leaf: the same per-element formula, on all tables' rows at once."""
         self._dense_step()
+        self._row_step(leaf, spans)
+
+    def _row_step(self, leaf: torch.Tensor, spans: list) -> None:
+        """Adagrad on the rows of `leaf`, written back to the tables (and their sums) of `spans`."""
         grad = leaf.grad
         if grad is None:
             return
@@ -267,34 +270,30 @@ def train_step(model: TBSM, optimizer: TBSMOptimizer, batch: BatchLike | Deduped
     if not isinstance(batch, DedupedBatch):
         batch = dedup(model, batch)
     _, item_rows, _, behaviors, timestamps = batch.inputs()
-    tower = model.tower
-    tables = [tower.user_emb, tower.item_emb, tower.cat_emb, tower.behavior_emb]
-    table_index = [next(i for i, t in enumerate(optimizer.tables) if t is table.weight)
-                   for table in tables[:len(batch.rows)]]
+    table_index = [next(i for i, t in enumerate(optimizer.tables) if t is table.weight) for table in id_tables(model)]
     optimizer.zero_grad()
     real_event = item_rows != PADDING_ROW
-    if fused and batch.event_index is not None:
+    fast = fused and batch.event_index is not None
+    if fast:
         leaf, spans = optimizer.gather_rows([(i, unique) for i, (unique, _) in zip(table_index, batch.rows)])
         logits = model.forward_rows(leaf, torch.from_numpy(batch.rows[0][1]), batch.event_index, timestamps,
                                     real_event)
-        if log_q is not None:
-            logits = logits - log_q[item_rows[:, -1]]
-        loss = F.binary_cross_entropy_with_logits(logits, batch.labels)
-        loss.backward()
-        optimizer.step_rows(leaf, spans)
-        return loss.item()
-    touched, vectors = [], []
-    for index, (unique, inverse) in zip(table_index, batch.rows):
-        unique_t, table_leaf = optimizer.gather(index, unique)
-        touched.append((index, unique_t, table_leaf))
-        vectors.append(table_leaf[torch.from_numpy(inverse)])
-    logits = model.forward_vectors(*vectors[:3], behaviors, timestamps, real_event,
-                                   behavior_vec=vectors[3] if len(vectors) > 3 else None, fused=fused)
+    else:
+        touched, vectors = [], []
+        for index, (unique, inverse) in zip(table_index, batch.rows):
+            unique_t, table_leaf = optimizer.gather(index, unique)
+            touched.append((index, unique_t, table_leaf))
+            vectors.append(table_leaf[torch.from_numpy(inverse)])
+        logits = model.forward_vectors(*vectors[:3], behaviors, timestamps, real_event,
+                                       behavior_vec=vectors[3] if len(vectors) > 3 else None, fused=fused)
     if log_q is not None:
         logits = logits - log_q[item_rows[:, -1]]
     loss = F.binary_cross_entropy_with_logits(logits, batch.labels)
     loss.backward()
-    optimizer.step(touched)
+    if fast:
+        optimizer.step_rows(leaf, spans)
+    else:
+        optimizer.step(touched)
     return loss.item()
 
 

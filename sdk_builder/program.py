@@ -159,13 +159,14 @@ def slice_constants(model: TBSM, shard: Shard, item_category: np.ndarray, layout
     item_cat_vec = cats[torch.from_numpy(local_cat)]
     features = torch.stack([items @ x, item_cat_vec @ x, (items * item_cat_vec).sum(-1)], dim=-1)
     features[PADDING_ROW] = 0
-    slot = slot_of_row(shard, layout)
+    prior = slice_constants_prior(shard, layout)
+    slot = prior["item_slot"].numpy().astype(np.int64)
     return {
         "item_table": by_slot(items, slot),
         "category_table": cats.contiguous(),
         "candidate_features": by_slot(features, slot),
         "candidate_category": by_slot(torch.from_numpy(local_cat.astype(np.int16)), slot),
-        **slice_constants_prior(shard, layout),
+        **prior,
     }
 
 

@@ -112,11 +112,9 @@ class ShardIndex:
         without a model, the baseline a bundle's model must beat. With `previous` (the item rows of
         the user's previous shard): the hysteresis of the module docstring; `sources` then also
         counts under "previous" the kept items the policy alone would have dropped."""
-        ranked, sources = self._policy_order(history_items, history_cats, self.policy.shard_size)
-        if previous is None or slack <= 0:
-            return ranked, sources
         size = self.policy.shard_size
-        if not len(ranked):
+        ranked, sources = self._policy_order(history_items, history_cats, size)
+        if previous is None or slack <= 0 or not len(ranked):
             return ranked, sources
         longer, _ = self._policy_order(history_items, history_cats, int(round(size * (1.0 + slack))))
         # The policy's order, continued past the shard by the longer shard's other items.

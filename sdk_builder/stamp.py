@@ -51,6 +51,21 @@ class ProgramTemplate:
             out[offset : offset + len(raw)] = raw
         return bytes(out)
 
+    def stamped_from_this(self, program: bytes) -> bool:
+        """Whether `program` is this template stamped with some user's constants: every byte outside
+        the per-user constants equal."""
+        if len(program) != len(self.program):
+            return False
+        shared = np.frombuffer(self.program, np.uint8) == np.frombuffer(program, np.uint8)
+        for name, offset in self.offsets.items():
+            shared[offset : offset + int(np.prod(self.shapes[name])) * np.dtype(self.dtypes[name]).itemsize] = True
+        return bool(shared.all())
+
+    def constant(self, program: bytes, name: str) -> np.ndarray:
+        """A stored per-user constant of a program stamped from this template (read-only view)."""
+        dtype, shape = np.dtype(self.dtypes[name]), self.shapes[name]
+        return np.frombuffer(program, dtype, count=int(np.prod(shape)), offset=self.offsets[name]).reshape(shape)
+
 
 def build_template(model: TBSM, layout: SliceLayout, recipe: str | Recipe, example: Shard,
                    item_category: np.ndarray) -> ProgramTemplate:

@@ -217,11 +217,10 @@ def test_a_rebuild_keeps_the_slots_of_the_items_it_keeps_and_ranks_as_without_th
                             previous=PreviousBundles(bundle=old), shard_slack=3.0)
     rebuild.template = builder.template
     new = rebuild.build(user, tmp_path / "new").path
-    offset, rows = builder.template.offsets["item_slot"], builder.layout.item_rows
 
     def slots_by_id(bundle):
         ids = json.loads((bundle / MANIFEST).read_bytes())["items"]["ids"]
-        slot = np.frombuffer((bundle / PROGRAM).read_bytes(), np.int16, count=rows, offset=offset)
+        slot = builder.template.constant((bundle / PROGRAM).read_bytes(), "item_slot")
         return dict(zip(ids, slot[RESERVED_ROWS : RESERVED_ROWS + len(ids)].tolist()))
 
     before, after = slots_by_id(old), slots_by_id(new)

@@ -16,25 +16,25 @@ PROBE = """
 import sys
 from sdk_builder.cli import main
 try:
-    main(sys.argv[1:], standalone_mode=False)
+    main(sys.argv[2:], standalone_mode=False)
 finally:
-    print("\\nTORCH:%s" % ("torch" in sys.modules))
+    print("\\nLOADED:%s" % (sys.argv[1] in sys.modules))
 """
 
 
-def run_probe(*args: str) -> tuple[subprocess.CompletedProcess, bool]:
-    """A command in a fresh interpreter, and whether it imported torch (by the time it returned)."""
+def run_probe(*args: str, module: str = "torch") -> tuple[subprocess.CompletedProcess, bool]:
+    """A command in a fresh interpreter, and whether it imported `module` (by the time it returned)."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-c", PROBE, *args], capture_output=True, text=True, env=env, cwd=REPO,
-                            timeout=300)
-    return result, result.stdout.rstrip().endswith("TORCH:True")
+    result = subprocess.run([sys.executable, "-c", PROBE, module, *args], capture_output=True, text=True, env=env,
+                            cwd=REPO, timeout=300)
+    return result, result.stdout.rstrip().endswith("LOADED:True")
 
 
 def test_inspect_reads_a_bundle_without_torch(built_bundle):
     result, imported_torch = run_probe("inspect", str(built_bundle), "--json")
     assert result.returncode == 0, result.stderr[-2000:]
     assert not imported_torch
-    report = json.loads(result.stdout.rsplit("TORCH:", 1)[0])
+    report = json.loads(result.stdout.rsplit("LOADED:", 1)[0])
     program = next(f for f in report["files"] if f["name"] == "model.pte")
     # Every per-user table is named, those read through item_slot too.
     assert set(USER_CONSTANTS) <= {p["name"] for p in program["parts"]}
@@ -47,17 +47,12 @@ def test_rank_runs_the_program_without_torchs_meta_kernels(built_bundle, tmp_pat
     case = json.loads((Path(built_bundle) / "golden.json").read_text())["cases"][0]
     events = tmp_path / "history.json"
     events.write_text(json.dumps(case["history"]))
-    probe = PROBE.replace('print("\\nTORCH:%s" % ("torch" in sys.modules))',
-                          'print("\\nMETA:%s" % ("torch._meta_registrations" in sys.modules))')
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-c", probe, "rank", str(built_bundle), "--events", str(events),
-                             "--candidates", ",".join(map(str, case["candidates"])),
-                             "--request-time", str(case["request_time"]), "--json"],
-                            capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    result, loaded = run_probe("rank", str(built_bundle), "--events", str(events),
+                               "--candidates", ",".join(map(str, case["candidates"])),
+                               "--request-time", str(case["request_time"]), "--json", module="torch._meta_registrations")
     assert result.returncode == 0, result.stderr[-2000:]
-    output, loaded = result.stdout.rsplit("META:", 1)
-    assert loaded.strip() == "False"
-    scores = {r["item_id"]: r["score"] for r in json.loads(output)["ranked"]}
+    assert not loaded
+    scores = {r["item_id"]: r["score"] for r in json.loads(result.stdout.rsplit("LOADED:", 1)[0])["ranked"]}
     for item, expected in zip(case["candidates"], case["scores"]):
         assert abs(scores[item] - expected) <= 1e-5
 

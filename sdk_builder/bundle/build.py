@@ -218,23 +218,13 @@ class BundleBuilder:
         if self.template is None:
             self.prepare_stamping()
         template, program = self.template, previous.program_bytes()
-        if len(program) != len(template.program) or n_items + RESERVED_ROWS > self.layout.item_rows:
+        if n_items + RESERVED_ROWS > self.layout.item_rows or not template.stamped_from_this(program):
             return None
-        shared = np.frombuffer(template.program, np.uint8) == np.frombuffer(program, np.uint8)
-        for name, offset in template.offsets.items():
-            shared[offset : offset + int(np.prod(template.shapes[name])) * np.dtype(template.dtypes[name]).itemsize] = True
-        if not shared.all():
-            return None
-
-        def table(name: str) -> np.ndarray:
-            dtype, shape = np.dtype(template.dtypes[name]), template.shapes[name]
-            return np.frombuffer(program, dtype, count=int(np.prod(shape)), offset=template.offsets[name]).reshape(shape)
-
         rows = self.layout.item_rows
-        slot = table("item_slot").astype(np.int64)
+        slot = template.constant(program, "item_slot").astype(np.int64)
         items = slice(RESERVED_ROWS, RESERVED_ROWS + n_items)
         rest = np.r_[0:RESERVED_ROWS, RESERVED_ROWS + n_items : rows]
-        neighbors = table("item_neighbors").astype(np.int64)  # by slot, listing slots
+        neighbors = template.constant(program, "item_neighbors").astype(np.int64)  # by slot, listing slots
         if not (np.array_equal(np.sort(slot[items]), np.arange(RESERVED_ROWS, RESERVED_ROWS + n_items))
                 and np.array_equal(slot[rest], rest) and neighbors.min() >= 0
                 and neighbors.max() < RESERVED_ROWS + n_items):
@@ -242,16 +232,17 @@ class BundleBuilder:
                               f"{n_items} items; rebuild without --delta-from")
         row_of_slot = np.empty(rows, np.int64)
         row_of_slot[slot] = np.arange(rows)
-        lists = row_of_slot[neighbors[slot[items]]] * (neighbors[slot[items]] > 0)
-        return slot[items], lists, table("neighbor_weights")[slot[items]]
+        listed = neighbors[slot[items]]
+        return slot[items], row_of_slot[listed] * (listed > 0), template.constant(program, "neighbor_weights")[slot[items]]
 
     def constants_for(self, shard: Shard):
         return slice_constants(self.model, shard, self.ckpt.item_category, self.layout)
 
     def manifest_for(self, user_id: int, shard: Shard, sources: dict[str, int], files: dict[str, str],
-                     view: ShardView | None = None) -> Manifest:
+                     view: ShardView | None = None, build_key: str | None = None) -> Manifest:
         """The manifest of one bundle, from values we computed ourselves: constructed without
-        per-bundle validation (`check_formats` validates one bundle of every batch instead)."""
+        per-bundle validation (`check_formats` validates one bundle of every batch instead).
+        `build_key`: the user's own (`previous_shard`), else the builder's."""
         view = view or ShardView(self.ckpt, shard)
         return Manifest.model_construct(
             versions=self.versions, kind="personal" if user_id is not None else "cold_start",
@@ -261,7 +252,7 @@ class BundleBuilder:
             shard_policy=ShardPolicyRecord.model_construct(name=self.policy.name, shard_size=self.policy.shard_size,
                                                            weights=self.policy.weights, sources=sources),
             seeds={"train": int(self.ckpt.payload.get("seed", 0)), "bundle": self.seed},
-            golden_tolerance=GOLDEN_TOLERANCE, files=files, build_key=self.build_key, quality=self.quality,
+            golden_tolerance=GOLDEN_TOLERANCE, files=files, build_key=build_key or self.build_key, quality=self.quality,
         )
 
     def refresh_cases(self, user_id: int, shard: Shard, view: ShardView, method) -> list[RefreshCase]:
@@ -375,9 +366,8 @@ class BundleBuilder:
             files[REFRESH_FILE] = self.refresh_program_for(shard)
             golden.refresh_cases = self.refresh_cases(user_id, shard, view, load_runtime_method(files[REFRESH_FILE]))
         files[GOLDEN] = golden.to_json().encode()
-        manifest = self.manifest_for(user_id, shard, sources, {k: sha256_bytes(v) for k, v in sorted(files.items())}, view)
-        if build_key is not None and build_key != manifest.build_key:
-            manifest = manifest.model_copy(update={"build_key": build_key})
+        manifest = self.manifest_for(user_id, shard, sources, {k: sha256_bytes(v) for k, v in sorted(files.items())}, view,
+                                     build_key)
         if budget is not None:
             manifest = manifest.model_copy(update={"recipe": budget.recipe, "quantization": budget.quantization})
         if self.refresh is not None:

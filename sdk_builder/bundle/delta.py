@@ -23,7 +23,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from sdk_builder.formats import (
-    MANIFEST, PATCH_COPY, PROGRAM, PATCH_FORMAT_VERSION, PATCH_INSERT, PATCH_SUFFIX, SIGNATURE, BundleError, BundlePatch,
+    MANIFEST, PATCH_COPY, PATCH_FORMAT_VERSION, PATCH_INSERT, PATCH_SUFFIX, PROGRAM, SIGNATURE, BundleError, BundlePatch,
     PatchFile, validation_message,
 )
 from sdk_builder.bundle.store import bundle_path

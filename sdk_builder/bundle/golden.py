@@ -20,6 +20,7 @@ from sdk_builder.formats import (
 )
 from sdk_builder.program import Shard, prior_tables, program_spec, shard_prior, user_state
 from sdk_builder.runs import LoadedCheckpoint
+from sdk_builder.util import sorted_lookup
 
 GOLDEN_TOLERANCE = 1e-5
 GOLDEN_CANDIDATES = 16
@@ -142,9 +143,7 @@ class EagerReference:
                 # A candidate's category as the program sees it: OOV when the bundle does not carry
                 # it (over the category capacity), exactly like an unknown id on the phone.
                 cand_cat = np.where(full_item >= RESERVED_ROWS, item_category[full_item], OOV_ROW)
-                carried = np.sort(shard.category_rows)
-                pos = np.minimum(np.searchsorted(carried, cand_cat), max(len(carried) - 1, 0))
-                found = carried[pos] == cand_cat if len(carried) else np.zeros(len(cand_cat), bool)
+                _, found = sorted_lookup(shard.category_rows, cand_cat)
                 rows[id(shard)] = (full_item, np.concatenate([[PADDING_ROW, OOV_ROW], shard.category_rows]),
                                    np.where(found, cand_cat, OOV_ROW), prior_tables(shard))
             full_item, full_cat, cat_of_local, tables = rows[id(shard)]

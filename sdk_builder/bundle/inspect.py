@@ -123,12 +123,15 @@ def _part(name: str, kind: str, nbytes: int, shape=None, dtype=None, **extra) ->
     return part
 
 
-def _scalar_type(fb, tensor) -> str:
-    return fb.scalar_types.get(tensor.scalarType, str(tensor.scalarType))
+def _scalar_type(fb, value) -> str | None:
+    """The scalar type's name of a tensor value; None for any other value."""
+    if not isinstance(value, fb.TensorT):
+        return None
+    return fb.scalar_types.get(value.scalarType, str(value.scalarType))
 
 
 def _is_integer(fb, value) -> bool:
-    return isinstance(value, fb.TensorT) and _scalar_type(fb, value) in ("SHORT", "INT", "LONG")
+    return _scalar_type(fb, value) in ("SHORT", "INT", "LONG")
 
 
 def _name_by_shape(fb, tensor, taken: set[str]) -> str | None:
@@ -189,8 +192,7 @@ def _constant_names(fb, plan, input_names: list[str]) -> dict[int, str]:
                     name = "candidate_category"
                 elif name == "item_table" and _is_integer(fb, table):  # the co-visit lists (int16)
                     name = "item_neighbors"
-                elif (name == "item_table" and isinstance(table, fb.TensorT)
-                      and _scalar_type(fb, table) == "BYTE"):  # and their count codes (uint8)
+                elif name == "item_table" and _scalar_type(fb, table) == "BYTE":  # and their count codes (uint8)
                     name = "neighbor_weights"
                 if name:
                     names.setdefault(args[0], name)
@@ -233,8 +235,9 @@ def _inspect_program(fb, data: bytes, input_names: list[str] | None) -> list[dic
 
     parts: list[dict[str, Any]] = []
     names: dict[int, str] = {}
+    input_names = list(default_input_names() if input_names is None else input_names)
     for plan in plans:
-        names.update(_constant_names(fb, plan, list(default_input_names() if input_names is None else input_names)))
+        names.update(_constant_names(fb, plan, input_names))
         seen_buffers: set[int] = set()
         unnamed = 0
         for v, value in enumerate(plan.values or []):
@@ -335,7 +338,7 @@ def inspect_bundle(path: Path) -> dict[str, Any]:
     if not (path / MANIFEST).is_file():
         raise BundleError(f"{path / MANIFEST}: missing (is {path} a bundle directory?)")
     manifest = _json((path / MANIFEST).read_bytes(), MANIFEST)
-    input_names = [i.get("name") for i in manifest.get("program", {}).get("inputs", [])] or list(default_input_names())
+    input_names = [i.get("name") for i in manifest.get("program", {}).get("inputs", [])] or None  # None: the default
     files = []
     order = [PROGRAM, MANIFEST, GOLDEN, SCHEMA]
     others = sorted(p.name for p in path.iterdir() if p.is_file() and p.name not in order)

@@ -3,6 +3,7 @@ categories that fit the layout's category capacity."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,9 +31,9 @@ def select_shard(data: PreparedData, index: ShardIndex, layout: SliceLayout, use
                  prior_scale: float = 0.0, previous: PreviousShard | None = None,
                  slack: float = DEFAULT_SLACK) -> tuple[Shard, dict[str, int]]:
     """The user's shard and how many items each source contributed (+ categories over capacity).
-    `prior_scale` > 0 adds that times the policy's prior to
-    each item's (scaled) logit on the phone. `previous`, `slack`: the user's previous shard and the
-    hysteresis (sdk_builder.shard; slack 0: none)."""
+    `prior_scale` > 0 adds that times the policy's prior to each item's (scaled) logit on the phone.
+    `previous`, `slack`: the user's previous shard and the hysteresis (sdk_builder.shard; slack 0:
+    none, only the slots are kept)."""
     sl = data.user_events(user_row)
     items, cats = data.item_rows[sl], data.cat_rows[sl]
     ranked, sources = index.select_ranked(items, cats, previous.item_rows if previous is not None else None, slack)
@@ -40,18 +41,19 @@ def select_shard(data: PreparedData, index: ShardIndex, layout: SliceLayout, use
                                             layout.category_rows - RESERVED_ROWS)
     sources["categories_over_capacity"] = over
     built_after = int(data.timestamps[sl][-1]) if len(items) else 0
-    lists = previous.lists if previous is not None and slack > 0 else None  # slack 0: the lists afresh too
-    return shard_of(index, layout, user_row, ranked, category_rows, prior_scale, built_after, previous, lists), sources
+    if previous is not None and slack <= 0:
+        previous = dataclasses.replace(previous, lists=None)  # the lists afresh too
+    return shard_of(index, layout, user_row, ranked, category_rows, prior_scale, built_after, previous), sources
 
 
 def shard_of(index: ShardIndex, layout: SliceLayout, user_row: int, ranked: np.ndarray, category_rows: np.ndarray,
-             prior_scale: float, built_after: int = 0, previous: PreviousShard | None = None,
-             previous_lists: PreviousLists | None = None) -> Shard:
+             prior_scale: float, built_after: int = 0, previous: PreviousShard | None = None) -> Shard:
     """The Shard of items in the policy's order `ranked`: their build-time positions, their co-visit
-    lists inside the shard (kept close to `previous_lists`), with which the program re-ranks from
-    events after `built_after`, and their slots (the previous shard's, where it had them)."""
+    lists inside the shard (kept close to the previous shard's lists, if given), with which the
+    program re-ranks from events after `built_after`, and their slots (the previous shard's, where
+    it had them)."""
     item_rows, positions = policy_positions(ranked)
-    neighbors, codes = shard_neighbors(index, item_rows, layout.neighbors, previous_lists)
+    neighbors, codes = shard_neighbors(index, item_rows, layout.neighbors, previous.lists if previous else None)
     return Shard(user_row, item_rows, category_rows, positions, neighbors, codes, float(prior_scale), built_after,
                  stable_slots(item_rows, previous))
 
