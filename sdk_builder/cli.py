@@ -196,6 +196,9 @@ def prepare_cmd(inputs, fmt, columns, strict, time_range, tz, protocol, samples_
 @click.option("--select-by", type=click.Choice(["val_hr10", "val_auc"]), default="val_hr10", show_default=True,
               help="Best checkpoint by the on-device-style validation ranking (HR@10 of each user's shard) or by AUC.")
 @click.option("--threads", type=int, help="torch intra-op threads.")
+@click.option("--workers", type=click.IntRange(1, 64), default=1, show_default=True,
+              help="Training processes sharing the model (Hogwild, one thread each): 2 trains ~1.8x faster on "
+                   "2 cores, but is not bit-reproducible from run to run.")
 @click.option("--user-dropout", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True,
               help="Fraction of training samples on an extra 'unknown user' row (build --new-user --population unknown).")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last finished epoch.")
@@ -204,7 +207,7 @@ def prepare_cmd(inputs, fmt, columns, strict, time_range, tz, protocol, samples_
 def train_cmd(inputs, fmt, columns, strict, time_range, tz, protocol, samples_per_user, synthetic_users, holdout_last,
               negatives, negatives_per_positive, prepared, out, epochs, batch_size, lr, seed, eval_every, model_type,
               tsl_inner, tsl_mechanism, tsl_num_heads, tsl_seq, dense_feature, use_behavior, init, select_by,
-              threads, resume, force, as_json, user_dropout=0.0):
+              threads, resume, force, as_json, user_dropout=0.0, workers=1):
     """Train TBSM (Adagrad, best-validation-AUC checkpoint) into a run directory.
 
     \b
@@ -238,11 +241,11 @@ def train_cmd(inputs, fmt, columns, strict, time_range, tz, protocol, samples_pe
     except ValueError as exc:
         _fail(str(exc))
     train_cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, eval_every=eval_every, select_by=select_by,
-                            user_dropout=user_dropout)
+                            user_dropout=user_dropout, workers=workers)
     bar = tqdm(total=0, unit="step", disable=as_json or not sys.stderr.isatty(), desc="train", leave=False)
 
     def progress(step: int, loss: float) -> None:
-        bar.update(1)
+        bar.update(step - bar.n)
         if step % 10 == 0:
             bar.set_postfix(loss=f"{loss:.4f}")
 

@@ -86,9 +86,11 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def batches(data: PreparedData, samples: SampleSet, batch_size: int, history: int,
-            order: np.ndarray | None = None) -> Iterator[Batch]:
+            order: np.ndarray | None = None, part: tuple[int, int] = (0, 1)) -> Iterator[Batch]:
+    """The samples in `order`, batch_size at a time; `part` (w, n): only batches k with k % n == w."""
     order = np.arange(len(samples)) if order is None else order
-    for start in range(0, len(order), batch_size):
+    worker, n = part
+    for start in range(worker * batch_size, len(order), n * batch_size):
         yield data.collate(samples.take(order[start : start + batch_size]), history)
 
 
@@ -205,10 +207,10 @@ def unknown_user_row(model_cfg: TBSMConfig, train_cfg: TrainConfig | dict) -> in
 
 
 def with_user_dropout(batches_in: Iterator[Batch], train_cfg: TrainConfig, model_cfg: TBSMConfig,
-                      epoch: int) -> Iterator[Batch]:
+                      epoch: int, part: tuple[int, int] = (0, 1)) -> Iterator[Batch]:
     """The batches with a seeded `user_dropout` fraction of samples moved to the unknown-user row
-    (after collation: the history windows stay the user's own)."""
-    rng = np.random.default_rng([train_cfg.seed, epoch, 13])
+    (after collation: the history windows stay the user's own). Each Hogwild `part` draws its own."""
+    rng = np.random.default_rng([train_cfg.seed, epoch, 13] + ([part[0]] if part[1] > 1 else []))
     row = unknown_user_row(model_cfg, train_cfg)
     for batch in batches_in:
         drop = torch.from_numpy(rng.random(len(batch.user_rows)) < train_cfg.user_dropout)
@@ -228,7 +230,7 @@ def _train_into(
     ckpt_path, last_path = out_dir / CHECKPOINT, out_dir / LAST
     seed_everything(train_cfg.seed)
     model = TBSM(model_cfg)
-    optimizer = TBSMOptimizer(model, train_cfg.lr)
+    optimizer = TBSMOptimizer(model, train_cfg.lr, shared=train_cfg.workers > 1)
     state = TrainState()
     if resume:
         last = read_checkpoint(last_path, required=RESUME_KEYS)
@@ -267,11 +269,11 @@ def _train_into(
         # About ten validations per run: a curve worth plotting and a best checkpoint worth the name.
         train_cfg = replace(train_cfg, eval_every=max(1, steps_per_epoch * train_cfg.epochs // 10))
 
-    def train_batches(epoch: int) -> Iterator[Batch]:
+    def train_batches(epoch: int, part: tuple[int, int] = (0, 1)) -> Iterator[Batch]:
         # The order depends on (seed, epoch) only, so a resumed run sees the same batches.
         order = np.random.default_rng([train_cfg.seed, epoch]).permutation(len(train))
-        out = batches(data, train, train_cfg.batch_size, model_cfg.history, order)
-        return with_user_dropout(out, train_cfg, model_cfg, epoch) if train_cfg.user_dropout else out
+        out = batches(data, train, train_cfg.batch_size, model_cfg.history, order, part)
+        return with_user_dropout(out, train_cfg, model_cfg, epoch, part) if train_cfg.user_dropout else out
 
     def validate() -> dict:
         metrics = {f"val_{k}": v for k, v in evaluate_split(model, data, "validation").items()}

@@ -86,6 +86,18 @@ def test_same_seed_is_reproducible(runs):
     assert (runs / "a" / "data.npz").read_bytes() == (runs / "b" / "data.npz").read_bytes()
 
 
+def test_a_hogwild_run_shorter_than_its_warm_up_trains_as_one_process(runs, tmp_path):
+    """Run `a` is shorter than HOGWILD_WARMUP_STEPS: with --workers 2 its batches still alternate
+    between two processes, one at a time and in order, which must give run `a`'s model exactly."""
+    from model.train import HOGWILD_WARMUP_STEPS
+
+    assert metrics(runs / "a")["history"][-1]["step"] < HOGWILD_WARMUP_STEPS
+    train(tmp_path / "hogwild", "--seed", "0", "--workers", "2")
+    assert metrics(tmp_path / "hogwild")["train_config"]["workers"] == 2
+    assert metrics(tmp_path / "hogwild")["history"] == metrics(runs / "a")["history"]
+    assert same_weights(weights(tmp_path / "hogwild"), weights(runs / "a"))
+
+
 def test_different_seed_differs(runs):
     a, c = metrics(runs / "a"), metrics(runs / "c")
     assert a["test"]["auc"] != c["test"]["auc"]
