@@ -453,7 +453,8 @@ def head_logits(head: TSLHead, history: torch.Tensor, w: torch.Tensor) -> torch.
     the portable kernels (~50 us slower at 1000 candidates).
     """
     if head.cfg.tsl_inner == "def":
-        folded = torch.matmul(torch.matmul(history, head.A.t()), head.A)
+        # history @ A^T as a linear of the constant A: a matmul with A.t() ran on the portable kernels.
+        folded = torch.matmul(F.linear(history, head.A), head.A)
     elif head.cfg.tsl_inner == "ind":
         folded = torch.matmul(history, head.A)
     else:
@@ -465,17 +466,24 @@ def head_logits(head: TSLHead, history: torch.Tensor, w: torch.Tensor) -> torch.
         # too, so a candidate costs one (Z x hidden) product instead of (Z x T) + (T x hidden).
         mlp_layers, squash = head.attention
         first, *rest = mlp_layers
-        hidden = torch.bmm(w, _batch_transposed(torch.matmul(first.weight, folded))) + first.bias
+        # (W1 @ folded)^T as a linear of the constant W1 (a delegated op; W1 @ folded was a portable mm).
+        hidden = torch.bmm(w, _batched(F.linear(folded.transpose(-1, -2), first.weight))) + first.bias
         for layer in rest:
             hidden = layer(hidden)
         weights = squash(hidden)
-    context = torch.bmm(weights, history.unsqueeze(0) if history.dim() == 2 else history)
+    context = torch.bmm(weights, _batched(history))
     return head.head(torch.cat([context, w], dim=-1))
 
 
 def _batch_transposed(m: torch.Tensor) -> torch.Tensor:
     """(T, Z) -> (1, Z, T), the one-history ranking graph as before; (B, T, Z) -> (B, Z, T)."""
-    return m.t().unsqueeze(0) if m.dim() == 2 else m.transpose(1, 2)
+    return _batched(m.transpose(-1, -2))
+
+
+def _batched(m: torch.Tensor) -> torch.Tensor:
+    """A matrix as a batch of one for bmm (a view, which the delegate takes in, where an unsqueeze
+    was a copy outside it); a batch as it is."""
+    return m.view(1, *m.shape) if m.dim() == 2 else m
 
 
 def state_size(cfg) -> int:
