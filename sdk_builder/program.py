@@ -381,8 +381,9 @@ def history_constants(t: int) -> dict[str, torch.Tensor]:
     return {
         "halves": torch.tensor([0, 65536, 1]),
         "later": torch.from_numpy(np.triu(np.ones((t, t), dtype=bool), 1)),  # [i, j]: event j is more recent than i
-        "seed_weight": torch.tensor([SEED_WEIGHT // (1 + age) for age in range(t)], dtype=torch.int64),
-        "seed_key": torch.tensor([SEED_KEY + i for i in range(t)], dtype=torch.int64),  # the later event, the higher
+        # `live_positions`' sort key unit (65536) included
+        "seed_weight": torch.tensor([SEED_WEIGHT // (1 + age) * 65536 for age in range(t)], dtype=torch.int64),
+        "seed_key": torch.tensor([(SEED_KEY + i) * 65536 for i in range(t)], dtype=torch.int64),  # the later event, the higher
         "zero": torch.tensor(0),
     }
 
@@ -418,17 +419,16 @@ def live_positions(hist_slots: torch.Tensor, hist_timestamps: torch.Tensor, buil
     repeated = ((h.view(1, -1) == h.view(-1, 1)) & later).sum(1)  # later events of the same item
     seed = fresh > repeated  # a fresh event that is its item's latest
     age = (seed.view(1, -1) & later).sum(1)  # seeds more recent than this one
-    is_seed = seed.to(torch.int64)  # one cast for both products below
-    weight = c["seed_weight"][age] * is_seed
+    weight = torch.where(seed, c["seed_weight"][age], c["zero"])  # times 65536, see below
     value = count_decode[neighbor_weights[h].to(torch.int64)] * weight.view(-1, 1)  # [t, k], int64
-    score = torch.zeros_like(candidate_position, dtype=torch.int64).index_put(
-        (item_neighbors[h].to(torch.int64),), value, accumulate=True)
-    # History items are not co-visited items: they are seeds (keyed above every score, the latest
-    # first: SEED_KEY + event index) or keep their build-time place.
-    score = score.index_put((h,), c["zero"])
-    score = score.index_put((h,), c["seed_key"] * is_seed, accumulate=True)
+    # key = 65536 * score - build-time position: > 0 exactly for seeds and scored items (positions
+    # are < 32768), ties by build-time position. The 65536 is in the constants.
     build_time = candidate_position.to(torch.int64)
-    key = score * 65536 - build_time  # > 0 exactly for seeds and scored items; ties by build-time position
+    key = build_time.neg().index_put((item_neighbors[h].to(torch.int64),), value, accumulate=True)
+    # History items are not co-visited items: they are seeds (keyed above every score, the latest
+    # first: SEED_KEY + event index) or keep their build-time place (key 0).
+    key = key.index_put((h,), c["zero"])
+    key = key.index_put((h,), torch.where(seed, c["seed_key"], c["zero"]), accumulate=True)
     ordered, order = torch.topk(key, min(t * (item_neighbors.shape[1] + 1), key.shape[0]))
     moved = ordered > 0
     positions = build_time + moved.sum()
