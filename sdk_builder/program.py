@@ -282,7 +282,8 @@ class UserProgram(nn.Module):
         """The dense feature of history events: their age at the request, or their position."""
         if self.cfg.dense_feature == "position":
             return self.position_feature
-        seconds = (request_time - hist_timestamps).clamp(min=0).to(torch.float32)
+        # Clamped after the cast (the same values: the cast is monotone), so that the delegate clamps.
+        seconds = F.relu((request_time - hist_timestamps).to(torch.float32))
         return torch.log1p(seconds / SECONDS_PER_MINUTE) / TIME_FEATURE_SCALE
 
     def slots(self, item_rows: torch.Tensor) -> torch.Tensor:
