@@ -341,8 +341,10 @@ class UserProgram(nn.Module):
         # avoids a squeeze/unsqueeze copy of every (N, .) intermediate between delegates.
         items = self.item_table[candidate_slots].unsqueeze(0)
         cats = self.category_table[self.candidate_category[candidate_slots].to(torch.int64)].unsqueeze(0)
+        # u.item and u.cat as linears with a ones row (delegated, as in `history_z`; a sum over the
+        # last axis ran on the portable kernels, two passes over N x D).
         features = torch.cat([self.candidate_features[candidate_slots].unsqueeze(0),
-                              (items * u).sum(-1, keepdim=True), (cats * u).sum(-1, keepdim=True)], dim=-1)
+                              F.linear(items * u, self.ones_d), F.linear(cats * u, self.ones_d)], dim=-1)
         return unit_rows(self.candidate_rest(self.candidate_first(features) + bias_share), self.ones_z)
 
     def candidate_logits(self, history: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
