@@ -95,6 +95,9 @@ USER_CONSTANTS = ("item_slot", "item_table", "category_table", "candidate_featur
 # Integers, so that the program and the eager reference break ties identically (lcm(1..12): exact
 # 1 / (1 + age) ratios for the 12 latest seeds).
 SEED_WEIGHT = 27720
+# A seed's score in `live_positions`: above any co-visit score (at most MAX_HISTORY x k entries of
+# COUNT_DECODE[-1] * SEED_WEIGHT < 2**43), with room for the event index, and times 65536 in int64.
+SEED_KEY = 2**46
 def _candidate_x(model: TBSM) -> torch.Tensor:
     """Bottom-MLP output of a candidate: its dense feature is a constant (age 0 or position 20/21)."""
     dense = model.position_feature[-1:] if model.cfg.dense_feature == "position" else torch.zeros(1)
@@ -204,6 +207,7 @@ def slice_constants_prior(shard: Shard, layout: SliceLayout) -> dict[str, torch.
         kept = min(k, shard.neighbors.shape[1])
         neighbors[RESERVED_ROWS : RESERVED_ROWS + n_items, :kept] = slot[shard.neighbors[:, :kept]]
         codes[RESERVED_ROWS : RESERVED_ROWS + n_items, :kept] = shard.neighbor_codes[:, :kept]
+    codes[neighbors < RESERVED_ROWS] = 0  # `live_positions` relies on it: padding entries add nothing
     # Each list by slot, padding last: the program sums a list whatever its order, and a list whose
     # counts only reorder its items stores the same bytes (smaller patches).
     order = np.argsort(np.where(neighbors > 0, neighbors, np.iinfo(np.int64).max), axis=1, kind="stable")
@@ -252,12 +256,18 @@ class UserProgram(nn.Module):
         self.top = tower.top
         self.heads = model.heads
         self.combine = model.combine
-        self.register_buffer("head_visibility", model.head_visibility.clone())
+        # One (T, 1) column a head: selecting a row of the (H, T) matrix cost a copy every call.
+        self.head_visibility = [f"head_visibility_{k}" for k in range(len(model.heads))]
+        for name, visible in zip(self.head_visibility, model.head_visibility):
+            self.register_buffer(name, visible.unsqueeze(-1).clone())
         self.register_buffer("position_feature", model.position_feature[:-1].clone())
         self.register_buffer("ones_d", torch.ones(1, cfg.emb_dim))
         self.register_buffer("ones_z", torch.ones(1, cfg.z_dim))
         self.register_buffer("param_rows", torch.arange(3))
         self.register_buffer("count_decode", torch.from_numpy(COUNT_DECODE))
+        # Buffers, not tensors made in `forward`: export copies a tensor made there at every call.
+        for name, tensor in history_constants(MAX_HISTORY).items():
+            self.register_buffer(name, tensor)
 
     @classmethod
     def for_shard(cls, model: TBSM, shard: Shard, item_category: np.ndarray, layout: SliceLayout | None = None) -> UserProgram:
@@ -265,14 +275,15 @@ class UserProgram(nn.Module):
 
     def user_parts(self, user_state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(user vector (1, D), bias share (1, Z)) of the state input."""
-        emb = self.cfg.emb_dim
-        return user_state[:emb].unsqueeze(0), user_state[emb:].unsqueeze(0)
+        emb, state = self.cfg.emb_dim, user_state.view(1, -1)
+        return state[:, :emb], state[:, emb:]
 
     def event_dense(self, hist_timestamps, request_time) -> torch.Tensor:
         """The dense feature of history events: their age at the request, or their position."""
         if self.cfg.dense_feature == "position":
             return self.position_feature
-        seconds = (request_time - hist_timestamps).clamp(min=0).to(torch.float32)
+        # Clamped after the cast (the same values: the cast is monotone), so that the delegate clamps.
+        seconds = F.relu((request_time - hist_timestamps).to(torch.float32))
         return torch.log1p(seconds / SECONDS_PER_MINUTE) / TIME_FEATURE_SCALE
 
     def slots(self, item_rows: torch.Tensor) -> torch.Tensor:
@@ -289,7 +300,7 @@ class UserProgram(nn.Module):
         if self.behavior_table is not None:
             item_vec = item_vec + self.behavior_table[hist_behaviors]
         x = self.bottom(dense.unsqueeze(-1))
-        u = self.user_parts(user_state)[0].expand_as(x)
+        u = self.user_parts(user_state)[0]  # (1, D): broadcast in the products, no expanded copy
         cat_vec = self.category_table[hist_categories]
         # Products, then one linear with a ones row over the embedding axis: the 6 dot products
         # become a single delegated linear instead of 6 portable reductions (a (6 x 6D) block-sum
@@ -304,17 +315,17 @@ class UserProgram(nn.Module):
         hist_slots, candidate_slots = self.slots(hist_items), self.slots(candidates)
         history = self.history_z(hist_slots, hist_categories, hist_behaviors, hist_timestamps, request_time, user_state)
         logit = self.candidate_logits(history, self.candidate_w(candidate_slots, user_state))
-        prior = self.prior(live_positions(hist_slots, hist_timestamps, self.built_after(), self.candidate_position,
-                                          self.item_neighbors, self.neighbor_weights, self.count_decode))
-        return torch.sigmoid(logit + prior[candidate_slots].view(1, -1, 1)).reshape(-1)
+        params = self.prior_parameters()
+        constants = {name: getattr(self, name) for name in HISTORY_CONSTANTS}
+        positions = live_positions(hist_slots, hist_timestamps, built_after_of(params, constants["halves"]),
+                                   self.candidate_position, self.item_neighbors, self.neighbor_weights,
+                                   self.count_decode, constants)
+        return torch.sigmoid(logit + prior_of(positions, params)[candidate_slots].view(1, -1, 1)).reshape(-1)
 
     def prior_parameters(self) -> torch.Tensor:
         """`prior_params`, read through a gather so that it stays a stampable constant (a delegate
         would pack it into its blob)."""
         return self.prior_params[self.param_rows]
-
-    def built_after(self) -> torch.Tensor:
-        return built_after_of(self.prior_parameters())
 
     def prior(self, positions: torch.Tensor) -> torch.Tensor:
         return prior_of(positions, self.prior_parameters())
@@ -330,15 +341,16 @@ class UserProgram(nn.Module):
         # avoids a squeeze/unsqueeze copy of every (N, .) intermediate between delegates.
         items = self.item_table[candidate_slots].unsqueeze(0)
         cats = self.category_table[self.candidate_category[candidate_slots].to(torch.int64)].unsqueeze(0)
+        # u.item and u.cat as linears with a ones row (delegated, as in `history_z`; a sum over the
+        # last axis ran on the portable kernels, two passes over N x D).
         features = torch.cat([self.candidate_features[candidate_slots].unsqueeze(0),
-                              (items * u).sum(-1, keepdim=True), (cats * u).sum(-1, keepdim=True)], dim=-1)
+                              F.linear(items * u, self.ones_d), F.linear(cats * u, self.ones_d)], dim=-1)
         return unit_rows(self.candidate_rest(self.candidate_first(features) + bias_share), self.ones_z)
 
     def candidate_logits(self, history: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """Model logits (B, N, 1) of candidates `w` (B, N, Z) after a history (T, Z), or B histories (B, T, Z)."""
         logits = [
-            head_logits(head, history * visible.unsqueeze(-1), w)
-            for head, visible in zip(self.heads, self.head_visibility)
+            head_logits(head, history * getattr(self, visible), w) for head, visible in zip(self.heads, self.head_visibility)
         ]
         return logits[0] if self.combine is None else self.combine(torch.sigmoid(torch.cat(logits, dim=-1)))
 
@@ -357,10 +369,26 @@ def shard_prior(tables: dict[str, torch.Tensor], hist_items: torch.Tensor, hist_
     return prior_of(positions, params)[slots]
 
 
-def built_after_of(prior_params: torch.Tensor) -> torch.Tensor:
-    """`Shard.built_after` from `prior_params` (stored as two float32-exact halves)."""
-    halves = prior_params.to(torch.int64)
-    return halves[1] * 65536 + halves[2]
+def built_after_of(prior_params: torch.Tensor, halves: torch.Tensor | None = None) -> torch.Tensor:
+    """`Shard.built_after` from `prior_params` (stored as two float32-exact halves): b * 0 + high *
+    65536 + low, one multiply and sum (`halves`: `history_constants`' [0, 65536, 1])."""
+    halves = history_constants(0)["halves"] if halves is None else halves
+    return (prior_params.to(torch.int64) * halves).sum()
+
+
+HISTORY_CONSTANTS = ("halves", "later", "seed_weight", "seed_key", "zero")
+
+
+def history_constants(t: int) -> dict[str, torch.Tensor]:
+    """The constant tensors of `built_after_of` and `live_positions` for histories of t events."""
+    return {
+        "halves": torch.tensor([0, 65536, 1]),
+        "later": torch.from_numpy(np.triu(np.ones((t, t), dtype=bool), 1)),  # [i, j]: event j is more recent than i
+        # `live_positions`' sort key unit (65536) included
+        "seed_weight": torch.tensor([SEED_WEIGHT // (1 + age) * 65536 for age in range(t)], dtype=torch.int64),
+        "seed_key": torch.tensor([(SEED_KEY + i) * 65536 for i in range(t)], dtype=torch.int64),  # the later event, the higher
+        "zero": torch.tensor(0),
+    }
 
 
 def prior_of(positions: torch.Tensor, prior_params: torch.Tensor) -> torch.Tensor:
@@ -370,45 +398,45 @@ def prior_of(positions: torch.Tensor, prior_params: torch.Tensor) -> torch.Tenso
 
 def live_positions(hist_slots: torch.Tensor, hist_timestamps: torch.Tensor, built_after: torch.Tensor,
                    candidate_position: torch.Tensor, item_neighbors: torch.Tensor, neighbor_weights: torch.Tensor,
-                   count_decode: torch.Tensor) -> torch.Tensor:
+                   count_decode: torch.Tensor, constants: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
     """Every item's position in the shard policy's order recomputed from the history's events after
     `built_after` (the build's last event; earlier ones are already in the build-time order), int64
     [item_rows] by slot (the history's items by slot too), in the policy's tiers (`sdk_builder.shard`):
-    1. the distinct items of those events, latest first;
-    2. items co-visited after them: score = sum over distinct history items (seeds) of the co-visit
-       (decoded) count times SEED_WEIGHT // (1 + the seed's age), highest first, ties by build-time
-       position (so the slots, which depend on earlier builds, never change a position);
+    1. the distinct items of those events, latest first (seeds);
+    2. items co-visited after them: score = sum over the seeds of the co-visit (decoded) count times
+       SEED_WEIGHT // (1 + the seed's age), highest first, ties by build-time position (so the
+       slots, which depend on earlier builds, never change a position);
     3. every other item in its build-time order (`candidate_position`).
     So fresh events move their co-visited items to the top of the prior, between bundle builds.
     Integer arithmetic only: the program and the eager reference give the same positions.
-    Vectorised over the T history events and their T x k neighbours (T x k <= 20 x 8 entries); ties
-    in the sort are only between entries of one item, so its order does not matter."""
-    h = hist_slots
-    h_row, h_col = h.view(1, -1), h.view(-1, 1)
-    index = torch.arange(h.shape[0])
-    later = index.view(1, -1) > index.view(-1, 1)  # [i, j]: j is more recent than i
+
+    Co-visit entries that are reserved rows (padding) must carry code 0 (`slice_constants_prior`
+    makes them so). One sort key per item row, built by scatter-adds into an [item_rows] table:
+    tiers 1 and 2 get positive keys, in their order, everything else a key <= 0; a top-k of the
+    keys is then the new head of the order. Every op here is a value, and most an instruction, of
+    every user's program (~50-70 bytes of flatbuffer each, and fixed time a call): hence no
+    per-entry dedup or pairwise comparison of the T x k entries."""
+    h, t = hist_slots, hist_slots.shape[0]
+    c = history_constants(t) if constants is None else constants
+    later = c["later"]
     fresh = (h >= RESERVED_ROWS) & (hist_timestamps > built_after)
-    seed = fresh & (((h_row == h_col) & later).sum(1) == 0)  # each distinct item's latest event, if fresh
-    age = (seed.view(1, -1) & later).sum(1)  # distinct items more recent than this one
-    recent = seed.sum()
-    weight = (SEED_WEIGHT // (1 + age)) * seed
-    entry = item_neighbors[h].to(torch.int64).view(-1)
-    value = (count_decode[neighbor_weights[h].to(torch.int64)].to(torch.int64) * weight.view(-1, 1)).view(-1)
-    live = (entry >= RESERVED_ROWS) & (value > 0) & ((entry.view(-1, 1) == h_row).sum(1) == 0)
-    target = entry * live  # entries that are not live add 0 to, and later write back, the padding row
-    score = torch.zeros_like(candidate_position, dtype=torch.int64).index_put((target,), value * live, accumulate=True)[target]
-    # One key per item (entries of the same item share it): score first, then the earlier build-time
-    # position (distinct for shard items). Sorting the T x k entries keeps the work linear in them
-    # (comparing every pair took ~2 ms a ranking call in the native client).
-    key = torch.where(live, score * 65536 + (65535 - candidate_position[target].to(torch.int64)), -1)
-    ordered, order = torch.topk(key, key.shape[0])
-    starts = (ordered >= 0) & (ordered != torch.cat([ordered[:1] + 1, ordered[:-1]]))  # each item's first entry
-    rank = torch.zeros_like(order).scatter(0, order, torch.cumsum(starts, 0) - 1)
-    positions = candidate_position.to(torch.int64) + (recent + starts.sum())
-    # Entries and events that move nothing write the padding row's own position back to it.
-    pad = positions[PADDING_ROW]
-    positions = positions.scatter(0, target, torch.where(live, recent + rank, pad))
-    return positions.scatter(0, h * seed, torch.where(seed, age, pad))
+    repeated = ((h.view(1, -1) == h.view(-1, 1)) & later).sum(1)  # later events of the same item
+    seed = fresh > repeated  # a fresh event that is its item's latest
+    age = (seed.view(1, -1) & later).sum(1)  # seeds more recent than this one
+    weight = torch.where(seed, c["seed_weight"][age], c["zero"])  # times 65536, see below
+    value = count_decode[neighbor_weights[h].to(torch.int64)] * weight.view(-1, 1)  # [t, k], int64
+    # key = 65536 * score - build-time position: > 0 exactly for seeds and scored items (positions
+    # are < 32768), ties by build-time position. The 65536 is in the constants.
+    build_time = candidate_position.to(torch.int64)
+    key = build_time.neg().index_put((item_neighbors[h].to(torch.int64),), value, accumulate=True)
+    # History items are not co-visited items: they are seeds (keyed above every score, the latest
+    # first: SEED_KEY + event index) or keep their build-time place (key 0).
+    key = key.index_put((h,), c["zero"])
+    key = key.index_put((h,), torch.where(seed, c["seed_key"], c["zero"]), accumulate=True)
+    ordered, order = torch.topk(key, min(t * (item_neighbors.shape[1] + 1), key.shape[0]))
+    moved = ordered > 0
+    positions = build_time + moved.sum()
+    return positions.scatter(0, order, torch.where(moved, torch.arange(order.shape[0]), positions[order]))
 
 
 def unit_rows(z: torch.Tensor, ones: torch.Tensor) -> torch.Tensor:
@@ -429,7 +457,8 @@ def head_logits(head: TSLHead, history: torch.Tensor, w: torch.Tensor) -> torch.
     the portable kernels (~50 us slower at 1000 candidates).
     """
     if head.cfg.tsl_inner == "def":
-        folded = torch.matmul(torch.matmul(history, head.A.t()), head.A)
+        # history @ A^T as a linear of the constant A: a matmul with A.t() ran on the portable kernels.
+        folded = torch.matmul(F.linear(history, head.A), head.A)
     elif head.cfg.tsl_inner == "ind":
         folded = torch.matmul(history, head.A)
     else:
@@ -441,17 +470,24 @@ def head_logits(head: TSLHead, history: torch.Tensor, w: torch.Tensor) -> torch.
         # too, so a candidate costs one (Z x hidden) product instead of (Z x T) + (T x hidden).
         mlp_layers, squash = head.attention
         first, *rest = mlp_layers
-        hidden = torch.bmm(w, _batch_transposed(torch.matmul(first.weight, folded))) + first.bias
+        # (W1 @ folded)^T as a linear of the constant W1 (a delegated op; W1 @ folded was a portable mm).
+        hidden = torch.bmm(w, _batched(F.linear(folded.transpose(-1, -2), first.weight))) + first.bias
         for layer in rest:
             hidden = layer(hidden)
         weights = squash(hidden)
-    context = torch.bmm(weights, history.unsqueeze(0) if history.dim() == 2 else history)
+    context = torch.bmm(weights, _batched(history))
     return head.head(torch.cat([context, w], dim=-1))
 
 
 def _batch_transposed(m: torch.Tensor) -> torch.Tensor:
     """(T, Z) -> (1, Z, T), the one-history ranking graph as before; (B, T, Z) -> (B, Z, T)."""
-    return m.t().unsqueeze(0) if m.dim() == 2 else m.transpose(1, 2)
+    return _batched(m.transpose(-1, -2))
+
+
+def _batched(m: torch.Tensor) -> torch.Tensor:
+    """A matrix as a batch of one for bmm (a view, which the delegate takes in, where an unsqueeze
+    was a copy outside it); a batch as it is."""
+    return m.view(1, *m.shape) if m.dim() == 2 else m
 
 
 def state_size(cfg) -> int:

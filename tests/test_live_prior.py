@@ -11,7 +11,8 @@ import torch
 
 from model.tbsm import RESERVED_ROWS
 from sdk_builder.formats import MAX_HISTORY
-from sdk_builder.program import SEED_WEIGHT, live_positions, prior_tables, shard_prior, slice_constants, user_state
+from sdk_builder.program import (SEED_WEIGHT, Shard, SliceLayout, live_positions, prior_tables, shard_prior, slice_constants,
+                                 slice_constants_prior, user_state)
 from sdk_builder.runtime import load_runtime_method
 from sdk_builder.shard import CODE_SLACK, COUNT_DECODE, NEIGHBOR_SLACK, PreviousLists, encode_counts, shard_neighbors
 
@@ -70,6 +71,55 @@ def test_live_positions_follow_the_policy_tiers(seed):
                          torch.from_numpy(position.astype(np.int16)),
                          torch.from_numpy(neighbors.astype(np.int16)), torch.from_numpy(counts), torch.from_numpy(COUNT_DECODE))
     assert got.tolist() == tiers_by_hand(hist.tolist(), times.tolist(), built_after, position, neighbors, counts)
+
+
+def _live(hist, times, built_after, position, neighbors, codes):
+    return live_positions(torch.from_numpy(hist), torch.from_numpy(times), torch.tensor(built_after),
+                          torch.from_numpy(position.astype(np.int16)), torch.from_numpy(neighbors.astype(np.int16)),
+                          torch.from_numpy(codes), torch.from_numpy(COUNT_DECODE)).tolist()
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_live_positions_seed_each_item_by_its_latest_event_even_out_of_time_order(seed):
+    """The seeds are the items whose latest event (in history order) is fresh: with timestamps out of
+    order an item's fresh event followed by an older one of the same item seeds nothing."""
+    rng = np.random.default_rng(100 + seed)
+    rows, k = 30, 3
+    position = np.concatenate([[rows - 2, rows - 2], rng.permutation(rows - RESERVED_ROWS)])
+    neighbors = rng.integers(RESERVED_ROWS, rows, (rows, k))
+    neighbors[:RESERVED_ROWS] = 0
+    codes = encode_counts(rng.integers(1, 4, (rows, k)) * (neighbors >= RESERVED_ROWS))
+    hist = rng.integers(1, 8, MAX_HISTORY)  # few items: many repeats
+    times = rng.integers(1000, 1100, MAX_HISTORY)  # unsorted
+    got = _live(hist, times, 1050, position, neighbors, codes)
+    assert got == tiers_by_hand(hist.tolist(), times.tolist(), 1050, position, neighbors, codes)
+
+
+def test_live_positions_rank_every_seed_above_the_largest_co_visit_score():
+    """Every entry of every list at the largest count code, on one item: its score is the largest a
+    program can meet, and the 20 seeds still rank first, latest first (the sort keys stay in int64)."""
+    rows, k = 60, 8
+    position = np.concatenate([[rows - 2, rows - 2], np.arange(rows - RESERVED_ROWS)[::-1]])
+    neighbors = np.full((rows, k), rows - 1)
+    neighbors[:RESERVED_ROWS] = 0
+    codes = np.where(neighbors > 0, len(COUNT_DECODE) - 1, 0).astype(np.uint8)
+    hist = np.arange(RESERVED_ROWS, RESERVED_ROWS + MAX_HISTORY)
+    times = np.arange(1, MAX_HISTORY + 1) + 1000
+    got = _live(hist, times, 0, position, neighbors, codes)
+    assert got == tiers_by_hand(hist.tolist(), times.tolist(), 0, position, neighbors, codes)
+    assert got[hist[-1]] == 0 and got[hist[0]] == MAX_HISTORY - 1 and got[rows - 1] == MAX_HISTORY
+
+
+def test_padding_entries_of_the_co_visit_lists_are_stored_with_code_0():
+    """`live_positions` adds an entry's decoded count wherever it points, padding included: the
+    stored lists carry code 0 on every padding entry, whatever the shard passed."""
+    neighbors = np.array([[3, 0], [0, 0], [2, 0]])
+    codes = np.array([[5, 7], [9, 9], [4, 1]], np.uint8)
+    shard = Shard(0, np.arange(3), np.arange(2), np.arange(3), neighbors, codes)
+    stored = slice_constants_prior(shard, SliceLayout.exact(shard))
+    entries, weights = stored["item_neighbors"].numpy(), stored["neighbor_weights"].numpy()
+    assert (weights[entries < RESERVED_ROWS] == 0).all()
+    assert sorted(weights[entries >= RESERVED_ROWS].tolist()) == [4, 5]
 
 
 def test_shard_neighbors_are_the_global_lists_inside_the_shard(builder):
