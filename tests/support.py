@@ -4,6 +4,7 @@ ones, and installing the Debian packages a test needs."""
 
 from __future__ import annotations
 
+import base64
 import bisect
 import json
 import os
@@ -13,6 +14,8 @@ import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
+
+from sdk_builder.formats import encode_ids
 
 REPO = Path(__file__).resolve().parents[1]
 INPUT_ORDER = ("hist_items", "hist_categories", "hist_behaviors", "hist_timestamps", "request_time", "candidates",
@@ -26,9 +29,38 @@ def load_json(path: Path) -> Any:
     return json.loads(Path(path).read_text())
 
 
+def shard_ids(shard: dict[str, Any]) -> list[int]:
+    """The ids of a manifest's `items` / `categories` (base64 delta varints, formats.IDS_ENCODING),
+    decoded byte by byte here, apart from sdk_builder.formats, as the reference of the clients'."""
+    ids, value, shift = [], 0, 0
+    for byte in base64.b64decode(shard["ids"], validate=True):
+        value |= (byte & 0x7F) << shift
+        shift += 7
+        if not byte & 0x80:
+            ids.append(value + (ids[-1] if ids else 0))
+            value, shift = 0, 0
+    assert shift == 0, "the last varint is truncated"
+    return ids
+
+
+# Manifest id strings every client must refuse, each with a word of the one-line reason (the Kotlin and
+# Swift unit tests list the same ones; tests/test_template_contract.py checks that they do).
+BROKEN_IDS = {
+    "AQ!=": "not base64", "AQE": "not base64", "gA==": "truncated varint", "AQA=": "repeats",
+    "//////////9/AQ==": "exceeds int64", "gICAgICAgICAAQ==": "longer than 9 bytes",
+}
+
+
+def edit_shard_ids(shard: dict[str, Any], edit: Callable[[list[int]], Any]) -> None:
+    """Apply `edit` to the decoded ids of a manifest table in place, and store them encoded again."""
+    ids = shard_ids(shard)
+    edit(ids)
+    shard["ids"] = encode_ids(ids)
+
+
 def local_row(shard: dict[str, Any], global_id: int) -> int:
     """Binary search in the shard's sorted ids: ids[i] -> i + first_row, absent -> oov_row."""
-    ids = shard["ids"]
+    ids = shard_ids(shard)
     i = bisect.bisect_left(ids, global_id)
     if i < len(ids) and ids[i] == global_id:
         return i + shard["first_row"]
@@ -118,7 +150,7 @@ def python_scores_one_thread(requests: list[tuple[Path, dict[str, list[int]]]]) 
 def extra_cases(manifest: dict, golden: dict) -> dict:
     """Harder requests than the golden ones: a history longer than max_history, ids outside the shard,
     ids next to shard boundaries, every behaviour, equal timestamps. Scores are placeholders."""
-    items, cats = manifest["items"]["ids"], manifest["categories"]["ids"]
+    items, cats = shard_ids(manifest["items"]), shard_ids(manifest["categories"])
     behaviors = sorted(manifest["behaviors"])
     user = manifest["user_id"]
     t = manifest["program"]["max_history"]

@@ -57,13 +57,80 @@ std::string sha256_file(const std::string& path) {
   return out;
 }
 
-static IdShard parse_shard(const json& v) {
+static std::vector<uint8_t> decode_base64(const std::string& text) {
+  if (text.size() % 4 != 0) {
+    throw std::invalid_argument("not base64 (length " + std::to_string(text.size()) + " is not a multiple of 4)");
+  }
+  const size_t padding = text.size() >= 2 && text.compare(text.size() - 2, 2, "==") == 0 ? 2
+                         : !text.empty() && text.back() == '=' ? 1 : 0;
+  std::vector<uint8_t> out;
+  out.reserve(text.size() / 4 * 3);
+  for (size_t q = 0; q < text.size(); q += 4) {
+    uint32_t bits = 0;
+    for (size_t at = q; at < q + 4; ++at) {
+      const char c = text[at];
+      uint32_t sextet = 0;
+      if (at >= text.size() - padding) sextet = 0;
+      else if (c >= 'A' && c <= 'Z') sextet = c - 'A';
+      else if (c >= 'a' && c <= 'z') sextet = c - 'a' + 26;
+      else if (c >= '0' && c <= '9') sextet = c - '0' + 52;
+      else if (c == '+') sextet = 62;
+      else if (c == '/') sextet = 63;
+      else throw std::invalid_argument("not base64 (byte " + std::to_string(static_cast<unsigned char>(c)) + " at " + std::to_string(at) + ")");
+      bits = (bits << 6) | sextet;
+    }
+    const size_t n = q + 4 == text.size() ? 3 - padding : 3;
+    for (size_t k = 0; k < n; ++k) out.push_back(static_cast<uint8_t>(bits >> (16 - 8 * k)));
+  }
+  return out;
+}
+
+std::vector<int64_t> decode_ids(const std::string& text) {
+  constexpr int kMaxVarintBytes = 9;  // 9 x 7 = 63 bits: every id delta, like every id, fits a non-negative int64
+  const std::vector<uint8_t> bytes = decode_base64(text);
+  std::vector<int64_t> ids;
+  ids.reserve(std::count_if(bytes.begin(), bytes.end(), [](uint8_t b) { return b < 0x80; }));
+  uint64_t value = 0;
+  int shift = 0;
+  size_t start = 0;
+  for (size_t i = 0; i < bytes.size(); ++i) {
+    if (shift == 7 * kMaxVarintBytes) {
+      throw std::invalid_argument("varint " + std::to_string(ids.size()) + " (at byte " + std::to_string(start) +
+                                  ") is longer than " + std::to_string(kMaxVarintBytes) + " bytes: not an int64");
+    }
+    value |= static_cast<uint64_t>(bytes[i] & 0x7F) << shift;
+    shift += 7;
+    if (bytes[i] & 0x80) continue;
+    const int64_t previous = ids.empty() ? 0 : ids.back();
+    const int64_t delta = static_cast<int64_t>(value);  // < 2^63: at most 9 groups of 7 bits
+    if (!ids.empty() && delta == 0) {
+      throw std::invalid_argument("id " + std::to_string(ids.size()) + " repeats the one before it: ids must be sorted and unique");
+    }
+    if (delta > INT64_MAX - previous) throw std::invalid_argument("id " + std::to_string(ids.size()) + " exceeds int64");
+    ids.push_back(previous + delta);
+    value = 0;
+    shift = 0;
+    start = i + 1;
+  }
+  if (shift != 0) {
+    throw std::invalid_argument("truncated varint at byte " + std::to_string(bytes.size() - 1) +
+                                " (its high bit says more bytes follow)");
+  }
+  return ids;
+}
+
+static IdShard parse_shard(const json& v, const std::string& table) {
   IdShard s;
-  s.ids = v.at("ids").get<std::vector<int64_t>>();
+  const json& ids = v.at("ids");
+  if (!ids.is_string()) throw std::runtime_error("manifest.json " + table + ".ids: not a string (format_version 3 encodes ids)");
+  try {
+    s.ids = decode_ids(ids.get<std::string>());
+  } catch (const std::invalid_argument& e) {
+    throw std::runtime_error("manifest.json " + table + ".ids: " + e.what());
+  }
   s.first_row = v.at("first_row").get<int64_t>();
   s.oov_row = v.at("oov_row").get<int64_t>();
   s.padding_row = v.at("padding_row").get<int64_t>();
-  if (!std::is_sorted(s.ids.begin(), s.ids.end())) throw std::runtime_error("manifest ids are not sorted");
   return s;
 }
 
@@ -75,8 +142,8 @@ Manifest parse_manifest(const json& doc) {
                              " (this client reads " + std::to_string(kFormatVersion) + ")");
   }
   m.user_id = doc.at("user_id").is_null() ? kNoUser : doc.at("user_id").get<int64_t>();
-  m.items = parse_shard(doc.at("items"));
-  m.categories = parse_shard(doc.at("categories"));
+  m.items = parse_shard(doc.at("items"), "items");
+  m.categories = parse_shard(doc.at("categories"), "categories");
   m.behaviors = doc.at("behaviors").get<std::map<std::string, int64_t>>();
   const json& program = doc.at("program");
   m.method = program.at("method").get<std::string>();

@@ -49,12 +49,50 @@ public struct IdShard {
         return oovRow
     }
 
-    static func parse(_ json: JSONObject) throws -> IdShard {
-        let ids = try json.longs("ids")
-        for i in ids.indices.dropFirst() where ids[i] <= ids[i - 1] {
-            throw TbsmError.bundle("manifest ids are not sorted")
+    /// A varint holds at most 9 x 7 = 63 bits: every id delta, like every id, is a non-negative Int64.
+    static let maxVarintBytes = 9
+
+    /// manifest `table` ("items" or "categories"): its ids, decoded and checked (sorted, unique, int64).
+    static func parse(_ json: JSONObject, table: String) throws -> IdShard {
+        let ids: [Int64]
+        do {
+            ids = try decodeIds(json.string("ids"))
+        } catch TbsmError.invalidArgument(let reason) {
+            throw TbsmError.bundle("manifest.json \(table).ids: \(reason)")
         }
         return try IdShard(ids: ids, firstRow: json.long("first_row"), oovRow: json.long("oov_row"), paddingRow: json.long("padding_row"))
+    }
+
+    /// The manifest's id encoding (sdk_builder/formats.py, IDS_ENCODING): standard base64 of unsigned
+    /// LEB128 varints, the first id and then each id minus the one before it (>= 1). Throws
+    /// TbsmError.invalidArgument with a one-line reason for anything else.
+    public static func decodeIds(_ text: String) throws -> [Int64] {
+        guard let bytes = Data(base64Encoded: text) else { throw TbsmError.invalidArgument("not base64") }
+        var ids: [Int64] = []
+        ids.reserveCapacity(bytes.reduce(0) { $0 + ($1 < 0x80 ? 1 : 0) })  // a varint's last byte is the only one below 0x80
+        var value: Int64 = 0
+        var shift = 0
+        var start = 0
+        for (i, byte) in bytes.enumerated() {
+            if shift == 7 * maxVarintBytes {
+                throw TbsmError.invalidArgument("varint \(ids.count) (at byte \(start)) is longer than \(maxVarintBytes) bytes: not an int64")
+            }
+            value |= Int64(byte & 0x7F) << shift
+            shift += 7
+            if byte & 0x80 == 0 {
+                let previous = ids.last ?? 0
+                if !ids.isEmpty && value == 0 {
+                    throw TbsmError.invalidArgument("id \(ids.count) repeats the one before it: ids must be sorted and unique")
+                }
+                if value > Int64.max - previous { throw TbsmError.invalidArgument("id \(ids.count) exceeds int64") }
+                ids.append(previous + value)
+                value = 0
+                shift = 0
+                start = i + 1
+            }
+        }
+        if shift != 0 { throw TbsmError.invalidArgument("truncated varint at byte \(bytes.count - 1) (its high bit says more bytes follow)") }
+        return ids
     }
 }
 
@@ -103,7 +141,7 @@ public struct RefreshSpec {
 /// The fields of manifest.json a phone needs (sdk_builder/formats.py: Manifest). `sha256` is the hash of
 /// manifest.json itself: a refreshed user state is kept only for the bundle it was refreshed with.
 public struct BundleManifest {
-    public static let supportedFormatVersion = 2
+    public static let supportedFormatVersion = 3
     public static let inputNames = [
         "hist_items", "hist_categories", "hist_behaviors", "hist_timestamps", "request_time", "candidates",
         "user_state",
@@ -151,8 +189,8 @@ public struct BundleManifest {
         return try BundleManifest(
             formatVersion: version,
             userId: json.values["user_id"] is NSNull ? nil : json.long("user_id"),
-            items: IdShard.parse(json.object("items")),
-            categories: IdShard.parse(json.object("categories")),
+            items: IdShard.parse(json.object("items"), table: "items"),
+            categories: IdShard.parse(json.object("categories"), table: "categories"),
             behaviors: json.longMap("behaviors"),
             method: program.string("method"),
             maxHistory: maxHistory,

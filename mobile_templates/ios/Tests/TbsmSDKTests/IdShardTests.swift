@@ -19,4 +19,25 @@ final class IdShardTests: XCTestCase {
         for (i, id) in manifest.items.ids.enumerated() { XCTAssertEqual(manifest.items.row(id), Int64(i) + manifest.items.firstRow) }
         for (i, id) in manifest.categories.ids.enumerated() { XCTAssertEqual(manifest.categories.row(id), Int64(i) + manifest.categories.firstRow) }
     }
+
+    func testDecodesTheManifestIdEncoding() throws {
+        // sdk_builder.formats.encode_ids of these ids: 1-, 2- and 9-byte varints, up to the largest int64.
+        let ids: [Int64] = [5, 127, 128, 300, 16383, 16384, 1 << 62, Int64.max]
+        XCTAssertEqual(try IdShard.decodeIds("BXoBrAHTfQGAgP///////z///////////z8="), ids)
+        XCTAssertEqual(try IdShard.decodeIds(""), [])
+    }
+
+    func testBrokenIdEncodingsFailNamingTheField() {
+        let broken = [
+            ("AQ!=", "not base64"), ("AQE", "not base64"), ("gA==", "truncated varint"), ("AQA=", "repeats"),
+            ("//////////9/AQ==", "exceeds int64"), ("gICAgICAgICAAQ==", "longer than 9 bytes"),
+        ]
+        for (text, reason) in broken {
+            let shard = JSONObject(["ids": text, "first_row": 2, "oov_row": 1, "padding_row": 0])
+            XCTAssertThrowsError(try IdShard.parse(shard, table: "items")) { error in
+                let message = "\(error)"
+                XCTAssertTrue(message.hasPrefix("manifest.json items.ids: ") && message.contains(reason) && !message.contains("\n"), message)
+            }
+        }
+    }
 }

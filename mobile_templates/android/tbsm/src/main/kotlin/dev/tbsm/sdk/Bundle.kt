@@ -16,13 +16,70 @@ class IdShard(val ids: LongArray, val firstRow: Long, val oovRow: Long, val padd
     }
 
     companion object {
-        fun parse(json: JSONObject): IdShard {
-            val array = json.getJSONArray("ids")
-            val ids = LongArray(array.length()) { array.getLong(it) }
-            for (i in 1 until ids.size) {
-                if (ids[i] <= ids[i - 1]) throw BundleException("manifest ids are not sorted")
+        /** A varint holds at most 9 x 7 = 63 bits: every id delta, like every id, is a non-negative Long. */
+        private const val MAX_VARINT_BYTES = 9
+        private const val BASE64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+
+        /** manifest [table] ("items" or "categories"): its ids, decoded and checked (sorted, unique, int64). */
+        fun parse(json: JSONObject, table: String): IdShard {
+            val ids = try {
+                decodeIds(json.getString("ids"))
+            } catch (e: IllegalArgumentException) {
+                throw BundleException("manifest.json $table.ids: ${e.message}")
             }
             return IdShard(ids, json.getLong("first_row"), json.getLong("oov_row"), json.getLong("padding_row"))
+        }
+
+        /**
+         * The manifest's id encoding (sdk_builder/formats.py, IDS_ENCODING): standard base64 of unsigned
+         * LEB128 varints, the first id and then each id minus the one before it (>= 1). Throws
+         * IllegalArgumentException with a one-line reason for anything else.
+         */
+        fun decodeIds(text: String): LongArray {
+            val bytes = decodeBase64(text)
+            val ids = LongArray(bytes.count { it >= 0 }) // a varint's last byte is the only one with the high bit clear
+            var n = 0
+            var value = 0L
+            var shift = 0
+            var start = 0
+            for ((i, byte) in bytes.withIndex()) {
+                if (shift == 7 * MAX_VARINT_BYTES) {
+                    throw IllegalArgumentException("varint $n (at byte $start) is longer than $MAX_VARINT_BYTES bytes: not an int64")
+                }
+                val b = byte.toInt() and 0xFF
+                value = value or ((b and 0x7F).toLong() shl shift)
+                shift += 7
+                if (b and 0x80 == 0) {
+                    val previous = if (n == 0) 0L else ids[n - 1]
+                    if (n > 0 && value == 0L) throw IllegalArgumentException("id $n repeats the one before it: ids must be sorted and unique")
+                    if (value > Long.MAX_VALUE - previous) throw IllegalArgumentException("id $n exceeds int64")
+                    ids[n++] = previous + value
+                    value = 0L
+                    shift = 0
+                    start = i + 1
+                }
+            }
+            if (shift != 0) throw IllegalArgumentException("truncated varint at byte ${bytes.size - 1} (its high bit says more bytes follow)")
+            return ids
+        }
+
+        /** RFC 4648 base64 with padding (java.util.Base64 needs API 26, the library supports 24). */
+        private fun decodeBase64(text: String): ByteArray {
+            if (text.length % 4 != 0) throw IllegalArgumentException("not base64 (length ${text.length} is not a multiple of 4)")
+            val padding = if (text.endsWith("==")) 2 else if (text.endsWith("=")) 1 else 0
+            val out = ByteArray(text.length / 4 * 3 - padding)
+            var o = 0
+            for (q in 0 until text.length / 4) {
+                var bits = 0
+                for (k in 0 until 4) {
+                    val at = 4 * q + k
+                    val sextet = if (at >= text.length - padding) 0 else BASE64.indexOf(text[at])
+                    if (sextet < 0) throw IllegalArgumentException("not base64 (character '${text[at]}' at $at)")
+                    bits = (bits shl 6) or sextet
+                }
+                for (k in 0 until 3) if (o < out.size) out[o++] = (bits shr (16 - 8 * k)).toByte()
+            }
+            return out
         }
     }
 }
@@ -85,7 +142,7 @@ class BundleManifest(
         get() = refresh?.let { maxOf(it.events, it.everyEvents) } ?: maxHistory
 
     companion object {
-        const val FORMAT_VERSION = 2
+        const val FORMAT_VERSION = 3
         val INPUT_NAMES = listOf(
             "hist_items", "hist_categories", "hist_behaviors", "hist_timestamps", "request_time", "candidates",
             "user_state",
@@ -116,8 +173,8 @@ class BundleManifest(
             return BundleManifest(
                 formatVersion = version,
                 userId = if (json.get("user_id") == JSONObject.NULL) null else json.getLong("user_id"),
-                items = IdShard.parse(json.getJSONObject("items")),
-                categories = IdShard.parse(json.getJSONObject("categories")),
+                items = IdShard.parse(json.getJSONObject("items"), "items"),
+                categories = IdShard.parse(json.getJSONObject("categories"), "categories"),
                 behaviors = behaviors.keys().asSequence().associateWith { behaviors.getLong(it) },
                 method = program.getString("method"),
                 maxHistory = maxHistory,

@@ -1,6 +1,10 @@
 package dev.tbsm.sdk
 
+import org.json.JSONObject
+import org.junit.Assert.assertArrayEquals
 import org.junit.Assert.assertEquals
+import org.junit.Assert.assertThrows
+import org.junit.Assert.assertTrue
 import org.junit.Test
 
 class IdShardTest {
@@ -23,5 +27,27 @@ class IdShardTest {
         val manifest = BundleManifest.load(TestBundles.realBundle())
         for ((i, id) in manifest.items.ids.withIndex()) assertEquals(i + manifest.items.firstRow, manifest.items.row(id))
         for ((i, id) in manifest.categories.ids.withIndex()) assertEquals(i + manifest.categories.firstRow, manifest.categories.row(id))
+    }
+
+    @Test
+    fun decodesTheManifestIdEncoding() {
+        // sdk_builder.formats.encode_ids of these ids: 1-, 2- and 9-byte varints, up to the largest int64.
+        val ids = longArrayOf(5, 127, 128, 300, 16383, 16384, 1L shl 62, Long.MAX_VALUE)
+        assertArrayEquals(ids, IdShard.decodeIds("BXoBrAHTfQGAgP///////z///////////z8="))
+        assertArrayEquals(longArrayOf(), IdShard.decodeIds(""))
+    }
+
+    @Test
+    fun brokenIdEncodingsFailNamingTheField() {
+        val broken = mapOf(
+            "AQ!=" to "not base64", "AQE" to "not base64", "gA==" to "truncated varint", "AQA=" to "repeats",
+            "//////////9/AQ==" to "exceeds int64", "gICAgICAgICAAQ==" to "longer than 9 bytes",
+        )
+        for ((text, reason) in broken) {
+            val shard = JSONObject().put("ids", text).put("first_row", 2).put("oov_row", 1).put("padding_row", 0)
+            val e = assertThrows(BundleException::class.java) { IdShard.parse(shard, "items") }
+            val message = e.message!!
+            assertTrue(message, message.startsWith("manifest.json items.ids: ") && reason in message && '\n' !in message)
+        }
     }
 }
