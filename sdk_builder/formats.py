@@ -17,7 +17,6 @@ import re
 from enum import Enum
 from typing import Annotated, Any, Literal
 
-import numpy as np
 from pydantic import (
     BaseModel, ConfigDict, Field, PlainSerializer, PlainValidator, StringConstraints, ValidationError, WithJsonSchema,
     model_validator,
@@ -170,6 +169,8 @@ IDS_ENCODING = (
 def encode_ids(ids) -> str:
     """Strictly increasing non-negative ids as a manifest stores them (IDS_ENCODING): ~2 bytes an id
     in a shard of 1000 items instead of ~8 as a JSON list."""
+    import numpy as np  # here, not at the top: the CLI imports this module at start-up, before any bundle
+
     values = np.asarray(ids, dtype=np.int64).reshape(-1)
     if not len(values):
         return ""
@@ -188,6 +189,7 @@ def encode_ids(ids) -> str:
 
 def decode_ids(text: str) -> list[int]:
     """The ids `encode_ids` wrote; a ValueError with a one-line reason for anything else."""
+    import numpy as np
     try:
         data = base64.b64decode(text.encode("ascii"), validate=True)
     except (UnicodeEncodeError, binascii.Error) as exc:
@@ -346,6 +348,8 @@ def shortest_float32(values) -> list[float]:
     """float32 values as the doubles of their shortest decimals that read back as the same float32
     (numpy's shortest repr): ~9 digits in JSON where the exact double takes ~17, within half a float32
     ulp of it (far inside any golden tolerance)."""
+    import numpy as np
+
     return [float(str(np.float32(v))) for v in values]
 
 
