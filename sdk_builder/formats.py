@@ -180,8 +180,8 @@ def encode_ids(ids) -> str:
     deltas = deltas.astype(np.uint64)
     shifts = np.arange(MAX_VARINT_BYTES, dtype=np.uint64) * np.uint64(7)
     groups = (deltas[:, None] >> shifts) & np.uint64(0x7F)  # [n, 9]: 7-bit groups, least significant first
-    length = np.maximum(1, MAX_VARINT_BYTES - np.argmax((groups != 0)[:, ::-1], axis=1))
-    length[~(groups != 0).any(axis=1)] = 1
+    nonzero = groups != 0
+    length = np.where(nonzero.any(axis=1), MAX_VARINT_BYTES - np.argmax(nonzero[:, ::-1], axis=1), 1)  # 0 takes a byte
     position = np.arange(MAX_VARINT_BYTES)
     groups |= np.where(position < (length - 1)[:, None], np.uint64(0x80), np.uint64(0))
     return base64.b64encode(groups[position < length[:, None]].astype(np.uint8).tobytes()).decode("ascii")
@@ -190,6 +190,7 @@ def encode_ids(ids) -> str:
 def decode_ids(text: str) -> list[int]:
     """The ids `encode_ids` wrote; a ValueError with a one-line reason for anything else."""
     import numpy as np
+
     try:
         data = base64.b64decode(text.encode("ascii"), validate=True)
     except (UnicodeEncodeError, binascii.Error) as exc:

@@ -190,6 +190,22 @@ def test_any_id_string_decodes_to_sorted_int64_ids_or_a_one_line_error(data):
         assert ids == sorted(set(ids)) and all(0 <= i <= INT64_MAX for i in ids) and decode_ids(encode_ids(ids)) == ids
 
 
+def test_golden_scores_are_written_in_float32s_shortest_digits():
+    """Fewer bytes, same float32 values: what a client narrows each score to is the program's own."""
+    import numpy as np
+
+    from sdk_builder.formats import GoldenSet
+
+    scores = np.array([0.1, 0.008161816745996475, 1 / 3, 1e-12, 0.0, 1.0], np.float32)
+    golden = GoldenSet.model_validate({"tolerance": 1e-5, "cases": [
+        {"name": "c", "history": {"user_id": 1, "events": []}, "request_time": 0, "candidates": [1] * 6,
+         "scores": scores.tolist()}]})
+    text = golden.to_json()
+    assert '"scores":[0.1,0.008161817,0.33333334,1e-12,0.0,1.0]' in text, text
+    again = GoldenSet.model_validate_json(text)
+    assert np.array_equal(np.asarray(again.cases[0].scores, np.float32), scores) and again.to_json() == text
+
+
 def test_max_history_must_be_the_programs(built_bundle, tmp_path, history):
     bundle = copy_of(built_bundle, tmp_path)
     edit_manifest(bundle, lambda m: m["program"].__setitem__("max_history", 5))
