@@ -217,7 +217,7 @@ def main() -> None:
          f"int8 <= {SIZE_TARGET:,} B", tot8[1] <= SIZE_TARGET),
         ("where the largest int8 bundle's bytes go",
          "; ".join(f"{k} {v:,}" for k, v in sorted(groups.items(), key=lambda kv: -kv[1])), "-", None),
-        ("manifest items.ids: delta-varint base64 (format_version 3) vs a JSON list (format_version 2)",
+        ("manifest items.ids: delta-coded 3-byte units in base64 (format_version 3) vs a JSON list (format_version 2)",
          f"{ids_stored:,} B vs {ids_as_list:,} B", "-", None),
         ("test AUC, same points: full fp32 eager model / fp32 per-user programs / int8 per-user programs (runtime)",
          f"{auc_full:.4f} / {auc_fp32:.4f} / {auc_int8:.4f} on {len(points)} points of {n_users} users "

@@ -11,7 +11,6 @@ agree with them.
 from __future__ import annotations
 
 import base64
-import binascii
 import json
 import re
 from enum import Enum
@@ -22,7 +21,7 @@ from pydantic import (
     model_validator,
 )
 
-# 3: manifest items.ids / categories.ids are base64 delta varints (`encode_ids`), no longer JSON lists.
+# 3: manifest items.ids / categories.ids are base64 delta-encoded 3-byte units (`encode_ids`), no longer JSON lists.
 BUNDLE_FORMAT_VERSION = 3
 MAX_HISTORY = 20
 MAX_CANDIDATES = 4096
@@ -156,19 +155,26 @@ class ProgramSpec(BaseModel):
     )
 
 
-# A varint holds at most 9 x 7 = 63 bits: every delta, like every id, fits a non-negative int64.
-MAX_VARINT_BYTES = 9
+# Each value (the first id, then each difference) in 23-bit groups, least significant first, one group
+# a 3-byte unit: base64 turns every 3 bytes into 4 characters, so an id entering or leaving the shard
+# changes only its own and its neighbour's characters and the rest of the text stays aligned (delta
+# patches copy it). 3 units hold 69 bits: every delta, like every id, fits a non-negative int64.
+ID_UNIT_BITS = 23
+ID_UNIT_MORE = 1 << ID_UNIT_BITS
+MAX_ID_UNITS = 3
+BASE64_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
 IDS_ENCODING = (
     "Sorted, unique, non-negative int64 ids, stored compactly: the first id, then each id minus the one "
-    "before it (>= 1), each value an unsigned LEB128 varint (7 bits a byte, least significant first, high "
-    f"bit set on every byte but a value's last; at most {MAX_VARINT_BYTES} bytes), all the bytes in standard "
-    "base64 with padding (RFC 4648 section 4); no ids: the empty string."
+    f"before it (>= 1). Each value is split into {ID_UNIT_BITS}-bit groups, least significant first, "
+    f"as few as hold it (at most {MAX_ID_UNITS}; 0 takes one); each group is one 3-byte unit, big-endian, "
+    f"group | 0x800000 if more groups of the value follow. The units' bytes in standard base64 (RFC 4648 "
+    "section 4), which for whole units is 4 characters a unit and never padded; no ids: the empty string."
 )
 
 
 def encode_ids(ids) -> str:
-    """Strictly increasing non-negative ids as a manifest stores them (IDS_ENCODING): ~2 bytes an id
-    in a shard of 1000 items instead of ~8 as a JSON list."""
+    """Strictly increasing non-negative ids as a manifest stores them (IDS_ENCODING): 4 characters an id
+    in a shard of 1000 items (differences below 2**23) instead of ~8 as a JSON list."""
     import numpy as np  # here, not at the top: the CLI imports this module at start-up, before any bundle
 
     values = np.asarray(ids, dtype=np.int64).reshape(-1)
@@ -178,37 +184,43 @@ def encode_ids(ids) -> str:
     if values[0] < 0 or (deltas[1:] <= 0).any():
         raise ValueError("ids must be non-negative, sorted and unique")
     deltas = deltas.astype(np.uint64)
-    shifts = np.arange(MAX_VARINT_BYTES, dtype=np.uint64) * np.uint64(7)
-    groups = (deltas[:, None] >> shifts) & np.uint64(0x7F)  # [n, 9]: 7-bit groups, least significant first
-    nonzero = groups != 0
-    length = np.where(nonzero.any(axis=1), MAX_VARINT_BYTES - np.argmax(nonzero[:, ::-1], axis=1), 1)  # 0 takes a byte
-    position = np.arange(MAX_VARINT_BYTES)
-    groups |= np.where(position < (length - 1)[:, None], np.uint64(0x80), np.uint64(0))
-    return base64.b64encode(groups[position < length[:, None]].astype(np.uint8).tobytes()).decode("ascii")
+    position = np.arange(MAX_ID_UNITS)
+    groups = (deltas[:, None] >> (position * ID_UNIT_BITS).astype(np.uint64)) & np.uint64(ID_UNIT_MORE - 1)
+    length = 1 + (deltas >= 1 << ID_UNIT_BITS) + (deltas >= 1 << 2 * ID_UNIT_BITS)  # 0 takes a unit
+    groups |= np.where(position < (length - 1)[:, None], np.uint64(ID_UNIT_MORE), np.uint64(0))
+    units = groups[position < length[:, None]].astype(">u4").view(np.uint8).reshape(-1, 4)[:, 1:]
+    return base64.b64encode(units.tobytes()).decode("ascii")
 
 
 def decode_ids(text: str) -> list[int]:
     """The ids `encode_ids` wrote; a ValueError with a one-line reason for anything else."""
     import numpy as np
 
-    try:
-        data = base64.b64decode(text.encode("ascii"), validate=True)
-    except (UnicodeEncodeError, binascii.Error) as exc:
-        raise ValueError(f"not base64 ({exc})") from None
-    if not data:
+    if not re.fullmatch("[A-Za-z0-9+/]*", text):
+        bad = next(i for i, c in enumerate(text) if c not in BASE64_ALPHABET)
+        raise ValueError(f"not base64 (character {text[bad]!r} at {bad}; whole units are never padded)")
+    if len(text) % 4:
+        raise ValueError(f"truncated unit: {len(text)} characters is not a whole number of 4-character units")
+    if not text:
         return []
-    stream = np.frombuffer(data, dtype=np.uint8)
-    if stream[-1] & 0x80:
-        raise ValueError(f"truncated varint at byte {len(stream) - 1} (its high bit says more bytes follow)")
-    ends = np.flatnonzero(stream < 0x80)
+    b = np.frombuffer(base64.b64decode(text), dtype=np.uint8).reshape(-1, 3).astype(np.uint32)
+    units = b[:, 0] << 16 | b[:, 1] << 8 | b[:, 2]
+    more = units >= ID_UNIT_MORE
+    if more[-1]:
+        raise ValueError(f"truncated value: its last unit ({len(units) - 1}) says more units follow")
+    ends = np.flatnonzero(~more)
     starts = np.concatenate([[0], ends[:-1] + 1])
     lengths = ends - starts + 1
-    if lengths.max() > MAX_VARINT_BYTES:
-        bad = int(np.argmax(lengths > MAX_VARINT_BYTES))
-        raise ValueError(f"varint {bad} (at byte {starts[bad]}) is longer than {MAX_VARINT_BYTES} bytes: not an int64")
-    position = np.arange(len(stream)) - np.repeat(starts, lengths)
-    bits = (stream & 0x7F).astype(np.uint64) << (position.astype(np.uint64) * np.uint64(7))
-    deltas = np.add.reduceat(bits, starts)  # the groups of a varint have disjoint bits: the sum is their OR
+    if lengths.max() > MAX_ID_UNITS:
+        k = int(np.argmax(lengths > MAX_ID_UNITS))
+        raise ValueError(f"value {k} (at unit {starts[k]}) has more than {MAX_ID_UNITS} units: not an int64")
+    position = np.arange(len(units)) - np.repeat(starts, lengths)
+    groups = (units & (ID_UNIT_MORE - 1)).astype(np.uint64)
+    # A last group with bits from 63 - 46 = 17 up makes a value of 2**63 or more (and would shift out of 64 bits).
+    too_big = (position == MAX_ID_UNITS - 1) & (groups >> np.uint64(63 - (MAX_ID_UNITS - 1) * ID_UNIT_BITS) != 0)
+    if too_big.any():
+        raise ValueError(f"id {int(np.searchsorted(ends, np.argmax(too_big)))} exceeds int64")
+    deltas = np.add.reduceat(groups << (position * ID_UNIT_BITS).astype(np.uint64), starts)  # disjoint bits: sum = OR
     if (deltas[1:] == 0).any():
         raise ValueError(f"id {int(np.argmax(deltas[1:] == 0)) + 1} repeats the one before it: ids must be sorted and unique")
     ids = np.cumsum(deltas)  # each delta < 2**63, so the first sum past INT64_MAX is still exact
@@ -219,7 +231,7 @@ def decode_ids(text: str) -> list[int]:
 
 def _ids_of_manifest(value: Any) -> list[int]:
     if not isinstance(value, str):
-        raise ValueError(f"must be a string of base64 delta varints (format_version {BUNDLE_FORMAT_VERSION}), "
+        raise ValueError(f"must be a string of base64 id units (format_version {BUNDLE_FORMAT_VERSION}), "
                          f"not {type(value).__name__}")
     return decode_ids(value)
 

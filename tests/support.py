@@ -4,11 +4,11 @@ ones, and installing the Debian packages a test needs."""
 
 from __future__ import annotations
 
-import base64
 import bisect
 import json
 import os
 import shutil
+import string
 import subprocess
 import sys
 import tempfile
@@ -29,25 +29,35 @@ def load_json(path: Path) -> Any:
     return json.loads(Path(path).read_text())
 
 
+BASE64_ALPHABET = string.ascii_uppercase + string.ascii_lowercase + string.digits + "+/"  # RFC 4648
+
+
 def shard_ids(shard: dict[str, Any]) -> list[int]:
-    """The ids of a manifest's `items` / `categories` (base64 delta varints, formats.IDS_ENCODING),
-    decoded byte by byte here, apart from sdk_builder.formats, as the reference of the clients'."""
+    """The ids of a manifest's `items` / `categories` (base64 id units, formats.IDS_ENCODING), decoded
+    unit by unit straight off the characters here, apart from sdk_builder.formats, as the reference of
+    the clients' (a big-endian 3-byte unit is exactly 4 base64 characters, the first the most significant)."""
+    text = shard["ids"]
+    assert len(text) % 4 == 0, "a truncated unit"
     ids, value, shift = [], 0, 0
-    for byte in base64.b64decode(shard["ids"], validate=True):
-        value |= (byte & 0x7F) << shift
-        shift += 7
-        if not byte & 0x80:
+    for start in range(0, len(text), 4):
+        unit = 0
+        for char in text[start : start + 4]:
+            unit = unit << 6 | BASE64_ALPHABET.index(char)
+        value |= (unit & 0x7FFFFF) << shift
+        shift += 23
+        if not unit & 0x800000:
             ids.append(value + (ids[-1] if ids else 0))
             value, shift = 0, 0
-    assert shift == 0, "the last varint is truncated"
+    assert shift == 0, "the last value is truncated"
     return ids
 
 
 # Manifest id strings every client must refuse, each with a word of the one-line reason (the Kotlin and
 # Swift unit tests list the same ones; tests/test_template_contract.py checks that they do).
 BROKEN_IDS = {
-    "AQ!=": "not base64", "AQE": "not base64", "gA==": "truncated varint", "AQA=": "repeats",
-    "//////////9/AQ==": "exceeds int64", "gICAgICAgICAAQ==": "longer than 9 bytes",
+    "AAA!": "not base64", "AAA=": "not base64", "AAAAAA": "truncated unit", "gAAA": "truncated value",
+    "AAABAAAA": "repeats", "gAAAgAAAgAAAAAAA": "more than 3 units", "////////AgAA": "exceeds int64",
+    "////////Af//AAAB": "exceeds int64",
 }
 
 

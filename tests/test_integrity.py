@@ -171,9 +171,25 @@ def test_broken_id_encodings_fail_in_one_line_naming_the_file_and_field(built_bu
 
 @settings(max_examples=300, deadline=None, derandomize=True)
 @given(ids=st.lists(st.integers(0, INT64_MAX), max_size=40, unique=True).map(sorted))
-def test_id_encoding_round_trips_and_agrees_with_the_byte_by_byte_decoder(ids):
+def test_id_encoding_round_trips_and_agrees_with_the_unit_by_unit_decoder(ids):
     text = encode_ids(ids)
     assert decode_ids(text) == ids == shard_ids({"ids": text})
+    units = sum(1 + (d >= 2**23) + (d >= 2**46) for d in (b - a for a, b in zip([0] + ids, ids)))
+    assert len(text) == 4 * units and "=" not in text  # whole units: 4 characters each, never padded
+
+
+@settings(max_examples=200, deadline=None, derandomize=True)
+@given(ids=st.lists(st.integers(0, 2**40), min_size=1, max_size=60, unique=True).map(sorted),
+       new=st.integers(0, 2**40))
+def test_an_id_entering_the_shard_rewrites_only_the_text_next_to_it(ids, new):
+    """Delta patches copy what did not move: the text before the new id's units and after its
+    successor's (the only difference that changes) must be the old text's, whatever the sizes."""
+    if new in ids:
+        return
+    before, after = encode_ids(ids), encode_ids(sorted(ids + [new]))
+    prefix = len(os.path.commonprefix([before, after]))
+    suffix = len(os.path.commonprefix([before[::-1], after[::-1]]))
+    assert len(after) - min(prefix + suffix, len(before)) <= 4 * 3 * 2  # at most 2 values of at most 3 units
 
 
 @settings(max_examples=300, deadline=None, derandomize=True)
@@ -181,7 +197,8 @@ def test_id_encoding_round_trips_and_agrees_with_the_byte_by_byte_decoder(ids):
 def test_any_id_string_decodes_to_sorted_int64_ids_or_a_one_line_error(data):
     import base64
 
-    for text in (base64.b64encode(data).decode(), data.decode("latin-1")):
+    whole_units = base64.b64encode(data[: len(data) // 3 * 3]).decode()
+    for text in (whole_units, base64.b64encode(data).decode(), data.decode("latin-1")):
         try:
             ids = decode_ids(text)
         except ValueError as exc:

@@ -237,8 +237,10 @@ def test_init_mobile_scaffolds_projects_with_a_verified_bundle(built_bundle, tmp
     assert again.returncode != 0 and "not empty" in again.stderr.strip().splitlines()[-1]
 
 
-# The ids the Kotlin and Swift unit tests decode (1-, 2- and 9-byte varints, up to the largest int64).
-ID_VECTOR = ([5, 127, 128, 300, 16383, 16384, 2**62, 2**63 - 1], "BXoBrAHTfQGAgP///////z///////////z8=")
+# The ids the Kotlin and Swift unit tests decode: differences of 1, 2 and 3 units (2**23 - 1 the largest
+# of one unit, 2**23 the smallest of two), up to the largest int64.
+ID_VECTOR = ([5, 6, 300, 300 + 2**23 - 1, 300 + 2**24 - 1, 2**46 + 7, 2**62, 2**63 - 1],
+             "AAAFAAABAAEmf///gAAAAAAB//7cf//9///5////AP/+////////AP//")
 
 
 def test_clients_test_the_id_encoding_the_builder_writes():
@@ -255,6 +257,13 @@ def test_clients_test_the_id_encoding_the_builder_writes():
     for broken, reason in BROKEN_IDS.items():
         with pytest.raises(ValueError, match=reason):
             formats.decode_ids(broken)
+
+
+def test_the_worked_id_example_of_the_docs_is_what_the_builder_writes():
+    doc = (REPO / "docs" / "bundle-format.md").read_text()
+    example = re.search(r"Example: ids `\[([0-9, ]+)\]`.*?-> `\"([A-Za-z0-9+/]*)\"`", doc, re.S)
+    assert example, "docs/bundle-format.md has no worked example of the id encoding"
+    assert formats.encode_ids([int(i) for i in example[1].split(",")]) == example[2]
 
 
 def test_clients_agree_on_the_patch_format():

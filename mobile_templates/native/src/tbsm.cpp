@@ -57,64 +57,63 @@ std::string sha256_file(const std::string& path) {
   return out;
 }
 
-static std::vector<uint8_t> decode_base64(const std::string& text) {
-  if (text.size() % 4 != 0) {
-    throw std::invalid_argument("not base64 (length " + std::to_string(text.size()) + " is not a multiple of 4)");
-  }
-  const size_t padding = text.size() >= 2 && text.compare(text.size() - 2, 2, "==") == 0 ? 2
-                         : !text.empty() && text.back() == '=' ? 1 : 0;
-  std::vector<uint8_t> out;
-  out.reserve(text.size() / 4 * 3);
-  for (size_t q = 0; q < text.size(); q += 4) {
-    uint32_t bits = 0;
-    for (size_t at = q; at < q + 4; ++at) {
-      const char c = text[at];
-      uint32_t sextet = 0;
-      if (at >= text.size() - padding) sextet = 0;
-      else if (c >= 'A' && c <= 'Z') sextet = c - 'A';
-      else if (c >= 'a' && c <= 'z') sextet = c - 'a' + 26;
-      else if (c >= '0' && c <= '9') sextet = c - '0' + 52;
-      else if (c == '+') sextet = 62;
-      else if (c == '/') sextet = 63;
-      else throw std::invalid_argument("not base64 (byte " + std::to_string(static_cast<unsigned char>(c)) + " at " + std::to_string(at) + ")");
-      bits = (bits << 6) | sextet;
-    }
-    const size_t n = q + 4 == text.size() ? 3 - padding : 3;
-    for (size_t k = 0; k < n; ++k) out.push_back(static_cast<uint8_t>(bits >> (16 - 8 * k)));
-  }
-  return out;
-}
-
 std::vector<int64_t> decode_ids(const std::string& text) {
-  constexpr int kMaxVarintBytes = 9;  // 9 x 7 = 63 bits: every id delta, like every id, fits a non-negative int64
-  const std::vector<uint8_t> bytes = decode_base64(text);
+  constexpr int kMaxUnits = 3;  // 3 x 23 = 69 bits: every id delta, like every id, fits a non-negative int64
+  constexpr int kUnitBits = 23;
+  constexpr uint32_t kMore = 1u << kUnitBits;
+  std::vector<uint32_t> sextets;
+  sextets.reserve(text.size());
+  for (size_t at = 0; at < text.size(); ++at) {
+    const char c = text[at];
+    if (c >= 'A' && c <= 'Z') sextets.push_back(c - 'A');
+    else if (c >= 'a' && c <= 'z') sextets.push_back(c - 'a' + 26);
+    else if (c >= '0' && c <= '9') sextets.push_back(c - '0' + 52);
+    else if (c == '+') sextets.push_back(62);
+    else if (c == '/') sextets.push_back(63);
+    else throw std::invalid_argument("not base64 (byte " + std::to_string(static_cast<unsigned char>(c)) + " at " +
+                                     std::to_string(at) + "; whole units are never padded)");
+  }
+  if (sextets.size() % 4 != 0) {
+    throw std::invalid_argument("truncated unit: " + std::to_string(sextets.size()) +
+                                " characters is not a whole number of 4-character units");
+  }
+  // A big-endian 3-byte unit is exactly 4 base64 characters, the first the most significant.
+  std::vector<uint32_t> units(sextets.size() / 4);
+  for (size_t u = 0; u < units.size(); ++u) {
+    units[u] = sextets[4 * u] << 18 | sextets[4 * u + 1] << 12 | sextets[4 * u + 2] << 6 | sextets[4 * u + 3];
+  }
   std::vector<int64_t> ids;
-  ids.reserve(std::count_if(bytes.begin(), bytes.end(), [](uint8_t b) { return b < 0x80; }));
+  ids.reserve(std::count_if(units.begin(), units.end(), [](uint32_t u) { return u < kMore; }));
   uint64_t value = 0;
-  int shift = 0;
+  int groups = 0;
   size_t start = 0;
-  for (size_t i = 0; i < bytes.size(); ++i) {
-    if (shift == 7 * kMaxVarintBytes) {
-      throw std::invalid_argument("varint " + std::to_string(ids.size()) + " (at byte " + std::to_string(start) +
-                                  ") is longer than " + std::to_string(kMaxVarintBytes) + " bytes: not an int64");
+  for (size_t u = 0; u < units.size(); ++u) {
+    if (groups == kMaxUnits) {
+      throw std::invalid_argument("value " + std::to_string(ids.size()) + " (at unit " + std::to_string(start) +
+                                  ") has more than " + std::to_string(kMaxUnits) + " units: not an int64");
     }
-    value |= static_cast<uint64_t>(bytes[i] & 0x7F) << shift;
-    shift += 7;
-    if (bytes[i] & 0x80) continue;
+    const uint64_t group = units[u] & (kMore - 1);
+    // The last group may hold bits 46..62 only: more would make a value of 2^63 or more.
+    if (groups == kMaxUnits - 1 && (group >> (63 - kUnitBits * (kMaxUnits - 1))) != 0) {
+      throw std::invalid_argument("id " + std::to_string(ids.size()) + " exceeds int64");
+    }
+    value |= group << (kUnitBits * groups);
+    ++groups;
+    if (units[u] & kMore) continue;
     const int64_t previous = ids.empty() ? 0 : ids.back();
-    const int64_t delta = static_cast<int64_t>(value);  // < 2^63: at most 9 groups of 7 bits
+    const int64_t delta = static_cast<int64_t>(value);  // < 2^63: checked above
     if (!ids.empty() && delta == 0) {
       throw std::invalid_argument("id " + std::to_string(ids.size()) + " repeats the one before it: ids must be sorted and unique");
     }
     if (delta > INT64_MAX - previous) throw std::invalid_argument("id " + std::to_string(ids.size()) + " exceeds int64");
     ids.push_back(previous + delta);
     value = 0;
-    shift = 0;
-    start = i + 1;
+    groups = 0;
+    start = u + 1;
   }
-  if (shift != 0) {
-    throw std::invalid_argument("truncated varint at byte " + std::to_string(bytes.size() - 1) +
-                                " (its high bit says more bytes follow)");
+  if (groups != 0) {
+    throw std::invalid_argument("truncated value: its last unit (" + std::to_string(units.size() - 1) +
+                                ") says more units follow");
   }
   return ids;
 }

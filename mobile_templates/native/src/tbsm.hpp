@@ -42,9 +42,10 @@ struct IdShard {
   int64_t row(int64_t global_id) const;
 };
 
-// The manifest's id encoding (sdk_builder/formats.py, IDS_ENCODING): standard base64 of unsigned LEB128
-// varints, the first id and then each id minus the one before it (>= 1). Throws std::invalid_argument
-// with a one-line reason for anything else.
+// The manifest's id encoding (sdk_builder/formats.py, IDS_ENCODING): the first id, then each id minus the
+// one before it (>= 1), each in 23-bit groups, least significant first, one group a 3-byte big-endian unit
+// (group | 0x800000 if more groups follow), in base64 (4 characters a unit, never padded). Throws
+// std::invalid_argument with a one-line reason for anything else.
 std::vector<int64_t> decode_ids(const std::string& text);
 
 // manifest.refresh: how and when the user state is refreshed on the device.

@@ -49,8 +49,11 @@ public struct IdShard {
         return oovRow
     }
 
-    /// A varint holds at most 9 x 7 = 63 bits: every id delta, like every id, is a non-negative Int64.
-    static let maxVarintBytes = 9
+    /// 3 units of 23 bits hold 69: every id delta, like every id, is a non-negative Int64.
+    static let maxUnits = 3
+    static let unitBits = 23
+    static let more = 1 << unitBits
+    static let base64: [UInt8] = Array("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/".utf8)
 
     /// manifest `table` ("items" or "categories"): its ids, decoded and checked (sorted, unique, int64).
     static func parse(_ json: JSONObject, table: String) throws -> IdShard {
@@ -63,23 +66,41 @@ public struct IdShard {
         return try IdShard(ids: ids, firstRow: json.long("first_row"), oovRow: json.long("oov_row"), paddingRow: json.long("padding_row"))
     }
 
-    /// The manifest's id encoding (sdk_builder/formats.py, IDS_ENCODING): standard base64 of unsigned
-    /// LEB128 varints, the first id and then each id minus the one before it (>= 1). Throws
-    /// TbsmError.invalidArgument with a one-line reason for anything else.
+    /// The manifest's id encoding (sdk_builder/formats.py, IDS_ENCODING): the first id, then each id minus
+    /// the one before it (>= 1), each in 23-bit groups, least significant first, one group a 3-byte big-endian
+    /// unit (group | 0x800000 if more groups follow), in base64. A unit is exactly 4 base64 characters, the
+    /// first the most significant, so it is read straight off them. Throws TbsmError.invalidArgument with a
+    /// one-line reason for anything else.
     public static func decodeIds(_ text: String) throws -> [Int64] {
-        guard let bytes = Data(base64Encoded: text) else { throw TbsmError.invalidArgument("not base64") }
-        var ids: [Int64] = []
-        ids.reserveCapacity(bytes.reduce(0) { $0 + ($1 < 0x80 ? 1 : 0) })  // a varint's last byte is the only one below 0x80
-        var value: Int64 = 0
-        var shift = 0
-        var start = 0
-        for (i, byte) in bytes.enumerated() {
-            if shift == 7 * maxVarintBytes {
-                throw TbsmError.invalidArgument("varint \(ids.count) (at byte \(start)) is longer than \(maxVarintBytes) bytes: not an int64")
+        var sextets: [Int] = []
+        sextets.reserveCapacity(text.utf8.count)
+        for (at, c) in text.unicodeScalars.enumerated() {
+            guard c.isASCII, let sextet = base64.firstIndex(of: UInt8(c.value)) else {
+                throw TbsmError.invalidArgument("not base64 (character '\(c)' at \(at); whole units are never padded)")
             }
-            value |= Int64(byte & 0x7F) << shift
-            shift += 7
-            if byte & 0x80 == 0 {
+            sextets.append(sextet)
+        }
+        if sextets.count % 4 != 0 {
+            throw TbsmError.invalidArgument("truncated unit: \(sextets.count) characters is not a whole number of 4-character units")
+        }
+        let units = stride(from: 0, to: sextets.count, by: 4).map { sextets[$0] << 18 | sextets[$0 + 1] << 12 | sextets[$0 + 2] << 6 | sextets[$0 + 3] }
+        var ids: [Int64] = []
+        ids.reserveCapacity(units.filter { $0 < more }.count)  // a value's last unit is the only one without the flag
+        var value: Int64 = 0
+        var groups = 0
+        var start = 0
+        for (u, unit) in units.enumerated() {
+            if groups == maxUnits {
+                throw TbsmError.invalidArgument("value \(ids.count) (at unit \(start)) has more than \(maxUnits) units: not an int64")
+            }
+            let group = Int64(unit & (more - 1))
+            // The last group may hold bits 46..62 only: more would make a value of 2^63 or more.
+            if groups == maxUnits - 1 && group >> (63 - unitBits * (maxUnits - 1)) != 0 {
+                throw TbsmError.invalidArgument("id \(ids.count) exceeds int64")
+            }
+            value |= group << (unitBits * groups)
+            groups += 1
+            if unit < more {
                 let previous = ids.last ?? 0
                 if !ids.isEmpty && value == 0 {
                     throw TbsmError.invalidArgument("id \(ids.count) repeats the one before it: ids must be sorted and unique")
@@ -87,12 +108,13 @@ public struct IdShard {
                 if value > Int64.max - previous { throw TbsmError.invalidArgument("id \(ids.count) exceeds int64") }
                 ids.append(previous + value)
                 value = 0
-                shift = 0
-                start = i + 1
+                groups = 0
+                start = u + 1
             }
         }
-        if shift != 0 { throw TbsmError.invalidArgument("truncated varint at byte \(bytes.count - 1) (its high bit says more bytes follow)") }
+        if groups != 0 { throw TbsmError.invalidArgument("truncated value: its last unit (\(units.count - 1)) says more units follow") }
         return ids
+    }
     }
 }
 

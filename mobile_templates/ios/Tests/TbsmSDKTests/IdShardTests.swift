@@ -21,16 +21,18 @@ final class IdShardTests: XCTestCase {
     }
 
     func testDecodesTheManifestIdEncoding() throws {
-        // sdk_builder.formats.encode_ids of these ids: 1-, 2- and 9-byte varints, up to the largest int64.
-        let ids: [Int64] = [5, 127, 128, 300, 16383, 16384, 1 << 62, Int64.max]
-        XCTAssertEqual(try IdShard.decodeIds("BXoBrAHTfQGAgP///////z///////////z8="), ids)
+        // sdk_builder.formats.encode_ids of these ids: differences of 1, 2 and 3 units (2^23 - 1 the largest
+        // of one unit, 2^23 the smallest of two), up to the largest int64.
+        let ids: [Int64] = [5, 6, 300, 300 + (1 << 23) - 1, 300 + (1 << 24) - 1, (1 << 46) + 7, 1 << 62, Int64.max]
+        XCTAssertEqual(try IdShard.decodeIds("AAAFAAABAAEmf///gAAAAAAB//7cf//9///5////AP/+////////AP//"), ids)
         XCTAssertEqual(try IdShard.decodeIds(""), [])
     }
 
     func testBrokenIdEncodingsFailNamingTheField() {
         let broken = [
-            ("AQ!=", "not base64"), ("AQE", "not base64"), ("gA==", "truncated varint"), ("AQA=", "repeats"),
-            ("//////////9/AQ==", "exceeds int64"), ("gICAgICAgICAAQ==", "longer than 9 bytes"),
+            ("AAA!", "not base64"), ("AAA=", "not base64"), ("AAAAAA", "truncated unit"), ("gAAA", "truncated value"),
+            ("AAABAAAA", "repeats"), ("gAAAgAAAgAAAAAAA", "more than 3 units"), ("////////AgAA", "exceeds int64"),
+            ("////////Af//AAAB", "exceeds int64"),
         ]
         for (text, reason) in broken {
             let shard = JSONObject(["ids": text, "first_row": 2, "oov_row": 1, "padding_row": 0])

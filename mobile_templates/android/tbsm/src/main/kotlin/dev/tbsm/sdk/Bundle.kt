@@ -16,8 +16,10 @@ class IdShard(val ids: LongArray, val firstRow: Long, val oovRow: Long, val padd
     }
 
     companion object {
-        /** A varint holds at most 9 x 7 = 63 bits: every id delta, like every id, is a non-negative Long. */
-        private const val MAX_VARINT_BYTES = 9
+        /** 3 units of 23 bits hold 69: every id delta, like every id, is a non-negative Long. */
+        private const val MAX_UNITS = 3
+        private const val UNIT_BITS = 23
+        private const val MORE = 1 shl UNIT_BITS
         private const val BASE64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
 
         /** manifest [table] ("items" or "categories"): its ids, decoded and checked (sorted, unique, int64). */
@@ -31,55 +33,46 @@ class IdShard(val ids: LongArray, val firstRow: Long, val oovRow: Long, val padd
         }
 
         /**
-         * The manifest's id encoding (sdk_builder/formats.py, IDS_ENCODING): standard base64 of unsigned
-         * LEB128 varints, the first id and then each id minus the one before it (>= 1). Throws
+         * The manifest's id encoding (sdk_builder/formats.py, IDS_ENCODING): the first id, then each id minus
+         * the one before it (>= 1), each in 23-bit groups, least significant first, one group a 3-byte
+         * big-endian unit (group | 0x800000 if more groups follow), in base64. A unit is exactly 4 base64
+         * characters, the first the most significant, so it is read straight off them. Throws
          * IllegalArgumentException with a one-line reason for anything else.
          */
         fun decodeIds(text: String): LongArray {
-            val bytes = decodeBase64(text)
-            val ids = LongArray(bytes.count { it >= 0 }) // a varint's last byte is the only one with the high bit clear
+            for ((at, c) in text.withIndex()) {
+                if (BASE64.indexOf(c) < 0) throw IllegalArgumentException("not base64 (character '$c' at $at; whole units are never padded)")
+            }
+            if (text.length % 4 != 0) {
+                throw IllegalArgumentException("truncated unit: ${text.length} characters is not a whole number of 4-character units")
+            }
+            val units = IntArray(text.length / 4) { u -> (0 until 4).fold(0) { bits, k -> (bits shl 6) or BASE64.indexOf(text[4 * u + k]) } }
+            val ids = LongArray(units.count { it < MORE }) // a value's last unit is the only one without the flag
             var n = 0
             var value = 0L
-            var shift = 0
+            var groups = 0
             var start = 0
-            for ((i, byte) in bytes.withIndex()) {
-                if (shift == 7 * MAX_VARINT_BYTES) {
-                    throw IllegalArgumentException("varint $n (at byte $start) is longer than $MAX_VARINT_BYTES bytes: not an int64")
+            for ((u, unit) in units.withIndex()) {
+                if (groups == MAX_UNITS) throw IllegalArgumentException("value $n (at unit $start) has more than $MAX_UNITS units: not an int64")
+                val group = (unit and (MORE - 1)).toLong()
+                // The last group may hold bits 46..62 only: more would make a value of 2^63 or more.
+                if (groups == MAX_UNITS - 1 && group shr (63 - UNIT_BITS * (MAX_UNITS - 1)) != 0L) {
+                    throw IllegalArgumentException("id $n exceeds int64")
                 }
-                val b = byte.toInt() and 0xFF
-                value = value or ((b and 0x7F).toLong() shl shift)
-                shift += 7
-                if (b and 0x80 == 0) {
+                value = value or (group shl (UNIT_BITS * groups))
+                groups++
+                if (unit < MORE) {
                     val previous = if (n == 0) 0L else ids[n - 1]
                     if (n > 0 && value == 0L) throw IllegalArgumentException("id $n repeats the one before it: ids must be sorted and unique")
                     if (value > Long.MAX_VALUE - previous) throw IllegalArgumentException("id $n exceeds int64")
                     ids[n++] = previous + value
                     value = 0L
-                    shift = 0
-                    start = i + 1
+                    groups = 0
+                    start = u + 1
                 }
             }
-            if (shift != 0) throw IllegalArgumentException("truncated varint at byte ${bytes.size - 1} (its high bit says more bytes follow)")
+            if (groups != 0) throw IllegalArgumentException("truncated value: its last unit (${units.size - 1}) says more units follow")
             return ids
-        }
-
-        /** RFC 4648 base64 with padding (java.util.Base64 needs API 26, the library supports 24). */
-        private fun decodeBase64(text: String): ByteArray {
-            if (text.length % 4 != 0) throw IllegalArgumentException("not base64 (length ${text.length} is not a multiple of 4)")
-            val padding = if (text.endsWith("==")) 2 else if (text.endsWith("=")) 1 else 0
-            val out = ByteArray(text.length / 4 * 3 - padding)
-            var o = 0
-            for (q in 0 until text.length / 4) {
-                var bits = 0
-                for (k in 0 until 4) {
-                    val at = 4 * q + k
-                    val sextet = if (at >= text.length - padding) 0 else BASE64.indexOf(text[at])
-                    if (sextet < 0) throw IllegalArgumentException("not base64 (character '${text[at]}' at $at)")
-                    bits = (bits shl 6) or sextet
-                }
-                for (k in 0 until 3) if (o < out.size) out[o++] = (bits shr (16 - 8 * k)).toByte()
-            }
-            return out
         }
     }
 }

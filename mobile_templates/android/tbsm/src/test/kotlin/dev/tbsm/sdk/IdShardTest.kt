@@ -31,17 +31,19 @@ class IdShardTest {
 
     @Test
     fun decodesTheManifestIdEncoding() {
-        // sdk_builder.formats.encode_ids of these ids: 1-, 2- and 9-byte varints, up to the largest int64.
-        val ids = longArrayOf(5, 127, 128, 300, 16383, 16384, 1L shl 62, Long.MAX_VALUE)
-        assertArrayEquals(ids, IdShard.decodeIds("BXoBrAHTfQGAgP///////z///////////z8="))
+        // sdk_builder.formats.encode_ids of these ids: differences of 1, 2 and 3 units (2^23 - 1 the largest
+        // of one unit, 2^23 the smallest of two), up to the largest int64.
+        val ids = longArrayOf(5, 6, 300, 300 + (1L shl 23) - 1, 300 + (1L shl 24) - 1, (1L shl 46) + 7, 1L shl 62, Long.MAX_VALUE)
+        assertArrayEquals(ids, IdShard.decodeIds("AAAFAAABAAEmf///gAAAAAAB//7cf//9///5////AP/+////////AP//"))
         assertArrayEquals(longArrayOf(), IdShard.decodeIds(""))
     }
 
     @Test
     fun brokenIdEncodingsFailNamingTheField() {
-        val broken = mapOf(
-            "AQ!=" to "not base64", "AQE" to "not base64", "gA==" to "truncated varint", "AQA=" to "repeats",
-            "//////////9/AQ==" to "exceeds int64", "gICAgICAgICAAQ==" to "longer than 9 bytes",
+        val broken = listOf(
+            "AAA!" to "not base64", "AAA=" to "not base64", "AAAAAA" to "truncated unit", "gAAA" to "truncated value",
+            "AAABAAAA" to "repeats", "gAAAgAAAgAAAAAAA" to "more than 3 units", "////////AgAA" to "exceeds int64",
+            "////////Af//AAAB" to "exceeds int64",
         )
         for ((text, reason) in broken) {
             val shard = JSONObject().put("ids", text).put("first_row", 2).put("oov_row", 1).put("padding_row", 0)
