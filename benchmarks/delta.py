@@ -81,7 +81,7 @@ def measure(name: str, older, newer, n_users: int, slacks: list[float], recipes:
     from sdk_builder.bundle.build import BundleBuilder
     from sdk_builder.bundle.delta import PreviousBundles, apply_patch, bundle_files, make_patch
     from sdk_builder.data.dataset import PreparedData, extend_events, prepare
-    from sdk_builder.formats import MANIFEST
+    from sdk_builder.formats import MANIFEST, decode_ids
     from sdk_builder.runs import DATA, load_checkpoint, train_run
     from sdk_builder.shard import ShardPolicy, hysteresis_coverage
 
@@ -133,7 +133,7 @@ def measure(name: str, older, newer, n_users: int, slacks: list[float], recipes:
                 old_files, new_files = bundle_files(olds[user]), bundle_files(news[user])
                 patch = make_patch(olds[user], news[user])
                 identical = apply_patch(old_files, patch, "patch") == new_files
-                shard_before, shard_after = (set(json.loads(f[MANIFEST])["items"]["ids"]) for f in (old_files, new_files))
+                shard_before, shard_after = (set(decode_ids(json.loads(f[MANIFEST])["items"]["ids"])) for f in (old_files, new_files))
                 stats[user in active].append((len(patch), sum(map(len, new_files.values())), identical,
                                               old_files == new_files, len(shard_after - shard_before)))
             for has_events, group in ((True, stats[True]), (False, stats[False])):

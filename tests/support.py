@@ -8,11 +8,14 @@ import bisect
 import json
 import os
 import shutil
+import string
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
+
+from sdk_builder.formats import encode_ids
 
 REPO = Path(__file__).resolve().parents[1]
 INPUT_ORDER = ("hist_items", "hist_categories", "hist_behaviors", "hist_timestamps", "request_time", "candidates",
@@ -26,9 +29,48 @@ def load_json(path: Path) -> Any:
     return json.loads(Path(path).read_text())
 
 
+BASE64_ALPHABET = string.ascii_uppercase + string.ascii_lowercase + string.digits + "+/"  # RFC 4648
+
+
+def shard_ids(shard: dict[str, Any]) -> list[int]:
+    """The ids of a manifest's `items` / `categories` (base64 id units, formats.IDS_ENCODING), decoded
+    unit by unit straight off the characters here, apart from sdk_builder.formats, as the reference of
+    the clients' (a big-endian 3-byte unit is exactly 4 base64 characters, the first the most significant)."""
+    text = shard["ids"]
+    assert len(text) % 4 == 0, "a truncated unit"
+    ids, value, shift = [], 0, 0
+    for start in range(0, len(text), 4):
+        unit = 0
+        for char in text[start : start + 4]:
+            unit = unit << 6 | BASE64_ALPHABET.index(char)
+        value |= (unit & 0x7FFFFF) << shift
+        shift += 23
+        if not unit & 0x800000:
+            ids.append(value + (ids[-1] if ids else 0))
+            value, shift = 0, 0
+    assert shift == 0, "the last value is truncated"
+    return ids
+
+
+# Manifest id strings every client must refuse, each with a word of the one-line reason (the Kotlin and
+# Swift unit tests list the same ones; tests/test_template_contract.py checks that they do).
+BROKEN_IDS = {
+    "AAA!": "not base64", "AAA=": "not base64", "AAAAAA": "truncated unit", "gAAA": "truncated value",
+    "AAABAAAA": "repeats", "gAAAgAAAgAAAAAAA": "more than 3 units", "////////AgAA": "exceeds int64",
+    "////////Af//AAAB": "exceeds int64",
+}
+
+
+def edit_shard_ids(shard: dict[str, Any], edit: Callable[[list[int]], Any]) -> None:
+    """Apply `edit` to the decoded ids of a manifest table in place, and store them encoded again."""
+    ids = shard_ids(shard)
+    edit(ids)
+    shard["ids"] = encode_ids(ids)
+
+
 def local_row(shard: dict[str, Any], global_id: int) -> int:
     """Binary search in the shard's sorted ids: ids[i] -> i + first_row, absent -> oov_row."""
-    ids = shard["ids"]
+    ids = shard_ids(shard)
     i = bisect.bisect_left(ids, global_id)
     if i < len(ids) and ids[i] == global_id:
         return i + shard["first_row"]
@@ -118,7 +160,7 @@ def python_scores_one_thread(requests: list[tuple[Path, dict[str, list[int]]]]) 
 def extra_cases(manifest: dict, golden: dict) -> dict:
     """Harder requests than the golden ones: a history longer than max_history, ids outside the shard,
     ids next to shard boundaries, every behaviour, equal timestamps. Scores are placeholders."""
-    items, cats = manifest["items"]["ids"], manifest["categories"]["ids"]
+    items, cats = shard_ids(manifest["items"]), shard_ids(manifest["categories"])
     behaviors = sorted(manifest["behaviors"])
     user = manifest["user_id"]
     t = manifest["program"]["max_history"]

@@ -20,6 +20,7 @@ from sdk_builder.client import Bundle, encode, parse_history
 from sdk_builder.formats import BundleError
 from sdk_builder.program import UserProgram
 from sdk_builder.formats import EventHistory, events_json_schema
+from tests.support import shard_ids
 
 CLI = [sys.executable, "-m", "sdk_builder.cli"]
 
@@ -102,8 +103,9 @@ def test_bundle_holds_no_other_users_embedding_row(built_bundle, builder):
 
 def test_manifest_lists_sorted_shard_and_hashes(built_bundle):
     manifest = json.loads((built_bundle / "manifest.json").read_text())
-    assert manifest["items"]["ids"] == sorted(set(manifest["items"]["ids"]))
-    assert len(manifest["items"]["ids"]) <= 300
+    ids = shard_ids(manifest["items"])
+    assert ids == sorted(set(ids))
+    assert len(ids) <= 300
     assert set(manifest["files"]) == {"model.pte", "events.schema.json", "golden.json"}
     assert manifest["seeds"]["bundle"] == 0 and "torch" in manifest["versions"] and "executorch" in manifest["versions"]
     assert [i["name"] for i in manifest["program"]["inputs"]] == [
@@ -146,7 +148,7 @@ def test_rank_rejects_bad_histories_with_one_line(built_bundle, tmp_path, events
 
 def test_rank_empty_and_all_oov_histories_and_bad_candidates(built_bundle, tmp_path):
     manifest = json.loads((built_bundle / "manifest.json").read_text())
-    user_id, ids = manifest["user_id"], manifest["items"]["ids"]
+    user_id, ids = manifest["user_id"], shard_ids(manifest["items"])
     f = tmp_path / "h.json"
     f.write_text(json.dumps({"user_id": user_id, "events": []}))
     candidates = ",".join(map(str, ids[:5] + [10**12]))
@@ -234,5 +236,5 @@ def test_categories_over_capacity_map_to_oov_on_both_sides(builder, tmp_path):
     user_id = int(builder.ckpt.users.ids[9])
     path = small.build(user_id, tmp_path).path
     manifest = json.loads((path / "manifest.json").read_text())
-    assert len(manifest["categories"]["ids"]) == 3 and manifest["shard_policy"]["sources"]["categories_over_capacity"] > 0
+    assert len(shard_ids(manifest["categories"])) == 3 and manifest["shard_policy"]["sources"]["categories_over_capacity"] > 0
     assert verify_bundle(path)["max_abs_diff"] <= 1e-5

@@ -8,6 +8,8 @@ import json
 import numpy as np
 import pytest
 
+from tests.support import shard_ids
+
 
 @pytest.fixture(scope="module")
 def cold_bundle(builder, tmp_path_factory):
@@ -31,7 +33,7 @@ def test_cold_start_bundle_holds_no_users_row(builder, cold_bundle):
     # The manifest ships the population state where a personal bundle ships its user's.
     assert np.array_equal(np.asarray(manifest["user_state"], np.float32), state)
     assert not np.array_equal(state, user_state(builder.ckpt.model, 7).numpy())
-    items = set(manifest["items"]["ids"])
+    items = set(shard_ids(manifest["items"]))
     popular = builder.ckpt.items.global_id(builder.index.popular[:100]).tolist()
     assert set(popular) <= items  # the most popular items are all in it
 

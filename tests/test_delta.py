@@ -20,6 +20,7 @@ from sdk_builder.bundle.delta import (
 )
 from sdk_builder.cli import main
 from sdk_builder.formats import MANIFEST, BundleError
+from tests.support import shard_ids
 
 
 def cli(*args: str):
@@ -186,8 +187,8 @@ def test_a_rebuild_that_knows_the_old_bundle_ships_a_smaller_patch_and_is_determ
     patch = make_patch(old, bundles["kept"])
     assert apply_patch(bundle_files(old), patch, "p") == kept
     assert len(patch) < 0.8 * len(make_patch(old, bundles["fresh"]))
-    ids = {name: set(json.loads(files[MANIFEST])["items"]["ids"]) for name, files in (("fresh", fresh), ("kept", kept))}
-    old_ids = set(json.loads(bundle_files(old)[MANIFEST])["items"]["ids"])
+    ids = {name: set(shard_ids(json.loads(files[MANIFEST])["items"])) for name, files in (("fresh", fresh), ("kept", kept))}
+    old_ids = set(shard_ids(json.loads(bundle_files(old)[MANIFEST])["items"]))
     assert len(ids["kept"] - old_ids) < len(ids["fresh"] - old_ids)
     manifests = {name: json.loads(files[MANIFEST]) for name, files in (("fresh", fresh), ("kept", kept))}
     assert manifests["kept"]["shard_policy"]["sources"]["previous"] > 0
@@ -219,7 +220,7 @@ def test_a_rebuild_keeps_the_slots_of_the_items_it_keeps_and_ranks_as_without_th
     new = rebuild.build(user, tmp_path / "new").path
 
     def slots_by_id(bundle):
-        ids = json.loads((bundle / MANIFEST).read_bytes())["items"]["ids"]
+        ids = shard_ids(json.loads((bundle / MANIFEST).read_bytes())["items"])
         slot = builder.template.constant((bundle / PROGRAM).read_bytes(), "item_slot")
         return dict(zip(ids, slot[RESERVED_ROWS : RESERVED_ROWS + len(ids)].tolist()))
 

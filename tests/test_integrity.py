@@ -26,6 +26,8 @@ from sdk_builder.bundle.store import INDEX, check_output, sign_bundle, write_ind
 from sdk_builder.cli import main
 from sdk_builder.client import encode, parse_history, read_manifest
 from sdk_builder.formats import SIGNATURE, BundleError
+from sdk_builder.formats import decode_ids, encode_ids
+from tests.support import BROKEN_IDS, edit_shard_ids, shard_ids
 
 INT64_MAX = 2**63 - 1
 
@@ -92,9 +94,9 @@ def test_any_manifest_edit_fails_verify_with_the_index(built_bundle, tmp_path):
     golden = json.loads((bundle / "golden.json").read_text())
     used = {c for case in golden["cases"] for c in case["candidates"]}
     used |= {e["item_id"] for case in golden["cases"] for e in case["history"]["events"]}
-    ids = json.loads((bundle / "manifest.json").read_text())["items"]["ids"]
+    ids = shard_ids(json.loads((bundle / "manifest.json").read_text())["items"])
     unused = max(k for k in range(len(ids) - 1) if ids[k] not in used and ids[k] + 1 < ids[k + 1])
-    edit_manifest(bundle, lambda m: m["items"]["ids"].__setitem__(unused, m["items"]["ids"][unused] + 1))
+    edit_manifest(bundle, lambda m: edit_shard_ids(m["items"], lambda ids: ids.__setitem__(unused, ids[unused] + 1)))
     assert cli("verify", str(bundle))[0] == 0  # the id is in no golden case: the replay cannot see it
     code, out, err = cli("verify", "--index", str(index))
     assert code == 1 and "sha256 differs from the one" in err and "FAILED" in err
@@ -115,7 +117,7 @@ def test_signature_is_an_hmac_of_the_manifest_and_verify_checks_it(built_bundle,
     other_key = tmp_path / "other.key"
     other_key.write_bytes(os.urandom(32))
     assert "under this key" in one_line_failure(*cli("verify", str(bundle), "--key", str(other_key))[::2])
-    edit_manifest(bundle, lambda m: m["items"]["ids"].__setitem__(-1, m["items"]["ids"][-1] + 1))
+    edit_manifest(bundle, lambda m: edit_shard_ids(m["items"], lambda ids: ids.__setitem__(-1, ids[-1] + 1)))
     assert "under this key" in one_line_failure(*cli("verify", str(bundle), "--key", str(key_file))[::2])
     (bundle / SIGNATURE).unlink()
     assert "not signed" in one_line_failure(*cli("verify", str(bundle), "--key", str(key_file))[::2])
@@ -148,11 +150,77 @@ def test_unexpected_files_in_a_bundle_are_flagged(built_bundle, tmp_path):
 
 def test_more_items_than_the_program_holds_fails(built_bundle, tmp_path):
     bundle = copy_of(built_bundle, tmp_path)
-    edit_manifest(bundle, lambda m: m["items"]["ids"].append(m["items"]["ids"][-1] + 1))
-    edit_manifest(bundle, lambda m: m["shard_policy"].__setitem__("shard_size", len(m["items"]["ids"])))
+    edit_manifest(bundle, lambda m: edit_shard_ids(m["items"], lambda ids: ids.append(ids[-1] + 1)))
+    edit_manifest(bundle, lambda m: m["shard_policy"].__setitem__("shard_size", len(shard_ids(m["items"]))))
     assert "shard_policy.sources add up to" in one_line_failure(*cli("verify", str(bundle))[::2])
-    edit_manifest(bundle, lambda m: m["shard_policy"].__setitem__("shard_size", len(m["items"]["ids"]) - 1))
+    edit_manifest(bundle, lambda m: m["shard_policy"].__setitem__("shard_size", len(shard_ids(m["items"])) - 1))
     assert "room for shard_policy.shard_size" in one_line_failure(*cli("verify", str(bundle))[::2])
+
+
+@pytest.mark.parametrize("table", ["items", "categories"])
+def test_broken_id_encodings_fail_in_one_line_naming_the_file_and_field(built_bundle, tmp_path, table):
+    bundle = copy_of(built_bundle, tmp_path)
+    for broken, reason in BROKEN_IDS.items():
+        edit_manifest(bundle, lambda m: m[table].__setitem__("ids", broken))
+        line = one_line_failure(*cli("verify", str(bundle))[::2])
+        assert f"manifest.json: {table}.ids: " in line and reason in line, line
+    edit_manifest(bundle, lambda m: m[table].__setitem__("ids", [1, 2]))  # the JSON list of format_version 2
+    assert f"{table}.ids: " in one_line_failure(*cli("verify", str(bundle))[::2])
+    assert cli("inspect", str(bundle))[0] == 0  # inspect sizes a manifest it cannot use
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(ids=st.lists(st.integers(0, INT64_MAX), max_size=40, unique=True).map(sorted))
+def test_id_encoding_round_trips_and_agrees_with_the_unit_by_unit_decoder(ids):
+    text = encode_ids(ids)
+    assert decode_ids(text) == ids == shard_ids({"ids": text})
+    units = sum(1 + (d >= 2**23) + (d >= 2**46) for d in (b - a for a, b in zip([0] + ids, ids)))
+    assert len(text) == 4 * units and "=" not in text  # whole units: 4 characters each, never padded
+
+
+@settings(max_examples=200, deadline=None, derandomize=True)
+@given(ids=st.lists(st.integers(0, 2**40), min_size=1, max_size=60, unique=True).map(sorted),
+       new=st.integers(0, 2**40))
+def test_an_id_entering_the_shard_rewrites_only_the_text_next_to_it(ids, new):
+    """Delta patches copy what did not move: the text before the new id's units and after its
+    successor's (the only difference that changes) must be the old text's, whatever the sizes."""
+    if new in ids:
+        return
+    before, after = encode_ids(ids), encode_ids(sorted(ids + [new]))
+    prefix = len(os.path.commonprefix([before, after]))
+    suffix = len(os.path.commonprefix([before[::-1], after[::-1]]))
+    assert len(after) - min(prefix + suffix, len(before)) <= 4 * 3 * 2  # at most 2 values of at most 3 units
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(data=st.binary(max_size=40))
+def test_any_id_string_decodes_to_sorted_int64_ids_or_a_one_line_error(data):
+    import base64
+
+    whole_units = base64.b64encode(data[: len(data) // 3 * 3]).decode()
+    for text in (whole_units, base64.b64encode(data).decode(), data.decode("latin-1")):
+        try:
+            ids = decode_ids(text)
+        except ValueError as exc:
+            assert str(exc) and "\n" not in str(exc)
+            continue
+        assert ids == sorted(set(ids)) and all(0 <= i <= INT64_MAX for i in ids) and decode_ids(encode_ids(ids)) == ids
+
+
+def test_golden_scores_are_written_in_float32s_shortest_digits():
+    """Fewer bytes, same float32 values: what a client narrows each score to is the program's own."""
+    import numpy as np
+
+    from sdk_builder.formats import GoldenSet
+
+    scores = np.array([0.1, 0.008161816745996475, 1 / 3, 1e-12, 0.0, 1.0], np.float32)
+    golden = GoldenSet.model_validate({"tolerance": 1e-5, "cases": [
+        {"name": "c", "history": {"user_id": 1, "events": []}, "request_time": 0, "candidates": [1] * 6,
+         "scores": scores.tolist()}]})
+    text = golden.to_json()
+    assert '"scores":[0.1,0.008161817,0.33333334,1e-12,0.0,1.0]' in text, text
+    again = GoldenSet.model_validate_json(text)
+    assert np.array_equal(np.asarray(again.cases[0].scores, np.float32), scores) and again.to_json() == text
 
 
 def test_max_history_must_be_the_programs(built_bundle, tmp_path, history):
@@ -224,7 +292,7 @@ def test_rank_of_a_binary_events_file_is_one_line(built_bundle, tmp_path):
 def test_rank_top_keeps_the_best(built_bundle, tmp_path, history):
     events = tmp_path / "h.json"
     events.write_text(json.dumps(history))
-    ids = json.loads((built_bundle / "manifest.json").read_text())["items"]["ids"][:3]
+    ids = shard_ids(json.loads((built_bundle / "manifest.json").read_text())["items"])[:3]
     code, out, _ = cli("rank", str(built_bundle), "--events", str(events), "--candidates", ",".join(map(str, ids)), "--json")
     full = json.loads(out)["ranked"]
     code, out, _ = cli("rank", str(built_bundle), "--events", str(events), "--candidates", ",".join(map(str, ids)),

@@ -23,8 +23,8 @@ import pytest
 from sdk_builder import formats
 from sdk_builder.client import encode
 from tests.support import (
-    INPUT_ORDER, REPO, ensure_debian_packages, extra_cases, load_json, python_scores, python_scores_one_thread,
-    reference_inputs,
+    BROKEN_IDS, INPUT_ORDER, REPO, ensure_debian_packages, extra_cases, load_json, python_scores, python_scores_one_thread,
+    reference_inputs, shard_ids,
 )
 
 NATIVE_SRC = REPO / "mobile_templates" / "native"
@@ -224,12 +224,25 @@ def test_native_refuses_an_unknown_format_version(bundles, client, tmp_path):
     assert proc.returncode != 0 and "format_version" in proc.stderr
 
 
+@pytest.mark.parametrize("table", ["items", "categories"])
+def test_native_refuses_broken_ids_in_one_line_naming_the_field(bundles, client, tmp_path, table):
+    bundle = tmp_path / "bundle"
+    shutil.copytree(bundles[0], bundle)
+    manifest = load_json(bundle / "manifest.json")
+    for broken, reason in {**BROKEN_IDS, "[1, 2]": "not a string"}.items():
+        manifest[table]["ids"] = json.loads(broken) if broken.startswith("[") else broken
+        (bundle / "manifest.json").write_text(json.dumps(manifest))
+        proc = run_client(client, str(bundle), "--golden", check=False)
+        assert proc.returncode != 0 and proc.stderr.startswith(f"error: manifest.json {table}.ids: "), proc.stderr
+        assert reason in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
+
+
 def test_native_accepts_a_history_without_events(bundles, client, tmp_path):
     bundle = bundles[0]
     manifest = load_json(bundle / "manifest.json")
     history = {"user_id": manifest["user_id"]}  # valid: "events" defaults to []
     (tmp_path / "h.json").write_text(json.dumps(history))
-    candidates = manifest["items"]["ids"][:3]
+    candidates = shard_ids(manifest["items"])[:3]
     proc = run_client(client, str(bundle), "--events", str(tmp_path / "h.json"),
                       "--candidates", ",".join(map(str, candidates)), "--request-time", "1700000000")
     expected = python_scores(bundle, reference_inputs(manifest, history, 1_700_000_000, candidates))

@@ -17,7 +17,7 @@ import pytest
 from pydantic import BaseModel
 
 from sdk_builder import formats
-from tests.support import REPO, load_json
+from tests.support import BROKEN_IDS, REPO, load_json
 
 TEMPLATES = REPO / "mobile_templates"
 KOTLIN_MAIN = TEMPLATES / "android" / "tbsm" / "src" / "main" / "kotlin"
@@ -178,7 +178,7 @@ def test_clients_agree_on_the_format_version():
     assert re.search(rf"const val FORMAT_VERSION = {version}\b", source_text("kotlin"))
     assert re.search(rf"static let supportedFormatVersion = {version}\b", source_text("swift"))
     assert re.search(rf"constexpr int64_t kFormatVersion = {version};", source_text("cpp"))
-    assert version == 2, "a new format version: update the templates, docs/bundle-format.md and this test together"
+    assert version == 3, "a new format version: update the templates, docs/bundle-format.md and this test together"
 
 
 @pytest.mark.parametrize("lang", ["kotlin", "swift", "cpp"])
@@ -235,6 +235,35 @@ def test_init_mobile_scaffolds_projects_with_a_verified_bundle(built_bundle, tmp
     assert ios.returncode == 0 and (tmp_path / "kit" / "Package.swift").is_file()
     again = subprocess.run([*cli, "ios", str(tmp_path / "kit")], capture_output=True, text=True)
     assert again.returncode != 0 and "not empty" in again.stderr.strip().splitlines()[-1]
+
+
+# The ids the Kotlin and Swift unit tests decode: differences of 1, 2 and 3 units (2**23 - 1 the largest
+# of one unit, 2**23 the smallest of two), up to the largest int64.
+ID_VECTOR = ([5, 6, 300, 300 + 2**23 - 1, 300 + 2**24 - 1, 2**46 + 7, 2**62, 2**63 - 1],
+             "AAAFAAABAAEmf///gAAAAAAB//7cf//9///5////AP/+////////AP//")
+
+
+def test_clients_test_the_id_encoding_the_builder_writes():
+    """manifest items.ids / categories.ids (format_version 3): the template tests decode what
+    formats.encode_ids writes and refuse what formats.decode_ids refuses, for the same reasons."""
+    ids, text = ID_VECTOR
+    assert formats.encode_ids(ids) == text and formats.decode_ids(text) == ids
+    tests = {lang: "\n".join(p.read_text() for p in root.rglob(pattern))
+             for lang, (root, pattern) in {"kotlin": (KOTLIN_TEST, "IdShardTest.kt"), "swift": (SWIFT_TEST, "IdShardTests.swift")}.items()}
+    for lang, source in tests.items():
+        assert f'"{text}"' in source, f"the {lang} IdShard tests do not decode {text}"
+        for broken, reason in BROKEN_IDS.items():
+            assert re.search(rf'"{re.escape(broken)}"(?: to|,) "{reason}"', source), f"the {lang} IdShard tests do not refuse {broken}"
+    for broken, reason in BROKEN_IDS.items():
+        with pytest.raises(ValueError, match=reason):
+            formats.decode_ids(broken)
+
+
+def test_the_worked_id_example_of_the_docs_is_what_the_builder_writes():
+    doc = (REPO / "docs" / "bundle-format.md").read_text()
+    example = re.search(r"Example: ids `\[([0-9, ]+)\]`.*?-> `\"([A-Za-z0-9+/]*)\"`", doc, re.S)
+    assert example, "docs/bundle-format.md has no worked example of the id encoding"
+    assert formats.encode_ids([int(i) for i in example[1].split(",")]) == example[2]
 
 
 def test_clients_agree_on_the_patch_format():

@@ -24,7 +24,7 @@ from pydantic import ValidationError
 
 from sdk_builder.formats import (
     MANIFEST, PATCH_COPY, PATCH_FORMAT_VERSION, PATCH_INSERT, PATCH_SUFFIX, PROGRAM, SIGNATURE, BundleError, BundlePatch,
-    PatchFile, validation_message,
+    PatchFile, decode_ids, validation_message,
 )
 from sdk_builder.bundle.store import bundle_path
 from sdk_builder.util import atomic_write_bytes, atomic_write_dir, sha256_bytes
@@ -102,14 +102,24 @@ class PreviousBundles:
             raise BundleError(f"{path / MANIFEST}: {exc.strerror or exc}") from None
         try:
             manifest = json.loads(data)
-            owner, ids = manifest["user_id"], [int(i) for i in manifest["items"]["ids"]]
+            owner, encoded = manifest["user_id"], manifest["items"]["ids"]
             checkpoint, recipe = str(manifest["checkpoint_sha256"]), str(manifest["recipe"])
         except (ValueError, KeyError, TypeError):
             raise BundleError(f"{path / MANIFEST}: not a bundle manifest (no user_id, items.ids, "
                               "checkpoint_sha256 or recipe)") from None
+        try:
+            ids = previous_ids(encoded)
+        except (ValueError, TypeError) as exc:
+            raise BundleError(f"{path / MANIFEST}: items.ids: {exc}") from None
         if owner != user_id:
             raise BundleError(f"{path / MANIFEST}: user_id {owner}, not the user {user_id} being built")
         return PreviousManifest(path, ids, sha256_bytes(data), checkpoint, recipe)
+
+
+def previous_ids(ids: str | list) -> list[int]:
+    """A previous bundle's item ids: encoded (format_version 3), or a JSON list (2), so that the first
+    build in the new format still keeps most of the user's shard."""
+    return decode_ids(ids) if isinstance(ids, str) else [int(i) for i in ids]
 
 
 def _common_prefix(a: bytes, i: int, b: bytes, j: int) -> int:

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from sdk_builder.formats import GOLDEN, MANIFEST, PROGRAM, SCHEMA, BundleError
+from sdk_builder.formats import GOLDEN, MANIFEST, PROGRAM, SCHEMA, BundleError, decode_ids
 
 SLOT_INPUTS = ("hist_items", "candidates")  # local item rows, read through `item_slot`
 TABLE_OF_INPUT = {
@@ -313,8 +313,12 @@ def inspect_manifest(data: bytes) -> list[dict[str, Any]]:
         value = doc[key]
         if key in ("items", "categories") and isinstance(value, dict) and "ids" in value:
             ids = value["ids"]
+            try:  # a list: a format_version 2 manifest
+                count = f"{len(ids if isinstance(ids, list) else decode_ids(ids))} ids"
+            except (ValueError, TypeError, AttributeError):  # `inspect` sizes what is there; `verify` judges it
+                count = "not decodable"
             rest = {k: v for k, v in value.items() if k != "ids"}
-            parts.append(_part(f"{key}.ids ({len(ids)} ids)", "manifest", _fragment("ids", ids)))
+            parts.append(_part(f"{key}.ids ({count})", "manifest", _fragment("ids", ids)))
             parts.append(_part(f"{key} (other fields)", "manifest", _fragment(key, rest) + 1))
         else:
             parts.append(_part(key, "manifest", _fragment(key, value)))

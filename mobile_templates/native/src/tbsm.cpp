@@ -57,13 +57,79 @@ std::string sha256_file(const std::string& path) {
   return out;
 }
 
-static IdShard parse_shard(const json& v) {
+std::vector<int64_t> decode_ids(const std::string& text) {
+  constexpr int kMaxUnits = 3;  // 3 x 23 = 69 bits: every id delta, like every id, fits a non-negative int64
+  constexpr int kUnitBits = 23;
+  constexpr uint32_t kMore = 1u << kUnitBits;
+  std::vector<uint32_t> sextets;
+  sextets.reserve(text.size());
+  for (size_t at = 0; at < text.size(); ++at) {
+    const char c = text[at];
+    if (c >= 'A' && c <= 'Z') sextets.push_back(c - 'A');
+    else if (c >= 'a' && c <= 'z') sextets.push_back(c - 'a' + 26);
+    else if (c >= '0' && c <= '9') sextets.push_back(c - '0' + 52);
+    else if (c == '+') sextets.push_back(62);
+    else if (c == '/') sextets.push_back(63);
+    else throw std::invalid_argument("not base64 (byte " + std::to_string(static_cast<unsigned char>(c)) + " at " +
+                                     std::to_string(at) + "; whole units are never padded)");
+  }
+  if (sextets.size() % 4 != 0) {
+    throw std::invalid_argument("truncated unit: " + std::to_string(sextets.size()) +
+                                " characters is not a whole number of 4-character units");
+  }
+  // A big-endian 3-byte unit is exactly 4 base64 characters, the first the most significant.
+  std::vector<uint32_t> units(sextets.size() / 4);
+  for (size_t u = 0; u < units.size(); ++u) {
+    units[u] = sextets[4 * u] << 18 | sextets[4 * u + 1] << 12 | sextets[4 * u + 2] << 6 | sextets[4 * u + 3];
+  }
+  std::vector<int64_t> ids;
+  ids.reserve(std::count_if(units.begin(), units.end(), [](uint32_t u) { return u < kMore; }));
+  uint64_t value = 0;
+  int groups = 0;
+  size_t start = 0;
+  for (size_t u = 0; u < units.size(); ++u) {
+    if (groups == kMaxUnits) {
+      throw std::invalid_argument("value " + std::to_string(ids.size()) + " (at unit " + std::to_string(start) +
+                                  ") has more than " + std::to_string(kMaxUnits) + " units: not an int64");
+    }
+    const uint64_t group = units[u] & (kMore - 1);
+    // The last group may hold bits 46..62 only: more would make a value of 2^63 or more.
+    if (groups == kMaxUnits - 1 && (group >> (63 - kUnitBits * (kMaxUnits - 1))) != 0) {
+      throw std::invalid_argument("id " + std::to_string(ids.size()) + " exceeds int64");
+    }
+    value |= group << (kUnitBits * groups);
+    ++groups;
+    if (units[u] & kMore) continue;
+    const int64_t previous = ids.empty() ? 0 : ids.back();
+    const int64_t delta = static_cast<int64_t>(value);  // < 2^63: checked above
+    if (!ids.empty() && delta == 0) {
+      throw std::invalid_argument("id " + std::to_string(ids.size()) + " repeats the one before it: ids must be sorted and unique");
+    }
+    if (delta > INT64_MAX - previous) throw std::invalid_argument("id " + std::to_string(ids.size()) + " exceeds int64");
+    ids.push_back(previous + delta);
+    value = 0;
+    groups = 0;
+    start = u + 1;
+  }
+  if (groups != 0) {
+    throw std::invalid_argument("truncated value: its last unit (" + std::to_string(units.size() - 1) +
+                                ") says more units follow");
+  }
+  return ids;
+}
+
+static IdShard parse_shard(const json& v, const std::string& table) {
   IdShard s;
-  s.ids = v.at("ids").get<std::vector<int64_t>>();
+  const json& ids = v.at("ids");
+  if (!ids.is_string()) throw std::runtime_error("manifest.json " + table + ".ids: not a string (format_version 3 encodes ids)");
+  try {
+    s.ids = decode_ids(ids.get<std::string>());
+  } catch (const std::invalid_argument& e) {
+    throw std::runtime_error("manifest.json " + table + ".ids: " + e.what());
+  }
   s.first_row = v.at("first_row").get<int64_t>();
   s.oov_row = v.at("oov_row").get<int64_t>();
   s.padding_row = v.at("padding_row").get<int64_t>();
-  if (!std::is_sorted(s.ids.begin(), s.ids.end())) throw std::runtime_error("manifest ids are not sorted");
   return s;
 }
 
@@ -75,8 +141,8 @@ Manifest parse_manifest(const json& doc) {
                              " (this client reads " + std::to_string(kFormatVersion) + ")");
   }
   m.user_id = doc.at("user_id").is_null() ? kNoUser : doc.at("user_id").get<int64_t>();
-  m.items = parse_shard(doc.at("items"));
-  m.categories = parse_shard(doc.at("categories"));
+  m.items = parse_shard(doc.at("items"), "items");
+  m.categories = parse_shard(doc.at("categories"), "categories");
   m.behaviors = doc.at("behaviors").get<std::map<std::string, int64_t>>();
   const json& program = doc.at("program");
   m.method = program.at("method").get<std::string>();

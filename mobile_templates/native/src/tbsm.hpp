@@ -29,7 +29,7 @@ class Module;
 
 namespace tbsm {
 
-constexpr int64_t kFormatVersion = 2;
+constexpr int64_t kFormatVersion = 3;
 // user_id null: a cold-start bundle (it ranks any user's history), or the history of a new user.
 constexpr int64_t kNoUser = -1;
 
@@ -41,6 +41,12 @@ struct IdShard {
 
   int64_t row(int64_t global_id) const;
 };
+
+// The manifest's id encoding (sdk_builder/formats.py, IDS_ENCODING): the first id, then each id minus the
+// one before it (>= 1), each in 23-bit groups, least significant first, one group a 3-byte big-endian unit
+// (group | 0x800000 if more groups follow), in base64 (4 characters a unit, never padded). Throws
+// std::invalid_argument with a one-line reason for anything else.
+std::vector<int64_t> decode_ids(const std::string& text);
 
 // manifest.refresh: how and when the user state is refreshed on the device.
 struct RefreshSpec {

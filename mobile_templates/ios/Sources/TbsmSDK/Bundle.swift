@@ -49,12 +49,72 @@ public struct IdShard {
         return oovRow
     }
 
-    static func parse(_ json: JSONObject) throws -> IdShard {
-        let ids = try json.longs("ids")
-        for i in ids.indices.dropFirst() where ids[i] <= ids[i - 1] {
-            throw TbsmError.bundle("manifest ids are not sorted")
+    /// 3 units of 23 bits hold 69: every id delta, like every id, is a non-negative Int64.
+    static let maxUnits = 3
+    static let unitBits = 23
+    static let more = 1 << unitBits
+    static let base64: [UInt8] = Array("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/".utf8)
+
+    /// manifest `table` ("items" or "categories"): its ids, decoded and checked (sorted, unique, int64).
+    static func parse(_ json: JSONObject, table: String) throws -> IdShard {
+        let ids: [Int64]
+        do {
+            ids = try decodeIds(json.string("ids"))
+        } catch TbsmError.invalidArgument(let reason) {
+            throw TbsmError.bundle("manifest.json \(table).ids: \(reason)")
         }
         return try IdShard(ids: ids, firstRow: json.long("first_row"), oovRow: json.long("oov_row"), paddingRow: json.long("padding_row"))
+    }
+
+    /// The manifest's id encoding (sdk_builder/formats.py, IDS_ENCODING): the first id, then each id minus
+    /// the one before it (>= 1), each in 23-bit groups, least significant first, one group a 3-byte big-endian
+    /// unit (group | 0x800000 if more groups follow), in base64. A unit is exactly 4 base64 characters, the
+    /// first the most significant, so it is read straight off them. Throws TbsmError.invalidArgument with a
+    /// one-line reason for anything else.
+    public static func decodeIds(_ text: String) throws -> [Int64] {
+        var sextets: [Int] = []
+        sextets.reserveCapacity(text.utf8.count)
+        for (at, c) in text.unicodeScalars.enumerated() {
+            guard c.isASCII, let sextet = base64.firstIndex(of: UInt8(c.value)) else {
+                throw TbsmError.invalidArgument("not base64 (character '\(c)' at \(at); whole units are never padded)")
+            }
+            sextets.append(sextet)
+        }
+        if sextets.count % 4 != 0 {
+            throw TbsmError.invalidArgument("truncated unit: \(sextets.count) characters is not a whole number of 4-character units")
+        }
+        let units = stride(from: 0, to: sextets.count, by: 4).map { sextets[$0] << 18 | sextets[$0 + 1] << 12 | sextets[$0 + 2] << 6 | sextets[$0 + 3] }
+        var ids: [Int64] = []
+        ids.reserveCapacity(units.filter { $0 < more }.count)  // a value's last unit is the only one without the flag
+        var value: Int64 = 0
+        var groups = 0
+        var start = 0
+        for (u, unit) in units.enumerated() {
+            if groups == maxUnits {
+                throw TbsmError.invalidArgument("value \(ids.count) (at unit \(start)) has more than \(maxUnits) units: not an int64")
+            }
+            let group = Int64(unit & (more - 1))
+            // The last group may hold bits 46..62 only: more would make a value of 2^63 or more.
+            if groups == maxUnits - 1 && group >> (63 - unitBits * (maxUnits - 1)) != 0 {
+                throw TbsmError.invalidArgument("id \(ids.count) exceeds int64")
+            }
+            value |= group << (unitBits * groups)
+            groups += 1
+            if unit < more {
+                let previous = ids.last ?? 0
+                if !ids.isEmpty && value == 0 {
+                    throw TbsmError.invalidArgument("id \(ids.count) repeats the one before it: ids must be sorted and unique")
+                }
+                if value > Int64.max - previous { throw TbsmError.invalidArgument("id \(ids.count) exceeds int64") }
+                ids.append(previous + value)
+                value = 0
+                groups = 0
+                start = u + 1
+            }
+        }
+        if groups != 0 { throw TbsmError.invalidArgument("truncated value: its last unit (\(units.count - 1)) says more units follow") }
+        return ids
+    }
     }
 }
 
@@ -103,7 +163,7 @@ public struct RefreshSpec {
 /// The fields of manifest.json a phone needs (sdk_builder/formats.py: Manifest). `sha256` is the hash of
 /// manifest.json itself: a refreshed user state is kept only for the bundle it was refreshed with.
 public struct BundleManifest {
-    public static let supportedFormatVersion = 2
+    public static let supportedFormatVersion = 3
     public static let inputNames = [
         "hist_items", "hist_categories", "hist_behaviors", "hist_timestamps", "request_time", "candidates",
         "user_state",
@@ -151,8 +211,8 @@ public struct BundleManifest {
         return try BundleManifest(
             formatVersion: version,
             userId: json.values["user_id"] is NSNull ? nil : json.long("user_id"),
-            items: IdShard.parse(json.object("items")),
-            categories: IdShard.parse(json.object("categories")),
+            items: IdShard.parse(json.object("items"), table: "items"),
+            categories: IdShard.parse(json.object("categories"), table: "categories"),
             behaviors: json.longMap("behaviors"),
             method: program.string("method"),
             maxHistory: maxHistory,

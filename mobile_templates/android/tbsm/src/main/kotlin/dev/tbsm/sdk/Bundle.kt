@@ -16,13 +16,63 @@ class IdShard(val ids: LongArray, val firstRow: Long, val oovRow: Long, val padd
     }
 
     companion object {
-        fun parse(json: JSONObject): IdShard {
-            val array = json.getJSONArray("ids")
-            val ids = LongArray(array.length()) { array.getLong(it) }
-            for (i in 1 until ids.size) {
-                if (ids[i] <= ids[i - 1]) throw BundleException("manifest ids are not sorted")
+        /** 3 units of 23 bits hold 69: every id delta, like every id, is a non-negative Long. */
+        private const val MAX_UNITS = 3
+        private const val UNIT_BITS = 23
+        private const val MORE = 1 shl UNIT_BITS
+        private const val BASE64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+
+        /** manifest [table] ("items" or "categories"): its ids, decoded and checked (sorted, unique, int64). */
+        fun parse(json: JSONObject, table: String): IdShard {
+            val ids = try {
+                decodeIds(json.getString("ids"))
+            } catch (e: IllegalArgumentException) {
+                throw BundleException("manifest.json $table.ids: ${e.message}")
             }
             return IdShard(ids, json.getLong("first_row"), json.getLong("oov_row"), json.getLong("padding_row"))
+        }
+
+        /**
+         * The manifest's id encoding (sdk_builder/formats.py, IDS_ENCODING): the first id, then each id minus
+         * the one before it (>= 1), each in 23-bit groups, least significant first, one group a 3-byte
+         * big-endian unit (group | 0x800000 if more groups follow), in base64. A unit is exactly 4 base64
+         * characters, the first the most significant, so it is read straight off them. Throws
+         * IllegalArgumentException with a one-line reason for anything else.
+         */
+        fun decodeIds(text: String): LongArray {
+            for ((at, c) in text.withIndex()) {
+                if (BASE64.indexOf(c) < 0) throw IllegalArgumentException("not base64 (character '$c' at $at; whole units are never padded)")
+            }
+            if (text.length % 4 != 0) {
+                throw IllegalArgumentException("truncated unit: ${text.length} characters is not a whole number of 4-character units")
+            }
+            val units = IntArray(text.length / 4) { u -> (0 until 4).fold(0) { bits, k -> (bits shl 6) or BASE64.indexOf(text[4 * u + k]) } }
+            val ids = LongArray(units.count { it < MORE }) // a value's last unit is the only one without the flag
+            var n = 0
+            var value = 0L
+            var groups = 0
+            var start = 0
+            for ((u, unit) in units.withIndex()) {
+                if (groups == MAX_UNITS) throw IllegalArgumentException("value $n (at unit $start) has more than $MAX_UNITS units: not an int64")
+                val group = (unit and (MORE - 1)).toLong()
+                // The last group may hold bits 46..62 only: more would make a value of 2^63 or more.
+                if (groups == MAX_UNITS - 1 && group shr (63 - UNIT_BITS * (MAX_UNITS - 1)) != 0L) {
+                    throw IllegalArgumentException("id $n exceeds int64")
+                }
+                value = value or (group shl (UNIT_BITS * groups))
+                groups++
+                if (unit < MORE) {
+                    val previous = if (n == 0) 0L else ids[n - 1]
+                    if (n > 0 && value == 0L) throw IllegalArgumentException("id $n repeats the one before it: ids must be sorted and unique")
+                    if (value > Long.MAX_VALUE - previous) throw IllegalArgumentException("id $n exceeds int64")
+                    ids[n++] = previous + value
+                    value = 0L
+                    groups = 0
+                    start = u + 1
+                }
+            }
+            if (groups != 0) throw IllegalArgumentException("truncated value: its last unit (${units.size - 1}) says more units follow")
+            return ids
         }
     }
 }
@@ -85,7 +135,7 @@ class BundleManifest(
         get() = refresh?.let { maxOf(it.events, it.everyEvents) } ?: maxHistory
 
     companion object {
-        const val FORMAT_VERSION = 2
+        const val FORMAT_VERSION = 3
         val INPUT_NAMES = listOf(
             "hist_items", "hist_categories", "hist_behaviors", "hist_timestamps", "request_time", "candidates",
             "user_state",
@@ -116,8 +166,8 @@ class BundleManifest(
             return BundleManifest(
                 formatVersion = version,
                 userId = if (json.get("user_id") == JSONObject.NULL) null else json.getLong("user_id"),
-                items = IdShard.parse(json.getJSONObject("items")),
-                categories = IdShard.parse(json.getJSONObject("categories")),
+                items = IdShard.parse(json.getJSONObject("items"), "items"),
+                categories = IdShard.parse(json.getJSONObject("categories"), "categories"),
                 behaviors = behaviors.keys().asSequence().associateWith { behaviors.getLong(it) },
                 method = program.getString("method"),
                 maxHistory = maxHistory,
