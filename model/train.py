@@ -44,9 +44,11 @@ class TrainConfig:
     # of the user table, one more than the data's users): a row trained for users the model never
     # saw, which a cold-start bundle can ship (sdk_builder/bundle/coldstart.py). 0: no such row.
     user_dropout: float = 0.0
-    # Training processes (Hogwild, `HogwildPeer`): 2 uses a second core at ~1.8x the samples per
-    # second of one, but the order in which the two update shared rows varies from run to run, so
-    # only workers=1 trains bit-reproducibly.
+    # Training processes (Hogwild, `HogwildPeer`): 2 train 1.82x the samples per second of one
+    # (benchmarks/train_throughput.py), but each computes its gradients before the other's last
+    # update lands, which cost 0.013 validation AUC at lr 0.2 and 0.003 at lr 0.05 on synthetic
+    # data (benchmarks/hogwild.py); and the order of the two processes' updates varies from run
+    # to run, so only workers=1 trains bit-reproducibly.
     workers: int = 1
 
 

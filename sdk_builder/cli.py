@@ -197,8 +197,9 @@ def prepare_cmd(inputs, fmt, columns, strict, time_range, tz, protocol, samples_
               help="Best checkpoint by the on-device-style validation ranking (HR@10 of each user's shard) or by AUC.")
 @click.option("--threads", type=int, help="torch intra-op threads.")
 @click.option("--workers", type=click.IntRange(1, 64), default=1, show_default=True,
-              help="Training processes sharing the model (Hogwild, one thread each): 2 trains ~1.8x faster on "
-                   "2 cores, but is not bit-reproducible from run to run.")
+              help="Training processes sharing the model (Hogwild, one thread each): 2 train 1.8x the samples/s "
+                   "of one on 2 cores, at a small cost in model quality (docs/benchmarks.md), and not "
+                   "bit-reproducibly. The first 100 steps and all validation run in one process.")
 @click.option("--user-dropout", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True,
               help="Fraction of training samples on an extra 'unknown user' row (build --new-user --population unknown).")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last finished epoch.")
