@@ -81,33 +81,22 @@ def _load_data():
     return data, train, order, torch.from_numpy(user_map), user_map
 
 
-def _time_loop(step, steps: int, warmup: int, repeats: int, per_call: int = 0) -> tuple[list[float], list[float]]:
-    """(samples per wall second, samples per process-CPU second) of each repeat.
+def _time_loop(run, steps: int, warmup: int, repeats: int, processes: int = 1) -> tuple[list[float], list[float]]:
+    """(samples per wall second, samples per process-CPU second) of each repeat; `run(n)` trains the
+    next n steps in each of `processes` processes. Batches continue across repeats.
 
     The CPU-time rate is what a 1-thread run would reach on an idle core when other processes
     compete for the CPU (with 2 threads it counts both threads' time; a Hogwild peer's CPU time
-    is not this process's, so its row reports none). Batches continue across repeats.
-    `per_call` > 0: `step(steps)` runs all `steps` at once and trains `per_call` batches.
+    is not this process's, so that row reports none).
     """
-    position = 0
-    if per_call:
-        step(warmup)
-    else:
-        for _ in range(warmup):
-            step(position)
-            position += 1
+    run(warmup)
     rates, cpu_rates = [], []
     for _ in range(repeats):
         start, cpu_start = time.perf_counter(), time.process_time()
-        if per_call:
-            step(steps)
-        else:
-            for _ in range(steps):
-                step(position)
-                position += 1
-        samples = (per_call or steps) * BATCH
+        run(steps)
+        samples = steps * processes * BATCH
         rates.append(samples / (time.perf_counter() - start))
-        cpu_rates.append(float("nan") if per_call else samples / max(time.process_time() - cpu_start, 1e-9))
+        cpu_rates.append(samples / max(time.process_time() - cpu_start, 1e-9) if processes == 1 else float("nan"))
     return rates, cpu_rates
 
 
@@ -142,22 +131,16 @@ def worker_ours(dense_feature: str, steps: int, repeats: int, workers: int = 1) 
         torch.set_num_threads(torch.get_num_threads() - 1)
         stream = prefetched(stream)
 
-    def step(i: int) -> None:  # batches follow the steps in order, as `_time_loop` counts them
-        losses.append(train_step(model, optimizer, next(stream)))
-
     def run(steps_now: int) -> None:
         for peer in peers:
             peer.start(steps_now)
         for _ in range(steps_now):
-            step(0)
+            losses.append(train_step(model, optimizer, next(stream)))
         for peer in peers:
             peer.finish()
 
     try:
-        if peers:  # each timed repeat is one run of every process; the samples are all processes'
-            rates, cpu_rates = _time_loop(run, steps, WARMUP_OURS, repeats, per_call=steps * workers)
-        else:
-            rates, cpu_rates = _time_loop(step, steps, WARMUP_OURS, repeats)
+        rates, cpu_rates = _time_loop(run, steps, WARMUP_OURS, repeats, processes=workers)
     finally:
         for peer in peers:
             peer.close()
@@ -251,16 +234,21 @@ def worker_baseline(steps: int, repeats: int) -> dict:
             X.append(all_int[:, j].view(-1, 1))
         return X, lS_o, lS_i, torch.tensor(labels, dtype=torch.float32).view(-1, 1)
 
-    def step(i: int) -> None:
-        i %= n_batches
-        X, lS_o, lS_i, T = collate(order[i * BATCH:(i + 1) * BATCH])
-        optimizer.zero_grad()
-        loss = loss_fn(model(X, lS_o, lS_i), T)
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    position = 0
 
-    rates, cpu_rates = _time_loop(step, steps, WARMUP_BASELINE, repeats)
+    def run(steps_now: int) -> None:
+        nonlocal position
+        for _ in range(steps_now):
+            i = position % n_batches
+            position += 1
+            X, lS_o, lS_i, T = collate(order[i * BATCH:(i + 1) * BATCH])
+            optimizer.zero_grad()
+            loss = loss_fn(model(X, lS_o, lS_i), T)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+
+    rates, cpu_rates = _time_loop(run, steps, WARMUP_BASELINE, repeats)
     return {"rates": rates, "cpu_rates": cpu_rates, "first_loss": losses[0], "last_loss": sum(losses[-10:]) / 10}
 
 
