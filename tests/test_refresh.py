@@ -17,7 +17,7 @@ from sdk_builder.bundle.build import BundleBuilder
 from sdk_builder.bundle.golden import ShardView
 from sdk_builder.bundle.verify import verify_bundle
 from sdk_builder.client import Bundle, padded_events
-from sdk_builder.formats import BundleError, Event, EventHistory, Manifest
+from sdk_builder.formats import BUNDLE_FORMAT_VERSION, BundleError, Event, EventHistory, Manifest
 from sdk_builder.refresh import REFRESH_FILE, RefreshConfig, eager_gradient
 from sdk_builder.runtime import load_runtime_method
 from sdk_builder.util import sha256_bytes
@@ -152,7 +152,7 @@ def test_refresh_bundle_is_byte_identical_from_the_cli_and_verifies(refresh_buil
     for name in names:
         assert (refresh_bundle / name).read_bytes() == (Path(path) / name).read_bytes(), name
     manifest = json.loads((refresh_bundle / "manifest.json").read_text())
-    assert manifest["refresh"]["file"] == REFRESH_FILE and manifest["format_version"] == 2
+    assert manifest["refresh"]["file"] == REFRESH_FILE and manifest["format_version"] == BUNDLE_FORMAT_VERSION
     verified = subprocess.run([*CLI, "verify", path, "--json"], capture_output=True, text=True, timeout=600)
     assert verified.returncode == 0, verified.stderr
     assert json.loads(verified.stdout)["bundles"][0]["refresh_max_abs_diff"] <= 1e-5
