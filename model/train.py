@@ -183,6 +183,12 @@ def _table_zeros(like: torch.Tensor, shared: bool) -> torch.Tensor | None:
     return torch.frombuffer(buffer, dtype=like.dtype, count=like.numel()).view(like.shape)
 
 
+def _zeros_like(like: torch.Tensor, shared: bool) -> torch.Tensor:
+    """`_table_zeros`, or ordinary zeros where it returns None."""
+    zeros = _table_zeros(like, shared)
+    return torch.zeros_like(like) if zeros is None else zeros
+
+
 class TBSMOptimizer:
     """Adagrad (torch's formula: sum += g^2; p -= lr * g / (sqrt(sum) + eps)) in two parts.
 
@@ -216,8 +222,8 @@ class TBSMOptimizer:
             p.data = self.flat[offset : offset + n].view_as(p)
             p.grad = self.flat_grad[offset : offset + n].view_as(p)
             offset += n
-        self.dense_sum = _table_zeros(self.flat, shared) if shared else torch.zeros_like(self.flat)
-        self.table_sum = [z if (z := _table_zeros(t, shared)) is not None else torch.zeros_like(t) for t in self.tables]
+        self.dense_sum = _zeros_like(self.flat, shared)
+        self.table_sum = [_zeros_like(t, shared) for t in self.tables]
 
     def gather(self, table_index: int, unique: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """(unique rows as a tensor, leaf of their vectors)."""
