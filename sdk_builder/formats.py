@@ -308,6 +308,19 @@ class RefreshRecord(BaseModel):
     negatives: int = Field(ge=1, description="Shard items the program scores as negatives per positive (informative).")
 
 
+def shortest_float32(values) -> list[float]:
+    """float32 values as the doubles of their shortest decimals that read back as the same float32
+    (numpy's shortest repr): ~9 digits in JSON where the exact double takes ~17, within half a float32
+    ulp of it (far inside any golden tolerance)."""
+    import numpy as np
+
+    return [float(str(np.float32(v))) for v in values]
+
+
+# float32 vectors in JSON: written in float32's shortest digits, read back as the same float32 values.
+Float32List = Annotated[list[float], PlainSerializer(shortest_float32, when_used="json")]
+
+
 class Manifest(BaseModel):
     format_version: int = BUNDLE_FORMAT_VERSION
     versions: dict[str, str]
@@ -319,7 +332,7 @@ class Manifest(BaseModel):
     checkpoint_sha256: str
     model_config_: dict[str, Any] = Field(alias="model_config")
     program: ProgramSpec
-    user_state: list[float] = Field(description="The user state shipped with the bundle, float32 values: the program's "
+    user_state: Float32List = Field(description="The user state shipped with the bundle, float32 values: the program's "
                                                 "`user_state` input unless the app has a refreshed state for this bundle.")
     items: IdShard
     categories: IdShard
@@ -357,21 +370,12 @@ class Manifest(BaseModel):
         return compact_json(self.model_dump(by_alias=True, mode="json"))
 
 
-def shortest_float32(values) -> list[float]:
-    """float32 values as the doubles of their shortest decimals that read back as the same float32
-    (numpy's shortest repr): ~9 digits in JSON where the exact double takes ~17, within half a float32
-    ulp of it (far inside any golden tolerance)."""
-    import numpy as np
-
-    return [float(str(np.float32(v))) for v in values]
-
-
 class GoldenCase(BaseModel):
     name: str
     history: EventHistory
     request_time: int
     candidates: list[int] = Field(description="Global item ids to score.")
-    scores: Annotated[list[float], PlainSerializer(shortest_float32, when_used="json")] = Field(
+    scores: Float32List = Field(
         description="Scores of the full eager model (float32), one per candidate, written in float32's shortest digits.")
 
 
@@ -392,7 +396,7 @@ class RefreshedState(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     manifest_sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="sha256 of the manifest.json of the bundle it belongs to.")
-    user_state: list[float] = Field(description="float32 values, as manifest.user_state.")
+    user_state: Float32List = Field(description="float32 values, as manifest.user_state.")
     # The templates' refresh trigger (docs/bundle-format.md, on-device refresh); 0, 0 when unknown.
     through_timestamp: int = Field(0, ge=0, description="Timestamp of the newest event the last refresh trained on.")
     through_count: int = Field(0, ge=0, description="How many events of the history had that timestamp then: the events "

@@ -1,4 +1,4 @@
-"""The int8 recipe: real .pte files in the real ExecuTorch runtime, the accuracy budget, `inspect`."""
+"""The lossy recipes (int8, fp16): real .pte files in the real ExecuTorch runtime, the accuracy budget, `inspect`."""
 
 from __future__ import annotations
 
@@ -84,6 +84,12 @@ def int8_builder(builder):
 @pytest.fixture(scope="module")
 def int8_bundle(int8_builder, user_id, cli_builds, tmp_path_factory):
     return int8_builder.build(user_id, tmp_path_factory.mktemp("int8"))
+
+
+@pytest.fixture(scope="module")
+def fp16_bundle(builder, user_id, tmp_path_factory):
+    fp16_builder = BundleBuilder(builder.ckpt, builder.data, builder.policy, recipe="fp16", stamping=False)
+    return fp16_builder.build(user_id, tmp_path_factory.mktemp("fp16"))
 
 
 @pytest.fixture(scope="module")
@@ -230,3 +236,25 @@ def test_int8_drift_stays_within_budget_without_the_prior_blend(int8_builder):
                 request = encode(view, case.history, case.request_time, list(view.items.ids) + [10**12]).tensors()
                 worst = max(worst, float((int8(*request) - fp32(*request)).abs().max()))
     assert 0 < worst <= DEFAULT_ACCURACY_BUDGET / 2
+
+
+def test_fp16_bundle_halves_the_float_tables_and_drifts_less_than_int8(fp16_bundle, int8_bundle, fallback_bundle):
+    from sdk_builder.bundle.inspect import inspect_program
+
+    manifest, q = manifest_of(fp16_bundle.path), manifest_of(fp16_bundle.path)["quantization"]
+    assert manifest["recipe"] == "fp16" and q["requested_recipe"] == "fp16" and not q["fallback"]
+    assert set(q["tables"]) == {"item_table", "category_table", "candidate_features"}
+    # fp16 keeps 11 significant bits of every value: a drift, but well below int8's
+    assert 0 < q["max_score_drift"] < manifest_of(int8_bundle.path)["quantization"]["max_score_drift"]
+    report = verify_bundle(fp16_bundle.path)
+    assert report["ok"] and report["max_abs_diff"] <= manifest["golden_tolerance"]
+    fp16_pte, fp32_pte = fp16_bundle.path / "model.pte", fallback_bundle / "model.pte"
+    parts = lambda pte: {p["name"]: p for p in inspect_program(pte.read_bytes())}  # noqa: E731
+    fp16_parts, fp32_parts = parts(fp16_pte), parts(fp32_pte)
+    for table in q["tables"]:
+        assert fp16_parts[table]["dtype"] == "float16" and fp32_parts[table]["dtype"] == "float32"
+        assert 2 * fp16_parts[table]["bytes"] == fp32_parts[table]["bytes"]
+    saved = sum(fp32_parts[t]["bytes"] - fp16_parts[t]["bytes"] for t in q["tables"])
+    assert fp32_pte.stat().st_size - fp16_pte.stat().st_size >= 0.9 * saved
+    assert manifest["program"] == manifest_of(fallback_bundle)["program"]
+    assert input_meta(fp16_pte) == input_meta(fp32_pte)

@@ -40,7 +40,8 @@ GUARD_USERS = 3
 # versions) and the user id map `tbsm-sdk build` checks requested ids against before importing torch.
 # Files whose code shapes a template's bytes: a change in any of them makes a cached template stale.
 _TEMPLATE_CODE = ("model/tbsm.py", "sdk_builder/program.py", "sdk_builder/stamp.py", "sdk_builder/recipes/__init__.py",
-                  "sdk_builder/recipes/base.py", "sdk_builder/recipes/fp32.py", "sdk_builder/recipes/int8.py")
+                  "sdk_builder/recipes/base.py", "sdk_builder/recipes/fp32.py", "sdk_builder/recipes/int8.py",
+                  "sdk_builder/recipes/fp16.py")
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ RECIPE_MODULES: dict[str, str] = {
     "xnnpack": "sdk_builder.recipes.fp32",
     "portable": "sdk_builder.recipes.fp32",
     "int8": "sdk_builder.recipes.int8",
+    "fp16": "sdk_builder.recipes.fp16",
 }
 RECIPE_NAMES: tuple[str, ...] = tuple(RECIPE_MODULES)
 RECIPES: dict = {}  # name -> Recipe, filled by `recipes.base.register` as the modules are imported

@@ -90,25 +90,27 @@ class Fp16Rows(nn.Module):
         return self.weight[rows].to(torch.float32)
 
 
-def quantize_program(program: nn.Module) -> nn.Module:
+def quantize_program(program: nn.Module, int8_tables: tuple[str, ...] = INT8_TABLES,
+                     fp16_tables: tuple[str, ...] = FP16_TABLES) -> nn.Module:
     """Replace the fp32 per-user tables of a `UserProgram` by `Int8Rows` / `Fp16Rows`, in place."""
-    for name in LOSSY_TABLES:
+    for name in int8_tables + fp16_tables:
         table = program._buffers.pop(name, None)
         if table is None:
             raise ValueError(f"{type(program).__name__} has no fp32 buffer {name!r} to quantize")
-        setattr(program, name, Int8Rows(table) if name in INT8_TABLES else Fp16Rows(table))
+        setattr(program, name, Int8Rows(table) if name in int8_tables else Fp16Rows(table))
     return program
 
 
-def quantize_constants(constants: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The int8 program's per-user constants from the fp32 ones, by state-dict name
+def quantize_constants(constants: dict[str, torch.Tensor], int8_tables: tuple[str, ...] = INT8_TABLES,
+                       fp16_tables: tuple[str, ...] = FP16_TABLES) -> dict[str, torch.Tensor]:
+    """The lossy program's per-user constants from the fp32 ones, by state-dict name
     (`item_table` -> `item_table.weight` int8 + `item_table.scales` fp16, `category_table` ->
     `category_table.weight` fp16); others unchanged."""
     out = {}
     for name, value in constants.items():
-        if name in INT8_TABLES:
+        if name in int8_tables:
             out[f"{name}.weight"], out[f"{name}.scales"] = quantize_rows(value)
-        elif name in FP16_TABLES:
+        elif name in fp16_tables:
             out[f"{name}.weight"] = value.detach().to(torch.float16).contiguous()
         else:
             out[name] = value

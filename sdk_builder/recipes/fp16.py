@@ -1,0 +1,36 @@
+"""The `fp16` recipe: the fp32 program with its per-user float tables stored in fp16.
+
+`item_table`, `category_table` and `candidate_features` hold ~80 KB of an fp32 bundle; in fp16 they
+take half. Rows are gathered and cast to fp32, and everything after the gather (XNNPACK's linears,
+the attention, the prior) runs in fp32 as in `xnnpack`. Rounding to fp16 keeps each value's
+exponent and 11 significant bits (relative error <= 2**-11), so the scores move far less than
+int8's (docs/benchmarks.md, "fp16 recipe"); like every lossy recipe, the drift is measured against
+the fp32 model at build time and checked against the accuracy budget (`sdk_builder/bundle/budget.py`).
+Inputs, outputs and the client contract are those of the fp32 recipes.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from sdk_builder.program import UserProgram
+from sdk_builder.recipes.base import Recipe, register
+from sdk_builder.recipes.fp32 import xnnpack_partitioners
+from sdk_builder.recipes.int8 import quantize_constants, quantize_program
+
+FP16_TABLES = ("item_table", "category_table", "candidate_features")
+
+
+def fp16_program(model: nn.Module, constants: dict[str, torch.Tensor]) -> nn.Module:
+    """The eager fp16-table program of one user from its fp32 constants (`program.slice_constants`)."""
+    return quantize_program(UserProgram(model, constants), int8_tables=(), fp16_tables=FP16_TABLES).eval()
+
+
+def fp16_constants(constants: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return quantize_constants(constants, int8_tables=(), fp16_tables=FP16_TABLES)
+
+
+FP16 = register(Recipe("fp16", "fp16 per-user tables, fp32 compute + XNNPACK, checked against an accuracy budget",
+                       partitioners=xnnpack_partitioners, program=fp16_program, stored_constants=fp16_constants,
+                       quantized_tables=FP16_TABLES, fallback="xnnpack"))
