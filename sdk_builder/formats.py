@@ -417,20 +417,23 @@ class GoldenSet(BaseModel):
 
 # A bundle patch (`build --delta-from OLD`): old bundle + patch = new bundle, byte for byte.
 PATCH_SUFFIX = ".patch"  # the patch of bundle directory D is the file D.patch beside it
-PATCH_FORMAT_VERSION = 1
+PATCH_FORMAT_VERSION = 2  # 2: sha256 only for files the new manifest does not cover
 PATCH_COPY = 1  # op: u32 offset, u32 length: bytes of the old bundle's file of the same name
 PATCH_INSERT = 2  # op: u32 length, then that many literal bytes
 Sha256Hex = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
 
 
 class PatchFile(BaseModel):
-    """One file of the new bundle: its ops rebuild exactly `size` bytes whose sha256 is `sha256`."""
+    """One file of the new bundle: its ops rebuild exactly `size` bytes."""
 
     model_config = ConfigDict(extra="forbid")
 
     name: Annotated[str, StringConstraints(pattern=PLAIN_FILE_NAME)]
     size: NonNegativeInt
-    sha256: Sha256Hex
+    sha256: Sha256Hex | None = Field(default=None, description=(
+        "Only for a file the new manifest.json does not cover (the signature): manifest.json is checked against "
+        "new_manifest_sha256 and every file it lists against its own sha256 there, so repeating those here "
+        "would cost ~75 bytes a file of every patch."))
 
 
 class BundlePatch(BaseModel):
@@ -448,4 +451,4 @@ class BundlePatch(BaseModel):
                                                "old files not listed are not part of the new bundle.")
 
     def to_json(self) -> str:
-        return compact_json(self.model_dump(mode="json"))
+        return compact_json(self.model_dump(mode="json", exclude_none=True))

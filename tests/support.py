@@ -15,6 +15,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
+
 from sdk_builder.formats import encode_ids
 
 REPO = Path(__file__).resolve().parents[1]
@@ -92,7 +94,8 @@ def reference_inputs(manifest: dict[str, Any], history: dict[str, Any], request_
         "hist_timestamps": [0] * pad + [e["timestamp"] for e in events],
         "request_time": [request_time],
         "candidates": [local_row(items, c) for c in candidates],
-        "user_state": list(manifest["user_state"] if user_state is None else user_state),
+        # float32, as the program takes it (the manifest writes float32's shortest digits)
+        "user_state": np.asarray(manifest["user_state"] if user_state is None else user_state, np.float32).tolist(),
     }
 
 

@@ -19,7 +19,7 @@ from sdk_builder.bundle.delta import (
     PreviousBundles, apply_patch, bundle_files, diff_ops, make_patch, patch_bundle, patch_path,
 )
 from sdk_builder.cli import main
-from sdk_builder.formats import MANIFEST, BundleError
+from sdk_builder.formats import MANIFEST, SIGNATURE, BundleError
 from tests.support import shard_ids
 
 
@@ -107,6 +107,28 @@ def test_a_bad_patch_fails_in_one_line_and_leaves_the_old_bundle(two_bundles, tm
     assert "\n" not in str(err.value) and str(tmp_path / "p.patch") in str(err.value)
     assert tree_digest(copy) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle", "p.patch"]  # no temp directory left
+
+
+def test_the_header_hashes_only_the_files_the_new_manifest_does_not_cover(two_bundles, tmp_path):
+    """manifest.json has new_manifest_sha256 and the files it lists their sha256 in it; the
+    signature is the one file that needs the header's own, and a file with neither is refused."""
+    old, new = two_bundles
+    signed = tmp_path / "signed"
+    shutil.copytree(new, signed)
+    (signed / SIGNATURE).write_bytes(b"\x07" * 32)
+    patch = make_patch(old, signed)
+    end = patch.index(b"\n")
+    header = json.loads(patch[:end])
+    assert {f["name"] for f in header["files"] if "sha256" in f} == {SIGNATURE}
+    assert apply_patch(bundle_files(old), patch, "p") == bundle_files(signed)
+    wrong = json.loads(patch[:end])
+    wrong["files"] = [{**f, "sha256": "0" * 64} if "sha256" in f else f for f in wrong["files"]]
+    with pytest.raises(BundleError, match=f"{SIGNATURE}: rebuilt file differs from the header's size/sha256"):
+        apply_patch(bundle_files(old), json.dumps(wrong).encode() + patch[end:], "p")
+    header["files"] = [{k: v for k, v in f.items() if k != "sha256"} for f in header["files"]]
+    unhashed = json.dumps(header).encode() + patch[end:]
+    with pytest.raises(BundleError, match=f"{SIGNATURE}: no sha256 in the header and not listed in the new manifest"):
+        apply_patch(bundle_files(old), unhashed, "p")
 
 
 def test_verify_rejects_a_patch_that_builds_another_bundle(two_bundles, tmp_path):

@@ -179,10 +179,12 @@ def diff_ops(old: bytes, new: bytes) -> bytes:
 def make_patch(old: Path, new: Path) -> bytes:
     """The patch turning bundle directory `old` into bundle directory `new`."""
     old_files, new_files = bundle_files(old), bundle_files(new)
+    covered = {MANIFEST, *json.loads(new_files[MANIFEST])["files"]}
     ops = b"".join(diff_ops(old_files.get(name, b""), data) for name, data in new_files.items())
     header = BundlePatch(old_manifest_sha256=sha256_bytes(old_files[MANIFEST]),
                          new_manifest_sha256=sha256_bytes(new_files[MANIFEST]), ops_size=len(ops),
-                         files=[PatchFile(name=name, size=len(data), sha256=sha256_bytes(data))
+                         files=[PatchFile(name=name, size=len(data),
+                                          sha256=None if name in covered else sha256_bytes(data))
                                 for name, data in new_files.items()])
     deflate = zlib.compressobj(9, zlib.DEFLATED, -15)
     return header.to_json().encode() + deflate.compress(ops) + deflate.flush()
@@ -223,8 +225,9 @@ def _inflate(body: bytes, size: int, source: str) -> bytes:
 
 
 def apply_patch(old_files: dict[str, bytes], patch: bytes, source: str) -> dict[str, bytes]:
-    """The new bundle's files; every one checked against the header's size and sha256, and
-    manifest.json against new_manifest_sha256. Raises BundleError (one line) on any mismatch."""
+    """The new bundle's files, every one checked: its size against the header's; manifest.json
+    against new_manifest_sha256, the files it lists against their sha256 there, any other file
+    (the signature) against the header's sha256. Raises BundleError (one line) on any mismatch."""
     header, body = read_header(patch, source)
     have = sha256_bytes(old_files.get(MANIFEST, b""))
     if have != header.old_manifest_sha256:
@@ -255,7 +258,7 @@ def apply_patch(old_files: dict[str, bytes], patch: bytes, source: str) -> dict[
                     pos += length
                 else:
                     raise BundleError(f"{source}: {entry.name}: unknown op {op} at op stream byte {pos}")
-            if len(data) != entry.size or sha256_bytes(data) != entry.sha256:
+            if len(data) != entry.size or (entry.sha256 is not None and sha256_bytes(data) != entry.sha256):
                 raise BundleError(f"{source}: {entry.name}: rebuilt file differs from the header's size/sha256")
             out[entry.name] = bytes(data)
     except (IndexError, struct.error):
@@ -271,6 +274,9 @@ def apply_patch(old_files: dict[str, bytes], patch: bytes, source: str) -> dict[
     wrong = [name for name, digest in listed.items() if name not in out or sha256_bytes(out[name]) != digest]
     if wrong:
         raise BundleError(f"{source}: {wrong[0]}: missing or not the sha256 the new manifest lists")
+    unchecked = [e.name for e in header.files if e.sha256 is None and e.name != MANIFEST and e.name not in listed]
+    if unchecked:
+        raise BundleError(f"{source}: {unchecked[0]}: no sha256 in the header and not listed in the new manifest")
     return out
 
 

@@ -7,12 +7,13 @@ import Foundation
 /// the whole bundle. (Kotlin: BundlePatch.kt, the same steps and checks.)
 ///
 /// Atomic: the new bundle is written to `.<dir>.patch-new` beside the bundle, every file's sha256 is
-/// checked (against the patch header and the new manifest) and only then swapped in with
+/// checked (manifest.json against the header's new_manifest_sha256, the files it lists against it,
+/// any other file, i.e. the signature, against the header's own sha256) and only then swapped in with
 /// `FileManager.replaceItemAt` (one atomic exchange on APFS); a bad patch throws `TbsmError.bundle`
 /// and leaves the old bundle as it was. Call `recover` before opening the bundle: it puts back a
 /// bundle a killed swap left at `.<dir>.patch-old` (Kotlin's two-rename swap) and drops leftovers.
 public enum BundlePatch {
-    public static let patchFormatVersion = 1
+    public static let patchFormatVersion = 2
     private static let copy: UInt8 = 1
     private static let insert: UInt8 = 2
     private static let maxOpsBytes: Int64 = 256 << 20 // a patch of a few-hundred-KB bundle is far smaller
@@ -44,6 +45,7 @@ public enum BundlePatch {
         try fm.createDirectory(at: staging, withIntermediateDirectories: false)
         do {
             var pos = 0
+            var unchecked: [String] = [] // no sha256 in the header: the new manifest must cover them
             for entry in try header.objects("files") {
                 let name = try entry.string("name")
                 if name.range(of: "^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$", options: .regularExpression) == nil {
@@ -53,7 +55,9 @@ public enum BundlePatch {
                 let old = fm.fileExists(atPath: oldURL.path) ? [UInt8](try Data(contentsOf: oldURL)) : []
                 let (data, next) = try rebuild(old, ops, start: pos, size: entry.long("size"), name: name)
                 pos = next
-                if sha256(data) != (try entry.string("sha256")) {
+                if entry.values["sha256"] == nil {
+                    if name != "manifest.json" { unchecked.append(name) }
+                } else if sha256(data) != (try entry.string("sha256")) {
                     throw TbsmError.bundle("patched \(name): sha256 differs from the patch's")
                 }
                 try data.write(to: staging.appendingPathComponent(name))
@@ -64,6 +68,9 @@ public enum BundlePatch {
                 throw TbsmError.bundle("patched manifest.json differs from the patch's new_manifest_sha256")
             }
             let manifest = try BundleManifest.load(staging) // the sha256 of every file the new manifest lists
+            if let name = unchecked.first(where: { manifest.files[$0] == nil }) {
+                throw TbsmError.bundle("patched \(name): no sha256 in the patch and not listed in the new manifest")
+            }
             _ = try fm.replaceItemAt(bundleDir, withItemAt: staging)
             return manifest
         } catch {

@@ -17,13 +17,14 @@ import org.json.JSONObject
  * the whole bundle.
  *
  * Atomic: the new bundle is written to `.<dir>.patch-new` beside the bundle, every file's sha256 is
- * checked (against the patch header and the new manifest) and only then swapped in; a bad patch
+ * checked (manifest.json against the header's new_manifest_sha256, the files it lists against it,
+ * any other file, i.e. the signature, against the header's own sha256) and only then swapped in; a bad patch
  * throws [BundleException] and leaves the old bundle as it was. Java has no atomic directory
  * exchange, so the swap is two renames; a process killed between them leaves the old bundle at
  * `.<dir>.patch-old`, which [recover] (call it before opening the bundle) puts back.
  */
 object BundlePatch {
-    const val PATCH_FORMAT_VERSION = 1
+    const val PATCH_FORMAT_VERSION = 2
     private const val COPY = 1
     private const val INSERT = 2
     private const val MAX_OPS_BYTES = 256L shl 20 // a patch of a few-hundred-KB bundle is far smaller
@@ -62,6 +63,7 @@ object BundlePatch {
         if (!staging.mkdirs()) throw BundleException("cannot create $staging")
         try {
             val files = header.getJSONArray("files")
+            val unchecked = mutableListOf<String>() // no sha256 in the header: the new manifest must cover them
             var pos = 0
             for (i in 0 until files.length()) {
                 val entry = files.getJSONObject(i)
@@ -70,7 +72,11 @@ object BundlePatch {
                 val old = File(bundleDir, name).let { if (it.isFile) it.readBytes() else ByteArray(0) }
                 val (data, next) = rebuild(old, ops, pos, entry.getLong("size"), name)
                 pos = next
-                if (sha256(data) != entry.getString("sha256")) throw BundleException("patched $name: sha256 differs from the patch's")
+                if (!entry.has("sha256")) {
+                    if (name != "manifest.json") unchecked.add(name)
+                } else if (sha256(data) != entry.getString("sha256")) {
+                    throw BundleException("patched $name: sha256 differs from the patch's")
+                }
                 FileOutputStream(File(staging, name)).use { out ->
                     out.write(data)
                     out.fd.sync()
@@ -81,6 +87,9 @@ object BundlePatch {
                 throw BundleException("patched manifest.json differs from the patch's new_manifest_sha256")
             }
             val manifest = BundleManifest.load(staging) // the sha256 of every file the new manifest lists
+            unchecked.firstOrNull { it !in manifest.files }?.let {
+                throw BundleException("patched $it: no sha256 in the patch and not listed in the new manifest")
+            }
             swap(bundleDir, staging)
             return manifest
         } catch (e: Exception) {
