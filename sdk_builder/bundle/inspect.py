@@ -2,8 +2,9 @@
 
 `model.pte` is parsed with the flatbuffer classes ExecuTorch generates from its program schema and
 split into its constant tensors (each with shape, dtype and bytes), the delegate blobs (XNNPACK
-graphs) with the weights they reference, and the rest (flatbuffer structure, headers, alignment
-padding). Constant tensors carry no names in
+graphs) with the weights they reference, and the rest: the program's values (tensor descriptions,
+scalars), instructions, operator names, delegate weight keys, alignment padding and the remaining
+flatbuffer structure. Constant tensors carry no names in
 a `.pte`: they are named from the program itself, by the input that indexes them
 (`hist_items` and `candidates` -> `item_slot`, their slots -> `item_table` and `candidate_features`,
 `hist_categories` -> `category_table`); others are numbered (the user state is an input, not a constant). The JSON files are
@@ -290,7 +291,57 @@ def _inspect_program(fb, data: bytes, input_names: list[str] | None) -> list[dic
     if rest:
         parts.append(_part(f"named data ({len(rest)} entries)", "named_data", sum(named_sizes[key] for key in rest)))
     overhead = len(data) - sum(p["bytes"] for p in parts)
-    parts.append(_part("flatbuffer structure, headers, alignment padding", "overhead", overhead,
+    parts.extend(_overhead_parts(fb, program, overhead, program_size, _padding(parts, storages, segments, data, segment_base)))
+    return parts
+
+
+def _padding(parts, storages, segments, data: bytes, segment_base: int) -> int:
+    """Alignment padding outside the flatbuffer: after each constant tensor in the constant segment,
+    and between segments (`ExecutorchBackendConfig`'s constant_tensor_alignment / segment_alignment)."""
+    constants = sum(len(s) for s in storages) - sum(p["bytes"] for p in parts if p["kind"] == "constant")
+    gaps = len(data) - segment_base - sum(len(s) for s in segments) if segment_base else 0
+    return max(constants, 0) + max(gaps, 0)
+
+
+def _overhead_parts(fb, program, overhead: int, program_size: int, padding: int) -> list[dict[str, Any]]:
+    """The bytes that are neither constants nor delegate data, split by what they encode: each
+    flatbuffer part is what the program repacked without it is smaller (flatbuffer tables carry
+    their own vtables and offsets, so a part's bytes are what dropping it would save); the rest
+    is headers, the pytree specs of the inputs and the segment tables."""
+    import flatbuffers
+
+    def packed_size() -> int:
+        builder = flatbuffers.Builder(0)
+        builder.Finish(program.Pack(builder))
+        return len(builder.Output())
+
+    plans = program.executionPlan or []
+    whole = packed_size()
+    parts = []
+
+    def without(label: str, owner, field: str, empty, **extra) -> None:
+        kept = getattr(owner, field)
+        setattr(owner, field, empty)
+        try:
+            saved = whole - packed_size()
+        finally:
+            setattr(owner, field, kept)
+        parts.append(_part(label, "overhead", saved, **extra))
+
+    for plan in plans:
+        values = plan.values or []
+        tensors = sum(isinstance(v.val, fb.TensorT) for v in values)
+        without(f"program values ({len(values)}: {tensors} tensor descriptions, {len(values) - tensors} scalars/lists)",
+                plan, "values", [], values=len(values))
+        instructions = sum(len(chain.instructions or []) for chain in plan.chains or [])
+        without(f"instructions ({instructions})", plan, "chains", [], instructions=instructions)
+        without(f"operator names ({len(plan.operators or [])})", plan, "operators", [])
+    if program.namedData:
+        without(f"named data keys ({len(program.namedData)})", program, "namedData", [])
+    if padding:
+        parts.append(_part("alignment padding (constants, segments)", "overhead", padding))
+    rest = overhead - sum(p["bytes"] for p in parts)
+    parts.append(_part("flatbuffer structure, headers, input specs, segment tables", "overhead", rest,
                        program_flatbuffer_bytes=program_size))
     return parts
 
