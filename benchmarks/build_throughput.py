@@ -14,7 +14,7 @@ in one run:
   each counts: other load on the machine only slows a round down), in bundles per CPU second (the
   per-core rate, whatever else runs on the machine) and wall bundles/s, with a cProfile split of
   each tree's CPU time by stage (--profile-users).
-Prints a markdown table and appends it to docs/benchmarks.md.
+Prints a markdown table and appends it to docs/benchmarks.md (not with --no-report).
 """
 
 from __future__ import annotations
@@ -191,6 +191,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="Alternated rounds of --before (best of each).")
     parser.add_argument("--profile-users", type=int, default=256,
                         help="With --before: users of the per-stage CPU profile of each tree (0: none).")
+    parser.add_argument("--no-report", action="store_true",
+                        help="Print the table only; do not append it to docs/benchmarks.md (noisy machines).")
     parser.add_argument("--only-before-after", action="store_true",
                         help="With --before: skip the 2-process, Ray, verify and re-export parts.")
     args = parser.parse_args()
@@ -220,8 +222,9 @@ def main() -> None:
             raise SystemExit("--only-before-after needs --before REV")
         text = "\n".join(compared)
         print(text)
-        append_report("Bundle build throughput, before/after (issue 12)",
-                      f"{args.users:,} users, Taobao table sizes, synthetic weights, recipe xnnpack", text)
+        if not args.no_report:
+            append_report("Bundle build throughput, before/after (issue 12)",
+                          f"{args.users:,} users, Taobao table sizes, synthetic weights, recipe xnnpack", text)
         if not args.keep:
             shutil.rmtree(tmp, ignore_errors=True)
         return
@@ -285,7 +288,8 @@ def main() -> None:
     ]
     text = "\n".join(compared + lines)
     print(text)
-    append_report("Bundle build throughput (issue 4)", f"{args.users:,} users, Taobao table sizes, synthetic weights, recipe xnnpack", text)
+    if not args.no_report:
+        append_report("Bundle build throughput (issue 4)", f"{args.users:,} users, Taobao table sizes, synthetic weights, recipe xnnpack", text)
     if not args.keep:
         shutil.rmtree(tmp, ignore_errors=True)
 

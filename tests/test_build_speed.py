@@ -142,3 +142,33 @@ def test_atomic_write_dir_creates_replaces_and_clears_a_killed_writers_leftovers
     atomic_write_dir(final, {"a": big})  # replaces the whole directory
     assert {p.name: p.read_bytes() for p in final.iterdir()} == {"a": big}
     assert sorted(p.name for p in final.parent.iterdir()) == [".43.tmp-99999", "42"]
+
+
+def test_golden_prior_shortcut_has_the_bytes_of_the_live_prior(builder):
+    """Golden cases without events after the build skip `live_positions` (StaticPrior): the prior
+    they get must be byte-identical to `shard_prior`'s for the same history, and a history with a
+    fresh event must not take the shortcut."""
+    import numpy as np
+    import torch
+
+    from sdk_builder.bundle.golden import ShardView, StaticPrior
+    from sdk_builder.client import encode
+    from sdk_builder.program import prior_tables, shard_prior
+
+    checked = fresh = 0
+    for user in (int(u) for u in builder.ckpt.users.ids[:6]):
+        shard, _ = builder.shard_for(builder.user_row(user))
+        tables, view = prior_tables(shard), ShardView(builder.ckpt, shard)
+        static = StaticPrior(tables)
+        for case in builder.golden_requests(user, shard):
+            req = encode(view.encoding, case.history, case.request_time, case.candidates)
+            live = shard_prior(tables, torch.from_numpy(np.asarray(req.hist_items, np.int64)),
+                               torch.from_numpy(np.asarray(req.hist_timestamps, np.int64))).numpy()
+            got = static.prior_for(req.hist_items, req.hist_timestamps)
+            if got is None:
+                fresh += 1
+                assert case.name == "new_events_history"
+            else:
+                checked += 1
+                assert got.tobytes() == live.tobytes(), (user, case.name)
+    assert checked >= 4 * 6 and fresh >= 1

@@ -18,7 +18,9 @@ from sdk_builder.formats import (
     BEHAVIOR_CODES, BEHAVIOR_NAMES, Behavior, MAX_HISTORY, Event, EventHistory, GoldenCase, GoldenSet, IdShard, Manifest,
     RefreshCase,
 )
-from sdk_builder.program import Shard, prior_tables, program_spec, shard_prior, user_state
+from sdk_builder.program import (
+    Shard, built_after_of, prior_of, prior_tables, program_spec, shard_prior, user_state,
+)
 from sdk_builder.runs import LoadedCheckpoint
 from sdk_builder.util import sorted_lookup
 
@@ -109,6 +111,31 @@ def golden_requests(ckpt: LoadedCheckpoint, data: PreparedData, seed: int, user_
             for name, hist in histories.items()]
 
 
+class StaticPrior:
+    """A shard's prior for histories without events after the build (most golden cases): every
+    event is then at or before `built_after`, no item is a seed or co-visited, and `live_positions`
+    returns the build-time positions whatever the history. Computed once per shard from the same
+    tensors by the same ops as `shard_prior`, so the bytes are the same (tests/test_bundle.py
+    compares them); histories with fresh events go through `shard_prior`."""
+
+    def __init__(self, tables: dict[str, torch.Tensor]) -> None:
+        self.slots = tables["item_slot"].to(torch.int64).numpy()
+        self.built_after = int(built_after_of(tables["prior_params"]))
+        self._tables = tables
+        self._prior: np.ndarray | None = None
+
+    def prior_for(self, hist_items: np.ndarray, hist_timestamps: np.ndarray) -> np.ndarray | None:
+        """The prior of every local item row after this history, or None when it has fresh events."""
+        fresh = (self.slots[np.asarray(hist_items, np.int64)] >= RESERVED_ROWS) & (np.asarray(hist_timestamps) > self.built_after)
+        if fresh.any():
+            return None
+        if self._prior is None:
+            tables = self._tables
+            positions = tables["candidate_position"].to(torch.int64)
+            self._prior = prior_of(positions, tables["prior_params"])[tables["item_slot"].to(torch.int64)].numpy()
+        return self._prior
+
+
 class EagerReference:
     """The full eager model on requests as the phone encodes them: the sigmoid of its logit plus
     the shard's prior of the candidate, exactly what a program returns."""
@@ -144,12 +171,15 @@ class EagerReference:
                 # it (over the category capacity), exactly like an unknown id on the phone.
                 cand_cat = np.where(full_item >= RESERVED_ROWS, item_category[full_item], OOV_ROW)
                 _, found = sorted_lookup(shard.category_rows, cand_cat)
+                tables = prior_tables(shard)
                 rows[id(shard)] = (full_item, np.concatenate([[PADDING_ROW, OOV_ROW], shard.category_rows]),
-                                   np.where(found, cand_cat, OOV_ROW), prior_tables(shard))
-            full_item, full_cat, cat_of_local, tables = rows[id(shard)]
+                                   np.where(found, cand_cat, OOV_ROW), tables, StaticPrior(tables))
+            full_item, full_cat, cat_of_local, tables, static = rows[id(shard)]
             # The prior as the program computes it: re-ranked from this request's history.
-            full_prior = shard_prior(tables, torch.from_numpy(np.asarray(req.hist_items, dtype=np.int64)),
-                                     torch.from_numpy(np.asarray(req.hist_timestamps, dtype=np.int64))).numpy()
+            full_prior = static.prior_for(req.hist_items, req.hist_timestamps)
+            if full_prior is None:
+                full_prior = shard_prior(tables, torch.from_numpy(np.asarray(req.hist_items, dtype=np.int64)),
+                                         torch.from_numpy(np.asarray(req.hist_timestamps, dtype=np.int64))).numpy()
             encoded.append((shard.user_row, full_item[req.hist_items], full_cat[req.hist_categories], req.hist_behaviors,
                             req.hist_timestamps, int(req.request_time[0]), full_item[req.candidates],
                             cat_of_local[req.candidates], full_prior[req.candidates]))
