@@ -115,7 +115,7 @@ class StaticPrior:
     """A shard's prior for histories without events after the build (most golden cases): every
     event is then at or before `built_after`, no item is a seed or co-visited, and `live_positions`
     returns the build-time positions whatever the history. Computed once per shard from the same
-    tensors by the same ops as `shard_prior`, so the bytes are the same (tests/test_bundle.py
+    tensors by the same ops as `shard_prior`, so the bytes are the same (tests/test_build_speed.py
     compares them); histories with fresh events go through `shard_prior`."""
 
     def __init__(self, tables: dict[str, torch.Tensor]) -> None:
@@ -162,7 +162,7 @@ class EagerReference:
         whose candidates are padded to at least `width`. Float sums depend on the batch's shape
         and a row's place in it: see `score_golden` for the same bytes whatever the batching."""
         item_category = self.ckpt.item_category
-        rows: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = {}
+        rows: dict[int, tuple] = {}  # per shard: full item rows, full category rows, candidate categories, prior
         encoded = []
         # `score_golden` fills short batches with copies of one request (the same object): its
         # prior, a whole-shard computation, is computed once.
