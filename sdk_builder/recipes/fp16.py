@@ -1,11 +1,12 @@
 """The `fp16` recipe: the fp32 program with its per-user float tables stored in fp16.
 
-`item_table`, `category_table` and `candidate_features` hold ~80 KB of an fp32 bundle; in fp16 they
+`item_table`, `category_table` and `candidate_features` hold ~89 KB of an fp32 bundle; in fp16 they
 take half. Rows are gathered and cast to fp32, and everything after the gather (XNNPACK's linears,
 the attention, the prior) runs in fp32 as in `xnnpack`. Rounding to fp16 keeps each value's
 exponent and 11 significant bits (relative error <= 2**-11), so the scores move far less than
-int8's (docs/benchmarks.md, "fp16 recipe"); like every lossy recipe, the drift is measured against
-the fp32 model at build time and checked against the accuracy budget (`sdk_builder/bundle/budget.py`).
+int8's (docs/benchmarks.md, "Bundle size and drift by recipe"); like every lossy recipe, the drift
+is measured against the fp32 model at build time and checked against the accuracy budget
+(`sdk_builder/bundle/budget.py`).
 Inputs, outputs and the client contract are those of the fp32 recipes.
 """
 
