@@ -41,7 +41,7 @@ def main() -> None:
     tmp, ckpt, data = one_thread_run(args.run, "tbsm-recipes-bench-")
 
     from sdk_builder.bundle.build import BundleBuilder
-    from sdk_builder.client import Bundle
+    from sdk_builder.client import read_manifest
     from sdk_builder.shard import ShardPolicy
 
     ids = np.asarray(ckpt.users.ids)
@@ -56,13 +56,12 @@ def main() -> None:
         total = [r.bytes_total for r in results]
         program = [r.bytes_program for r in results]
         fallbacks = sum(r.recipe != recipe for r in results)
-        drifts = [q.max_score_drift for r in results
-                  if (q := Bundle(r.path, check_hashes=False).manifest.quantization) is not None]
+        drifts = [q.max_score_drift for r in results if (q := read_manifest(r.path).quantization) is not None]
         diffs = [r.max_golden_diff for r in results if not math.isnan(r.max_golden_diff)]
         drift = f"{np.median(drifts):.1e} / {max(drifts):.1e}" if drifts else "0 (exact)"
+        replay = f"{max(diffs):.1e} over {len(diffs)}" if diffs else "-"
         rows.append(f"| {recipe} | {len(results)} | {fallbacks} | {int(np.median(total)):,} / {max(total):,} | "
-                    f"{int(np.median(program)):,} / {max(program):,} | {drift} | "
-                    f"{max(diffs):.1e} over {len(diffs)} |" if diffs else "- |")
+                    f"{int(np.median(program)):,} / {max(program):,} | {drift} | {replay} |")
     text = "\n".join(rows)
     print(text)
     if not args.no_report:

@@ -116,13 +116,21 @@ class StaticPrior:
     event is then at or before `built_after`, no item is a seed or co-visited, and `live_positions`
     returns the build-time positions whatever the history. Computed once per shard from the same
     tensors by the same ops as `shard_prior`, so the bytes are the same (tests/test_build_speed.py
-    compares them); histories with fresh events go through `shard_prior`."""
+    compares them); histories with fresh events go through `shard_prior` (`prior`)."""
 
     def __init__(self, tables: dict[str, torch.Tensor]) -> None:
         self.slots = tables["item_slot"].to(torch.int64).numpy()
         self.built_after = int(built_after_of(tables["prior_params"]))
         self._tables = tables
         self._prior: np.ndarray | None = None
+
+    def prior(self, hist_items: np.ndarray, hist_timestamps: np.ndarray) -> np.ndarray:
+        """The prior of every local item row after this history, as the program computes it."""
+        static = self.prior_for(hist_items, hist_timestamps)
+        if static is not None:
+            return static
+        return shard_prior(self._tables, torch.from_numpy(np.asarray(hist_items, dtype=np.int64)),
+                           torch.from_numpy(np.asarray(hist_timestamps, dtype=np.int64))).numpy()
 
     def prior_for(self, hist_items: np.ndarray, hist_timestamps: np.ndarray) -> np.ndarray | None:
         """The prior of every local item row after this history, or None when it has fresh events."""
@@ -162,7 +170,7 @@ class EagerReference:
         whose candidates are padded to at least `width`. Float sums depend on the batch's shape
         and a row's place in it: see `score_golden` for the same bytes whatever the batching."""
         item_category = self.ckpt.item_category
-        rows: dict[int, tuple] = {}  # per shard: full item rows, full category rows, candidate categories, prior
+        rows: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray, StaticPrior]] = {}
         encoded = []
         # `score_golden` fills short batches with copies of one request (the same object): its
         # prior, a whole-shard computation, is computed once.
@@ -177,15 +185,11 @@ class EagerReference:
                 # it (over the category capacity), exactly like an unknown id on the phone.
                 cand_cat = np.where(full_item >= RESERVED_ROWS, item_category[full_item], OOV_ROW)
                 _, found = sorted_lookup(shard.category_rows, cand_cat)
-                tables = prior_tables(shard)
                 rows[id(shard)] = (full_item, np.concatenate([[PADDING_ROW, OOV_ROW], shard.category_rows]),
-                                   np.where(found, cand_cat, OOV_ROW), tables, StaticPrior(tables))
-            full_item, full_cat, cat_of_local, tables, static = rows[id(shard)]
+                                   np.where(found, cand_cat, OOV_ROW), StaticPrior(prior_tables(shard)))
+            full_item, full_cat, cat_of_local, prior = rows[id(shard)]
             # The prior as the program computes it: re-ranked from this request's history.
-            full_prior = static.prior_for(req.hist_items, req.hist_timestamps)
-            if full_prior is None:
-                full_prior = shard_prior(tables, torch.from_numpy(np.asarray(req.hist_items, dtype=np.int64)),
-                                         torch.from_numpy(np.asarray(req.hist_timestamps, dtype=np.int64))).numpy()
+            full_prior = prior.prior(req.hist_items, req.hist_timestamps)
             encoded.append((shard.user_row, full_item[req.hist_items], full_cat[req.hist_categories], req.hist_behaviors,
                             req.hist_timestamps, int(req.request_time[0]), full_item[req.candidates],
                             cat_of_local[req.candidates], full_prior[req.candidates]))
