@@ -1,7 +1,7 @@
 """Wall time of the phone-side commands (`--help`, `rank`, `verify`, `inspect`, and `rank` with a bad
 argument) on one bundle, and with --run of a second `build` of one user (the template cached by an
-earlier build) and of an unknown id, before and after the start-up work, in one run; `import torch`
-alone as the floor.
+earlier build) and of an unknown id, before and after the start-up work, in one run; two floors:
+`import torch` alone, and what running a program needs at least (`FLOORS`).
 
 "Before" is a checkout of --before-ref (default: the commit before the start-up work) extracted
 with `git archive` into a temporary directory; "after" is this checkout. Each command runs
@@ -39,6 +39,14 @@ PROBE = ("import runpy, sys\n"
          "    sys.stderr.write('EXIR_LOADED=%d\\n' % any(m.startswith('executorch.exir') for m in sys.modules))\n"
          "    sys.stderr.write('TORCH_LOADED=%d\\n' % ('torch' in sys.modules))\n")
 
+# What no command can go below: torch's import, and what `rank` and `verify` must import to run a
+# program at all (torch without its meta kernels, then the runtime's extension module).
+FLOORS = {
+    "python -c 'import torch' (floor)": "import torch",
+    "torch without meta kernels + the runtime extension (floor of rank, verify)":
+        "from sdk_builder.runtime import _extension, runtime_only_process\nruntime_only_process()\n_extension()",
+}
+
 
 def tiny_bundle(work: Path) -> Path:
     """One bundle of a small synthetic run (the verify_many benchmark's recipe, 200 users)."""
@@ -53,20 +61,21 @@ def tiny_bundle(work: Path) -> Path:
 _CALLS = iter(range(10**9))
 
 
-def timed(checkout: Path, args: list[str] | None) -> tuple[float, float, bool, bool, int]:
+def timed(checkout: Path, args: list[str] | str) -> tuple[float, float, bool, bool, int]:
     """Wall seconds, CPU seconds (user + system: less sensitive to a busy machine), exir loaded, torch
-    loaded, exit code.
+    loaded, exit code, of CLI arguments or (a str) of a Python snippet, a floor.
     "{n}" in an argument becomes a number new on every call (a fresh --out: the bundle is built, not skipped)."""
     env = {**os.environ, "PYTHONPATH": str(checkout), "OMP_NUM_THREADS": "1"}
     call = next(_CALLS)
-    probe = ["-c", "import torch"] if args is None else ["-c", PROBE, *(a.replace("{n}", str(call)) for a in args)]
+    floor = isinstance(args, str)
+    probe = ["-c", args] if floor else ["-c", PROBE, *(a.replace("{n}", str(call)) for a in args)]
     cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     done = subprocess.run([sys.executable, *probe], cwd=checkout, env=env, capture_output=True, text=True)
     seconds = time.perf_counter() - start
     cpu_after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (cpu_after.ru_utime - cpu_before.ru_utime) + (cpu_after.ru_stime - cpu_before.ru_stime)
-    return seconds, cpu, "EXIR_LOADED=1" in done.stderr, args is None or "TORCH_LOADED=1" in done.stderr, done.returncode
+    return seconds, cpu, "EXIR_LOADED=1" in done.stderr, floor or "TORCH_LOADED=1" in done.stderr, done.returncode
 
 
 def main() -> None:
@@ -96,14 +105,13 @@ def main() -> None:
         user = str(golden["cases"][0]["history"]["user_id"])
         commands["build (cached template)"] = ["build", str(args.run), "--user-shard", user, "--out", str(work / "out-{n}")]
         commands["build (unknown user id)"] = ["build", str(args.run), "--user-shard", "999999999999", "--out", str(work / "out-{n}")]
-        commands["python -c 'import torch' (floor)"] = None
     checkouts = {"before": export_revision(args.before_ref, work / "before"), "after": ROOT}
     times: dict[tuple[str, str], list[float]] = {}
     cpu: dict[tuple[str, str], list[float]] = {}
     exir: dict[tuple[str, str], bool] = {}
     torch: dict[tuple[str, str], bool] = {}
     codes: dict[tuple[str, str], int] = {}
-    commands.setdefault("python -c 'import torch' (floor)", None)
+    commands.update(FLOORS)
     for name, which in [(c, w) for c in commands for w in checkouts]:  # warm the page cache once
         timed(checkouts[which], commands[name])
     for _ in range(args.repeats):
@@ -119,7 +127,7 @@ def main() -> None:
     for name in commands:
         before, after = (statistics.median(times[(name, w)]) for w in ("before", "after"))
         cpu_before, cpu_after = (statistics.median(cpu[(name, w)]) for w in ("before", "after"))
-        rows.append([f"`tbsm-sdk {name}`" if commands[name] is not None else name, f"{before:.2f}", f"{after:.2f}", f"{before / after:.1f}x",
+        rows.append([name if name in FLOORS else f"`tbsm-sdk {name}`", f"{before:.2f}", f"{after:.2f}", f"{before / after:.1f}x",
                      f"{cpu_before:.2f}", f"{cpu_after:.2f}",
                      "yes" if exir[(name, "before")] else "no", "yes" if exir[(name, "after")] else "no",
                      "yes" if torch[(name, "before")] else "no", "yes" if torch[(name, "after")] else "no",
