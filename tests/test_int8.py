@@ -258,3 +258,24 @@ def test_fp16_bundle_halves_the_float_tables_and_drifts_less_than_int8(fp16_bund
     assert fp32_pte.stat().st_size - fp16_pte.stat().st_size >= 0.9 * saved
     assert manifest["program"] == manifest_of(fallback_bundle)["program"]
     assert input_meta(fp16_pte) == input_meta(fp32_pte)
+
+
+def test_lossy_bundles_store_the_mlp_weights_in_fp16(int8_builder, user_id, int8_bundle, fp16_bundle, fallback_bundle):
+    """Issue 12: every nn.Linear weight of the program sits in the XNNPACK delegate as fp16 (XNNPACK
+    widens it to fp32 at load), so the delegate's weight bytes are those of the fp32 bundle minus 2
+    bytes a weight value; the biases and the other constants stay fp32."""
+    from torch import nn
+
+    from sdk_builder.bundle.inspect import inspect_program
+    from sdk_builder.program import UserProgram
+
+    shard, _ = int8_builder.shard_for(int8_builder.user_row(user_id))
+    model = int8_builder.model
+    program = UserProgram(model, slice_constants(model, shard, int8_builder.ckpt.item_category, int8_builder.layout))
+    values = sum(m.weight.numel() for m in program.modules() if type(m) is nn.Linear)  # modules(): each layer once
+    delegate_weights = lambda path: sum(  # noqa: E731
+        p["bytes"] for p in inspect_program((Path(path) / "model.pte").read_bytes()) if p["kind"] == "delegate_weights")
+    fp32 = delegate_weights(fallback_bundle)
+    assert values > 0 and fp32 > 4 * values
+    for bundle in (int8_bundle, fp16_bundle):
+        assert fp32 - delegate_weights(bundle.path) == 2 * values, bundle.recipe

@@ -31,6 +31,8 @@ class Recipe:
     description: str
     # () -> the partitioners of `to_edge_transform_and_lower` ([] : portable kernels only).
     partitioners: Callable[[], list] = list
+    # () -> passes run on the edge program before partitioning ([] : none).
+    edge_passes: Callable[[], list] = list
     # () -> an EdgeCompileConfig, or None for ExecuTorch's default.
     edge_config: Callable[[], object | None] = lambda: None
     # (model, fp32 constants from `slice_constants`) -> the eager program that is exported.
@@ -48,8 +50,8 @@ class Recipe:
     def lower(self, exported: torch.export.ExportedProgram):
         from executorch.exir import to_edge_transform_and_lower
 
-        edge = to_edge_transform_and_lower(exported, partitioner=self.partitioners() or None,
-                                           compile_config=self.edge_config())
+        edge = to_edge_transform_and_lower(exported, transform_passes=self.edge_passes() or None,
+                                           partitioner=self.partitioners() or None, compile_config=self.edge_config())
         return edge.to_executorch(backend_config())
 
     def to_pte(self, module: nn.Module) -> bytes:
