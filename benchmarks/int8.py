@@ -61,11 +61,14 @@ def dynamic_linear_variant(builder, shard, requests) -> bytes:
     )
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
-    from sdk_builder.program import example_inputs, program_dynamic_shapes, slice_constants, state_size
+    from sdk_builder.program import UserProgram, example_inputs, program_dynamic_shapes, slice_constants, state_size
     from sdk_builder.recipes import get_recipe
-    from sdk_builder.recipes.int8 import int8_program
+    from sdk_builder.recipes.int8 import quantize_program
 
-    program = int8_program(builder.model, slice_constants(builder.model, shard, builder.ckpt.item_category, builder.layout))
+    # The int8 tables with the fp32 nn.Linear layers (the shipped recipe's fp16-weight layers are
+    # no nn.Linear, so the quantizer below would find none).
+    constants = slice_constants(builder.model, shard, builder.ckpt.item_category, builder.layout)
+    program = quantize_program(UserProgram(builder.model, constants)).eval()
     shapes = program_dynamic_shapes()
     module = torch.export.export(program, example_inputs(state_size(builder.model.cfg)), dynamic_shapes=shapes, strict=False).module()
     # nn.Linear only: the F.linear calls on computed or 0/1 constant matrices stay fp32.

@@ -372,8 +372,8 @@ def _open_run(run: str):
 @click.option("--out", type=click.Path(file_okay=False), required=True,
               help="Output root: bundles go to OUT/<h>/<h>/<user_id>/, listed in OUT/bundles.jsonl.")
 @click.option("--recipe", type=click.Choice(RECIPE_NAMES), default=DEFAULT_RECIPE, show_default=True,
-              help="xnnpack: fp32 (exact); fp16: fp16 per-user tables (about 45 KB smaller), int8: per-row int8 "
-                   "item table; both lossy ones + XNNPACK, checked against --accuracy-budget.")
+              help="xnnpack: fp32 (exact); fp16: fp16 per-user tables and MLP weights (about 50 KB smaller), "
+                   "int8: per-row int8 item table; both lossy ones + XNNPACK, checked against --accuracy-budget.")
 @click.option("--accuracy-budget", type=click.FloatRange(min=0), default=DEFAULT_ACCURACY_BUDGET, show_default=True,
               help="fp16/int8: max |score drift| vs the fp32 model on the user's golden histories.")
 @click.option("--on-budget-exceeded", type=click.Choice(ON_BUDGET_EXCEEDED), default="fail", show_default=True,

@@ -273,8 +273,11 @@ def test_lossy_bundles_store_the_mlp_weights_in_fp16(int8_builder, user_id, int8
     model = int8_builder.model
     program = UserProgram(model, slice_constants(model, shard, int8_builder.ckpt.item_category, int8_builder.layout))
     values = sum(m.weight.numel() for m in program.modules() if type(m) is nn.Linear)  # modules(): each layer once
-    delegate_weights = lambda path: sum(  # noqa: E731
-        p["bytes"] for p in inspect_program((Path(path) / "model.pte").read_bytes()) if p["kind"] == "delegate_weights")
+
+    def delegate_weights(bundle: Path) -> int:
+        parts = inspect_program((Path(bundle) / "model.pte").read_bytes())
+        return sum(part["bytes"] for part in parts if part["kind"] == "delegate_weights")
+
     fp32 = delegate_weights(fallback_bundle)
     assert values > 0 and fp32 > 4 * values
     for bundle in (int8_bundle, fp16_bundle):
