@@ -21,7 +21,7 @@ from sdk_builder.program import slice_constants
 from sdk_builder.runtime import load_runtime_method
 from sdk_builder.stamp import build_template
 from sdk_builder.formats import Event, EventHistory
-from sdk_builder.recipes.int8 import int8_program, quantize_rows
+from sdk_builder.recipes.int8 import Int8Rows, int8_program, quantize_rows
 
 CLI = [sys.executable, "-m", "sdk_builder.cli"]
 SHARD = "300"
@@ -109,6 +109,25 @@ def test_quantize_rows_keeps_zero_rows_exact_and_bounds_the_error():
     back = q.to(torch.float32) * scales[:, None].to(torch.float32)
     assert torch.equal(back[0], torch.zeros(16))
     assert bool(((back - table).abs() <= scales[:, None].to(torch.float32) / 2 + 1e-7).all())
+
+
+def test_eager_int8_rows_equal_the_runtime_kernel_exactly():
+    """The golden scores of an int8 bundle come from the eager program: its int8 gather must give the
+    runtime kernel's values bit for bit (the op's eager implementation multiplies in fp16)."""
+    from executorch.exir import to_edge_transform_and_lower
+
+    class Gather(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.table = Int8Rows(torch.randn(300, 16, generator=torch.Generator().manual_seed(0)) * 0.3)
+
+        def forward(self, rows: torch.Tensor) -> torch.Tensor:
+            return self.table[rows]
+
+    gather, rows = Gather().eval(), torch.arange(300)
+    exported = torch.export.export(gather, (rows,), strict=False)
+    runtime = load_runtime_method(bytes(to_edge_transform_and_lower(exported).to_executorch().buffer))
+    assert torch.equal(runtime.execute([rows])[0], gather(rows))
 
 
 def test_int8_bundle_builds_verifies_and_stays_within_budget(int8_bundle):
