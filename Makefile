@@ -11,7 +11,7 @@ demo: $(STAMP)
 
 # One worker per core (pytest-xdist), whole files per worker so that a file's module fixtures
 # (exports, trained runs) are built once; each worker builds the session fixtures it needs. On CI's
-# 2 cores: 547 s instead of 674 s in one process (fresh clones, quiet machine).
+# 2 cores: 547 and 641 s in two fresh clones, against 674-846 s in one process.
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n auto --dist loadfile
 
