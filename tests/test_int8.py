@@ -39,6 +39,13 @@ def manifest_of(path: Path) -> dict:
     return json.loads((Path(path) / "manifest.json").read_text())
 
 
+def program_parts(bundle: Path) -> list[dict]:
+    """`tbsm-sdk inspect`'s parts of a bundle's model.pte."""
+    from sdk_builder.bundle.inspect import inspect_program
+
+    return inspect_program((Path(bundle) / "model.pte").read_bytes())
+
+
 def input_meta(pte: Path) -> list:
     import executorch.kernels.quantized  # noqa: F401
     from executorch.runtime import Runtime
@@ -168,12 +175,10 @@ def test_int8_is_smaller_than_fp32_with_the_same_contract(int8_bundle, fallback_
     assert verify_bundle(fp32)["ok"]
     int8_pte, fp32_pte = int8_bundle.path / "model.pte", fp32 / "model.pte"
     assert int8_pte.stat().st_size < fp32_pte.stat().st_size
-    from sdk_builder.bundle.inspect import inspect_program
-
     tables = ("item_table", "category_table", "candidate_features")
-    table_bytes = lambda pte, names: sum(p["bytes"] for p in inspect_program(pte.read_bytes()) if p["name"] in names)  # noqa: E731
-    fp32_tables = table_bytes(fp32_pte, tables)
-    int8_tables = table_bytes(int8_pte, tables + tuple(f"{t}.scales" for t in tables))
+    table_bytes = lambda bundle, names: sum(p["bytes"] for p in program_parts(bundle) if p["name"] in names)  # noqa: E731
+    fp32_tables = table_bytes(fp32, tables)
+    int8_tables = table_bytes(int8_bundle.path, tables + tuple(f"{t}.scales" for t in tables))
     # items: 1 byte per value plus a 2-byte scale per row; categories and candidate features: 2 bytes
     # per value; vs 4 bytes per value
     assert int8_tables < 0.45 * fp32_tables
@@ -258,9 +263,8 @@ def test_int8_drift_stays_within_budget_without_the_prior_blend(int8_builder):
 
 
 def test_fp16_bundle_halves_the_float_tables_and_drifts_less_than_int8(fp16_bundle, int8_bundle, fallback_bundle):
-    from sdk_builder.bundle.inspect import inspect_program
-
-    manifest, q = manifest_of(fp16_bundle.path), manifest_of(fp16_bundle.path)["quantization"]
+    manifest = manifest_of(fp16_bundle.path)
+    q = manifest["quantization"]
     assert manifest["recipe"] == "fp16" and q["requested_recipe"] == "fp16" and not q["fallback"]
     assert set(q["tables"]) == {"item_table", "category_table", "candidate_features"}
     # fp16 keeps 11 significant bits of every value: a drift, but well below int8's
@@ -268,8 +272,7 @@ def test_fp16_bundle_halves_the_float_tables_and_drifts_less_than_int8(fp16_bund
     report = verify_bundle(fp16_bundle.path)
     assert report["ok"] and report["max_abs_diff"] <= manifest["golden_tolerance"]
     fp16_pte, fp32_pte = fp16_bundle.path / "model.pte", fallback_bundle / "model.pte"
-    parts = lambda pte: {p["name"]: p for p in inspect_program(pte.read_bytes())}  # noqa: E731
-    fp16_parts, fp32_parts = parts(fp16_pte), parts(fp32_pte)
+    fp16_parts, fp32_parts = ({p["name"]: p for p in program_parts(b)} for b in (fp16_bundle.path, fallback_bundle))
     for table in q["tables"]:
         assert fp16_parts[table]["dtype"] == "float16" and fp32_parts[table]["dtype"] == "float32"
         assert 2 * fp16_parts[table]["bytes"] == fp32_parts[table]["bytes"]
@@ -285,7 +288,6 @@ def test_lossy_bundles_store_the_mlp_weights_in_fp16(int8_builder, user_id, int8
     bytes a weight value; the biases and the other constants stay fp32."""
     from torch import nn
 
-    from sdk_builder.bundle.inspect import inspect_program
     from sdk_builder.program import UserProgram
 
     shard, _ = int8_builder.shard_for(int8_builder.user_row(user_id))
@@ -294,8 +296,7 @@ def test_lossy_bundles_store_the_mlp_weights_in_fp16(int8_builder, user_id, int8
     values = sum(m.weight.numel() for m in program.modules() if type(m) is nn.Linear)  # modules(): each layer once
 
     def delegate_weights(bundle: Path) -> int:
-        parts = inspect_program((Path(bundle) / "model.pte").read_bytes())
-        return sum(part["bytes"] for part in parts if part["kind"] == "delegate_weights")
+        return sum(part["bytes"] for part in program_parts(bundle) if part["kind"] == "delegate_weights")
 
     fp32 = delegate_weights(fallback_bundle)
     assert values > 0 and fp32 > 4 * values

@@ -25,7 +25,7 @@ LAYERS: dict[str, int] = {
     # runs validates by ranking each validation user's shard, so the ranking evaluation sits below it
     "sdk_builder.evaluation": 5, "sdk_builder.runs": 5,
     "sdk_builder.program": 6,
-    "sdk_builder.recipes": 7, "sdk_builder.recipes.base": 7, "sdk_builder.recipes.fp32": 7, "sdk_builder.recipes.int8": 7, "sdk_builder.recipes.fp16": 7,
+    "sdk_builder.recipes": 7, "sdk_builder.recipes.base": 7, "sdk_builder.recipes.fp32": 7, "sdk_builder.recipes.int8": 7, "sdk_builder.recipes.fp16": 7, "sdk_builder.recipes.fp16_weights": 7,
     "sdk_builder.stamp": 8,
     "sdk_builder.bundle.select": 9, "sdk_builder.bundle.store": 9, "sdk_builder.bundle.golden": 9,
     "sdk_builder.refresh": 9,

@@ -41,7 +41,7 @@ GUARD_USERS = 3
 # Files whose code shapes a template's bytes: a change in any of them makes a cached template stale.
 _TEMPLATE_CODE = ("model/tbsm.py", "sdk_builder/program.py", "sdk_builder/stamp.py", "sdk_builder/recipes/__init__.py",
                   "sdk_builder/recipes/base.py", "sdk_builder/recipes/fp32.py", "sdk_builder/recipes/int8.py",
-                  "sdk_builder/recipes/fp16.py")
+                  "sdk_builder/recipes/fp16.py", "sdk_builder/recipes/fp16_weights.py")
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@
 `item_table`, `category_table` and `candidate_features` hold ~89 KB of an fp32 bundle; in fp16 they
 take half. Rows are gathered and cast to fp32, and everything after the gather (XNNPACK's linears,
 the attention, the prior) runs in fp32 as in `xnnpack`. The MLP weights are stored in fp16 too and
-widened to fp32 when the program loads (`int8.store_linear_weights_fp16`): ~6.7 KB less delegate
+widened to fp32 when the program loads (`fp16_weights.store_linear_weights_fp16`): ~6.7 KB less delegate
 data, the same kernels at run time. Rounding to fp16 keeps each value's exponent and 11
 significant bits (relative error <= 2**-11), so the scores move far less than int8's
 (docs/benchmarks.md, "Bundle size and drift by recipe"); like every lossy recipe, the drift is
@@ -19,8 +19,8 @@ from torch import nn
 
 from sdk_builder.program import UserProgram
 from sdk_builder.recipes.base import Recipe, register
-from sdk_builder.recipes.int8 import (fp16_weight_partitioners, fp16_weight_passes, quantize_constants,
-                                      quantize_program, store_linear_weights_fp16)
+from sdk_builder.recipes.fp16_weights import fp16_weight_partitioners, fp16_weight_passes, store_linear_weights_fp16
+from sdk_builder.recipes.int8 import quantize_constants, quantize_program
 
 FP16_TABLES = ("item_table", "category_table", "candidate_features")
 
